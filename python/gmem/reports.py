@@ -1,0 +1,272 @@
+"""Reports: the terminal comparison table, summary files, PNG plots, progress bars.
+
+Everything takes `gmem.policies.RunResult` objects (one per strategy). Plots use
+matplotlib's non-interactive Agg backend, so they work on machines without a display.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from gmem.policies import RunResult
+
+__all__ = [
+    "MAIN_COUNTERS",
+    "comparison_frame",
+    "comparison_table",
+    "plot_counters",
+    "plot_memory",
+    "print_comparison",
+    "progress_bar",
+    "write_summary",
+]
+
+PAGE_MIB = 4096 / (1 << 20)
+
+#: (summary key, column title, scale) for the table and the bar plots.
+MAIN_COUNTERS: tuple[tuple[str, str, float], ...] = (
+    ("peak_pages_allocated", "peak MiB", PAGE_MIB),
+    ("mean_pages_allocated", "mean MiB", PAGE_MIB),
+    ("peak_double_backed_pages", "2x-backed MiB", PAGE_MIB),
+    ("allocations", "allocs", 1),
+    ("zeroed_pages", "zeroed", 1),
+    ("splits", "splits", 1),
+    ("merges", "merges", 1),
+    ("stage2_zaps", "zaps", 1),
+    ("tlb_flushes", "TLB flushes", 1),
+    ("memory_faults", "mem faults", 1),
+    ("eagain", "EAGAIN", 1),
+    ("violations", "violations", 1),
+    ("modelled_ns", "modelled ms", 1e-6),
+)
+
+
+def _summaries(results: Sequence[RunResult | dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r if isinstance(r, dict) else r.summary for r in results]
+
+
+def comparison_frame(results: Sequence[RunResult | dict[str, Any]]) -> pd.DataFrame:
+    """The comparison as a DataFrame: one row per strategy, the `MAIN_COUNTERS` scaled."""
+    rows = []
+    for s in _summaries(results):
+        row: dict[str, Any] = {"strategy": s.get("strategy", "?")}
+        for key, title, scale in MAIN_COUNTERS:
+            v = s.get(key)
+            row[title] = None if v is None else v * scale
+        row["wall s"] = s.get("wall_s")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 100 or v == int(v):
+            return f"{v:,.0f}"
+        return f"{v:,.2f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def comparison_table(results: Sequence[RunResult | dict[str, Any]], *, title: str | None = None):
+    """A `rich.table.Table` with one row per strategy; the best value of each column
+    (lowest, except merges) is bold."""
+    from rich.table import Table
+
+    df = comparison_frame(results)
+    table = Table(title=title, header_style="bold", title_justify="left")
+    for col in df.columns:
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    best: dict[str, Any] = {}
+    for col in df.columns[1:]:
+        vals = pd.to_numeric(df[col], errors="coerce").dropna()
+        if len(vals) > 1 and vals.nunique() > 1 and col != "wall s":
+            best[col] = vals.max() if col == "merges" else vals.min()
+    for _, row in df.iterrows():
+        cells = []
+        for col in df.columns:
+            text = _fmt(row[col])
+            if col in best and row[col] == best[col]:
+                text = f"[bold green]{text}[/]"
+            cells.append(text)
+        table.add_row(*cells)
+    return table
+
+
+def print_comparison(
+    results: Sequence[RunResult | dict[str, Any]], *, title: str | None = None, console=None
+) -> None:
+    """Print the comparison table to the terminal (or to ``console``)."""
+    from rich.console import Console
+
+    console = console or Console()
+    console.print(comparison_table(results, title=title))
+
+
+def write_summary(
+    results: Sequence[RunResult | dict[str, Any]], directory: str | os.PathLike[str]
+) -> list[Path]:
+    """Write ``summary.csv`` and ``summary.json`` (one record per strategy)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    summaries = _summaries(results)
+    csv_path, json_path = d / "summary.csv", d / "summary.json"
+    pd.DataFrame(summaries).to_csv(csv_path, index=False)
+    json_path.write_text(json.dumps(summaries, indent=1, default=_plain) + "\n")
+    return [csv_path, json_path]
+
+
+def _plain(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_memory(
+    results: Sequence[RunResult], path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """PNG of host memory backing the VM (MiB) against events applied, one line per
+    strategy, with double-backed memory dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
+    for r in results:
+        s = r.series
+        if s.empty or "pages_allocated" not in s:
+            continue
+        label = r.summary.get("strategy", "?")
+        (line,) = ax.plot(s["applied_events"], s["pages_allocated"] * PAGE_MIB, label=label)
+        if "double_backed_pages" in s and s["double_backed_pages"].any():
+            ax.plot(
+                s["applied_events"],
+                s["double_backed_pages"] * PAGE_MIB,
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{label} (backed twice)",
+            )
+    ax.set_xlabel("events applied")
+    ax.set_ylabel("host memory backing the guest (MiB)")
+    ax.set_title(title or "Host memory over time")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_counters(
+    results: Sequence[RunResult | dict[str, Any]],
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+) -> Path:
+    """PNG of per-strategy bars, one panel per main counter."""
+    plt = _pyplot()
+    df = comparison_frame(results)
+    cols = [c for c in df.columns[1:] if c != "wall s" and df[c].notna().any()]
+    ncols = 4
+    nrows = max(1, -(-len(cols) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), dpi=110)
+    flat = axes.ravel() if hasattr(axes, "ravel") else [axes]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, col in zip(flat, cols, strict=False):
+        vals = pd.to_numeric(df[col], errors="coerce").fillna(0)
+        ax.bar(df["strategy"], vals, color=colors[: len(df)])
+        ax.set_title(col, fontsize="medium")
+        ax.tick_params(axis="x", labelrotation=35, labelsize="small")
+        ax.tick_params(axis="y", labelsize="small")
+    for ax in flat[len(cols) :]:
+        ax.set_visible(False)
+    fig.suptitle(title or "Strategies compared")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path
+
+
+class _LazyProgress:
+    """A rich progress bar on stderr that appears only once the run has lasted
+    ``delay`` seconds, so short runs print nothing."""
+
+    def __init__(self, total: int | None, description: str, delay: float) -> None:
+        self.total = total
+        self.description = description
+        self.delay = delay
+        self.done = 0
+        self._progress = None
+        self._task = None
+        self._t0 = 0.0
+
+    def __enter__(self) -> _LazyProgress:
+        self._t0 = time.monotonic()
+        return self
+
+    def _start(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(
+            self.description, total=self.total, completed=self.done
+        )
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self._progress is None:
+            if time.monotonic() - self._t0 < self.delay or not sys.stderr.isatty():
+                return
+            self._start()
+        else:
+            self._progress.update(self._task, completed=self.done)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def progress_bar(
+    total: int | None, *, description: str = "events", delay: float = 1.0
+) -> _LazyProgress:
+    """A context manager with ``advance(n)``: a rich progress bar on stderr, shown when
+    stderr is a terminal and the run has lasted ``delay`` seconds."""
+    return _LazyProgress(total, description, delay)

@@ -1,0 +1,111 @@
+"""Build a host and a VM laid out as a VMM lays out a confidential guest.
+
+One guest_memfd the size of the guest, one memslot at gpa 0 with `KVM_MEM_GUEST_MEMFD`
+whose `userspace_addr` points at anonymous VMM memory (the shared side of `dual`), and
+for `two_offsets` a second guest_memfd bound as the shared side. This is what QEMU does
+for a guest_memfd-backed RAM block (`kvm_set_user_memory_region()` with
+`KVM_SET_USER_MEMORY_REGION2`), reduced to one slot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["STRATEGIES", "VM_TYPES", "GuestVm", "build_vm", "host_pages_for", "make_host"]
+
+PAGE_SIZE = 4096
+#: Strategy names, in the order reports show them.
+STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
+VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
+#: Strategies whose shared view is the guest_memfd page itself: the host maps the file.
+_SAME_FILE = frozenset({"inplace", "realloc", "attr_hook"})
+_MAX_HOST_PAGES = 1 << 31
+
+
+@dataclass
+class GuestVm:
+    """A VM and the objects that back it (kept alive as long as the VM is used)."""
+
+    vm: Any
+    gmem: Any
+    shared_gmem: Any
+    mapping: Any
+    pages: int
+    huge_order: int
+
+    @property
+    def strategy(self) -> str:
+        return self.vm.strategy
+
+    @property
+    def vm_type(self) -> str:
+        return self.vm.vm_type
+
+
+def host_pages_for(pages: int, huge_order: int = 0) -> int:
+    """Host RAM (in pages) that a guest of ``pages`` can never exhaust: room for every
+    gfn backed twice (the worst case of `dual` and `two_offsets` without discard), rounded
+    up to the huge size, plus one huge unit of slack."""
+    unit = 1 << max(huge_order, 9)
+    need = 2 * (-(-pages // unit) * unit) + unit
+    if need > _MAX_HOST_PAGES:
+        need = _MAX_HOST_PAGES
+    return need
+
+
+def make_host(pages: int, *, huge_order: int = 0, costs: dict | None = None):
+    """A `gmem.Host` sized by `host_pages_for`."""
+    import gmem
+
+    return gmem.Host(host_pages_for(pages, huge_order) * PAGE_SIZE, costs=costs)
+
+
+def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0) -> GuestVm:
+    """Create a VM of ``vm_type`` using ``strategy`` with ``pages`` of guest memory.
+
+    ``huge_order`` 9 or 18 backs the guest with HugeTLB guest_memfd folios of 2 MiB or
+    1 GiB (``GUEST_MEMFD_FLAG_HUGETLB``, dev tree); the file is rounded up to the huge size.
+    Raises `ValueError` for unknown names, and whatever the core raises otherwise.
+    """
+    import gmem
+
+    pages = int(pages)
+    if pages <= 0:
+        raise ValueError(f"pages must be positive, got {pages}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
+    if vm_type not in VM_TYPES:
+        raise ValueError(f"unknown vm type {vm_type!r} (known: {', '.join(VM_TYPES)})")
+    if huge_order not in (0, 9, 18):
+        raise ValueError(f"huge_order must be 0, 9 or 18, got {huge_order}")
+
+    vm = host.create_vm(vm_type=vm_type, strategy=strategy)
+    supported = vm.check_extension(gmem.KVM_CAP_GUEST_MEMFD_FLAGS)
+    mmap_flag = gmem.GUEST_MEMFD_FLAG_MMAP & supported
+    unit = 1 << huge_order
+    size = -(-pages // unit) * unit * PAGE_SIZE
+    flags, order_kw = 0, {}
+    if huge_order:
+        flags |= gmem.GUEST_MEMFD_FLAG_HUGETLB
+        order_kw = {"page_order": huge_order}
+    private_flags = flags | (mmap_flag if strategy in _SAME_FILE else 0)
+    gmemfd = vm.create_guest_memfd(size, private_flags, **order_kw)
+
+    mapping = host.mmap_anonymous(pages * PAGE_SIZE)
+    extra: dict[str, Any] = {}
+    shared = None
+    if strategy == "two_offsets":
+        shared = vm.create_guest_memfd(size, flags | mmap_flag, **order_kw)
+        extra = {"shared_guest_memfd": shared, "shared_offset": 0}
+    vm.set_user_memory_region2(
+        0,
+        gmem.KVM_MEM_GUEST_MEMFD,
+        0,
+        pages * PAGE_SIZE,
+        mapping.addr,
+        guest_memfd=gmemfd,
+        guest_memfd_offset=0,
+        **extra,
+    )
+    return GuestVm(vm, gmemfd, shared, mapping, pages, huge_order)

@@ -1,0 +1,592 @@
+//! Access paths: guest accesses through stage-2 (mapping on demand, or a memory-fault
+//! exit), and host (VMM) accesses through its mappings.
+
+use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
+use crate::host::{HOST_WRITER, Host};
+use crate::mapping::MapKind;
+use crate::memslot::Memslot;
+use crate::platform::VmType;
+use crate::stage2::Level;
+use crate::strategy::{SharedSide, StrategyKind};
+use crate::vm::{FaultPolicy, ZeroPolicy};
+use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
+
+/// A host access through a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostOp {
+    Read,
+    Write(u64),
+    Pin,
+    Unpin,
+}
+
+impl Host {
+    /// Whether `gfn` is private for `vm`: at the bound file offset for strategies that keep
+    /// attributes per offset, else in the VM's attribute map.
+    #[inline]
+    pub fn gfn_private(&self, vm: usize, gfn: u64) -> bool {
+        let v = &self.vms[vm];
+        if v.strategy.file_attrs()
+            && let Some((f, off, true)) = v.slot_at(gfn).and_then(|s| s.offset_of(gfn))
+            && let Some(a) = &self.files[f].attrs
+        {
+            return a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
+        }
+        v.attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0
+    }
+
+    /// A guest access to `gpa`: returns the page's value (after writing `write`, if given).
+    pub fn guest_access(
+        &mut self,
+        vm: usize,
+        gpa: u64,
+        private: bool,
+        write: Option<u64>,
+    ) -> Result<u64> {
+        let gfn = gpa >> PAGE_SHIFT;
+        if let Some(l) = self.vms[vm].s2.lookup(gfn)
+            && l.private == private
+        {
+            return Ok(self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write));
+        }
+        let pfn = match self.guest_fault(vm, gfn, private) {
+            Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
+                // The VMM answers the exit by converting the page and re-entering the guest.
+                let attrs = if private {
+                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+                } else {
+                    0
+                };
+                self.set_memory_attributes(vm, gfn << PAGE_SHIFT, PAGE_SIZE, attrs, 0)?;
+                self.guest_fault(vm, gfn, private)?
+            }
+            r => r?,
+        };
+        Ok(self.touch(vm, pfn, write))
+    }
+
+    #[inline]
+    fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
+        if let Some(v) = write {
+            self.content.set(u64::from(pfn), v);
+            self.writer.set(u64::from(pfn), vm as u16 + 1);
+            return v;
+        }
+        let w = self.writer.get(u64::from(pfn));
+        if w != 0 && w != vm as u16 + 1 && w != HOST_WRITER {
+            // The guest received data another VM left in the frame.
+            self.vms[vm].stats.violations += 1;
+        }
+        self.content.get(u64::from(pfn))
+    }
+
+    fn memory_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Error {
+        let c = self.costs.exit_roundtrip;
+        let s = &mut self.vms[vm].stats;
+        s.memory_faults += 1;
+        s.modelled_ns += c;
+        Error::MemoryFault {
+            gpa: gfn << PAGE_SHIFT,
+            size: PAGE_SIZE,
+            flags: if private {
+                uapi::KVM_MEMORY_EXIT_FLAG_PRIVATE
+            } else {
+                0
+            },
+        }
+    }
+
+    /// A stage-2 fault: resolve the backing page and install a mapping, or exit.
+    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Result<u32> {
+        if self.gfn_private(vm, gfn) != private {
+            return Err(self.memory_fault(vm, gfn, private));
+        }
+        let Some(slot) = self.vms[vm].slot_at(gfn).cloned() else {
+            if private {
+                return Err(self.memory_fault(vm, gfn, private));
+            }
+            return Err(err(
+                errno::EFAULT,
+                format!("no memslot at gpa {:#x} (emulated MMIO)", gfn << PAGE_SHIFT),
+            ));
+        };
+        if private {
+            let Some((f, off, true)) = slot.offset_of(gfn) else {
+                return Err(self.memory_fault(vm, gfn, private));
+            };
+            let pfn = self.gmem_get_pfn(vm, f, off)?;
+            self.map_private(vm, &slot, gfn, f, off, pfn);
+            return Ok(pfn);
+        }
+        let pfn = self.shared_backing(vm, &slot, gfn)?;
+        self.vms[vm].s2.map(gfn, Level::L4K, pfn, false);
+        self.vms[vm].refresh_stage2_counts();
+        let c = self.costs.stage2_map;
+        self.charge(vm, c);
+        Ok(pfn)
+    }
+
+    /// The frame backing `gfn`'s shared view, faulted in if needed.
+    fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
+        let side = match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace if self.slot_gmem_only(vm, slot.id) => SharedSide::SameFile,
+            s => s,
+        };
+        let file_page = match side {
+            SharedSide::SameFile => slot.offset_of(gfn),
+            SharedSide::SecondRange => slot.shared_offset_of(gfn),
+            SharedSide::Userspace => None,
+        };
+        match file_page {
+            Some((f, off, true)) => self.gmem_get_pfn(vm, f, off),
+            Some((_, _, false)) => Err(err(
+                errno::EFAULT,
+                format!("gfn {gfn:#x}: guest_memfd closed"),
+            )),
+            None => {
+                let hva = slot.hva_of(gfn);
+                let Some((m, idx)) = self.mapping_at(hva) else {
+                    return Err(err(
+                        errno::EFAULT,
+                        format!("gfn {gfn:#x}: nothing mapped at hva {hva:#x}"),
+                    ));
+                };
+                match self.maps[m].kind {
+                    MapKind::Anon { .. } => self.anon_fault(m, idx),
+                    MapKind::Gmem { .. } => self.gmem_map_fault(m, idx).map(|(_, _, pfn)| pfn),
+                }
+            }
+        }
+    }
+
+    /// `kvm_gmem_get_pfn`: allocate on demand, zero on first use.
+    pub(crate) fn gmem_get_pfn(&mut self, vm: usize, f: usize, off: u64) -> Result<u32> {
+        if self.files[f].page(off).is_none() {
+            self.gmem_alloc_folio(f, off)?;
+        }
+        let r = self.files[f].page(off).expect("just allocated");
+        if !r.uptodate {
+            let order = self.files[f].order;
+            if self.vms[vm].opts.zero == ZeroPolicy::OnUse {
+                let (first, ord) = match r.folio_head {
+                    Some(h) => (r.pfn - (off - h) as u32, order),
+                    None => (r.pfn, 0),
+                };
+                let owner = self.files[f].vm;
+                self.zero_frames(Some(owner), first, ord);
+            }
+            self.files[f].mark_uptodate(off, r);
+        }
+        Ok(r.pfn)
+    }
+
+    /// Install a private mapping for `gfn` at the largest level the folio, the memslot's
+    /// alignment, the attributes (the kernel's "mixed" rule) and the platform allow.
+    fn map_private(&mut self, vm: usize, slot: &Memslot, gfn: u64, f: usize, off: u64, pfn: u32) {
+        let max = self.vms[vm].vm_type.max_private_level();
+        let mut level = Level::L4K;
+        for l in [Level::L1G, Level::L2M] {
+            if l > max || self.files[f].order < l.order() {
+                continue;
+            }
+            let n = l.pages();
+            let g0 = gfn & !(n - 1);
+            let o0 = off - (gfn - g0);
+            if g0 < slot.base_gfn || g0 + n > slot.end_gfn() || !o0.is_multiple_of(n) {
+                continue;
+            }
+            if self.files[f].page(off).and_then(|r| r.folio_head).is_none() {
+                continue;
+            }
+            if self.range_uniform_private(vm, f, g0, o0, n) {
+                level = l;
+                break;
+            }
+        }
+        let n = level.pages();
+        let g0 = gfn & !(n - 1);
+        let p0 = pfn - (gfn - g0) as u32;
+        self.vms[vm].s2.map(g0, level, p0, true);
+        self.vms[vm].refresh_stage2_counts();
+        let mut ns = self.costs.stage2_map;
+        match self.vms[vm].vm_type {
+            VmType::Tdx => {
+                // TDH.MEM.PAGE.AUG by KVM, then TDG.MEM.PAGE.ACCEPT by the guest.
+                let s = &mut self.vms[vm].stats;
+                s.tdx_page_augs += 1;
+                s.tdx_accepts += 1;
+                ns += self.costs.tdx_page_aug + self.costs.tdx_accept;
+            }
+            VmType::Snp => {
+                let mut fresh = false;
+                for i in 0..n {
+                    let p = p0 + i as u32;
+                    match self.rmp.insert(p, (vm, g0 + i)) {
+                        None => fresh = true,
+                        Some(prev) if prev != (vm, g0 + i) => self.vms[vm].stats.violations += 1,
+                        Some(_) => {}
+                    }
+                }
+                if fresh {
+                    // RMPUPDATE to guest-owned, then the guest's PVALIDATE.
+                    let s = &mut self.vms[vm].stats;
+                    s.rmpupdates += 1;
+                    s.pvalidates += 1;
+                    ns += self.costs.rmpupdate + self.costs.pvalidate;
+                }
+            }
+            VmType::SwProtected | VmType::Pkvm => {}
+        }
+        self.charge(vm, ns);
+    }
+
+    fn range_uniform_private(&self, vm: usize, f: usize, g0: u64, o0: u64, n: u64) -> bool {
+        let p = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
+        if self.vms[vm].strategy.file_attrs()
+            && let Some(a) = &self.files[f].attrs
+        {
+            return a.uniform(o0, o0 + n).is_some_and(|v| v & p != 0);
+        }
+        self.vms[vm]
+            .attrs
+            .uniform(g0, g0 + n)
+            .is_some_and(|v| v & p != 0)
+    }
+
+    // ---------------------------------------------------------------- host side
+
+    /// Fault in anonymous page `idx` of mapping `m` (zero-filled).
+    fn anon_fault(&mut self, m: usize, idx: u64) -> Result<u32> {
+        if let Some(p) = self.maps[m].anon_pfn(idx) {
+            return Ok(p);
+        }
+        let vm = self.maps[m].vm;
+        let pfn = self.take_frames(vm, 0)?;
+        self.zero_frames(vm, pfn, 0);
+        if let Some(v) = vm {
+            let c = self.costs.host_fault;
+            self.charge(v, c);
+        }
+        if let MapKind::Anon { pages, .. } = &mut self.maps[m].kind {
+            pages.set(idx, pfn + 1);
+        }
+        self.double_update_anon(m, idx, true);
+        Ok(pfn)
+    }
+
+    /// Whether the host may map file page `off`.
+    fn host_may_access(&self, f: usize, off: u64) -> bool {
+        let file = &self.files[f];
+        if let Some(a) = &file.attrs {
+            return a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
+        }
+        match self.vms[file.vm].strategy {
+            StrategyKind::Realloc | StrategyKind::TwoOffsets => match file.binding_at(off) {
+                Some((_, b)) if b.shared_side => true,
+                Some((bs, b)) => {
+                    let slot = &self.vms[b.vm].slots[&b.slot];
+                    let gfn = slot.base_gfn + (off - bs);
+                    self.vms[b.vm].attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
+                }
+                None => true,
+            },
+            // Mainline: user faults are allowed only on INIT_SHARED files.
+            _ => file.flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0,
+        }
+    }
+
+    fn host_fault(&mut self, f: usize, addr: u64, kind: HostFaultKind) -> Error {
+        let vm = self.files[f].vm;
+        self.vms[vm].stats.host_faults += 1;
+        Error::HostFault { addr, kind }
+    }
+
+    /// A host fault on page `idx` of guest_memfd mapping `m`: returns (file, offset, pfn).
+    fn gmem_map_fault(&mut self, m: usize, idx: u64) -> Result<(usize, u64, u32)> {
+        let (f, pgoff, newly) = match &self.maps[m].kind {
+            MapKind::Gmem {
+                file,
+                pgoff,
+                present,
+            } => (*file, *pgoff, !present.contains(idx)),
+            MapKind::Anon { .. } => unreachable!("gmem mapping expected"),
+        };
+        let off = pgoff + idx;
+        let addr = self.maps[m].addr + (idx << PAGE_SHIFT);
+        if off >= self.files[f].size_pages {
+            return Err(self.host_fault(f, addr, HostFaultKind::BeyondEof));
+        }
+        if !self.host_may_access(f, off) {
+            return Err(self.host_fault(f, addr, HostFaultKind::Private));
+        }
+        let vm = self.files[f].vm;
+        let pfn = self.gmem_get_pfn(vm, f, off)?;
+        if newly {
+            if let MapKind::Gmem { present, .. } = &mut self.maps[m].kind {
+                present.insert(idx);
+            }
+            let c = self.costs.host_mmap_fault;
+            self.charge(vm, c);
+        }
+        Ok((f, off, pfn))
+    }
+
+    fn check_map_offset(&self, m: usize, offset: u64) -> Result<u64> {
+        let map = &self.maps[m];
+        if map.unmapped {
+            return Err(einval("mapping was unmapped"));
+        }
+        if offset >= map.pages << PAGE_SHIFT {
+            return Err(einval(format!(
+                "offset {offset:#x} beyond mapping length {:#x}",
+                map.pages << PAGE_SHIFT
+            )));
+        }
+        Ok(offset >> PAGE_SHIFT)
+    }
+
+    /// A host access at `offset` of mapping `m`.
+    pub fn map_access(&mut self, m: usize, offset: u64, op: HostOp) -> Result<u64> {
+        let idx = self.check_map_offset(m, offset)?;
+        if matches!(self.maps[m].kind, MapKind::Anon { .. }) {
+            return self.anon_access(m, idx, op);
+        }
+        if op == HostOp::Unpin {
+            let MapKind::Gmem { file, pgoff, .. } = self.maps[m].kind else {
+                unreachable!()
+            };
+            return self.gmem_unpin(file, pgoff + idx).map(|()| 0);
+        }
+        let (f, off, pfn) = self.gmem_map_fault(m, idx)?;
+        Ok(match op {
+            HostOp::Read => self.content.get(u64::from(pfn)),
+            HostOp::Write(v) => {
+                self.content.set(u64::from(pfn), v);
+                self.writer.set(u64::from(pfn), HOST_WRITER);
+                v
+            }
+            HostOp::Pin => {
+                *self.files[f].pins.entry(off).or_insert(0) += 1;
+                0
+            }
+            HostOp::Unpin => unreachable!("handled above"),
+        })
+    }
+
+    fn gmem_unpin(&mut self, f: usize, off: u64) -> Result<()> {
+        let file = &mut self.files[f];
+        if let Some(c) = file.pins.get_mut(&off) {
+            *c -= 1;
+            if *c == 0 {
+                file.pins.remove(&off);
+            }
+            return Ok(());
+        }
+        if let Some((pfn, c)) = file.orphans.get_mut(&off) {
+            *c -= 1;
+            if *c == 0 {
+                let pfn = *pfn;
+                file.orphans.remove(&off);
+                let vm = file.vm;
+                self.give_frames(Some(vm), pfn, 0);
+            }
+            return Ok(());
+        }
+        Err(einval(format!(
+            "page at offset {:#x} is not pinned",
+            off << PAGE_SHIFT
+        )))
+    }
+
+    fn anon_access(&mut self, m: usize, idx: u64, op: HostOp) -> Result<u64> {
+        match op {
+            HostOp::Read => Ok(self.maps[m]
+                .anon_pfn(idx)
+                .map_or(0, |p| self.content.get(u64::from(p)))),
+            HostOp::Write(v) => {
+                let pfn = self.anon_fault(m, idx)?;
+                self.content.set(u64::from(pfn), v);
+                self.writer.set(u64::from(pfn), HOST_WRITER);
+                Ok(v)
+            }
+            HostOp::Pin => {
+                self.anon_fault(m, idx)?;
+                if let MapKind::Anon { pins, .. } = &mut self.maps[m].kind {
+                    *pins.entry(idx).or_insert(0) += 1;
+                }
+                Ok(0)
+            }
+            HostOp::Unpin => {
+                let vm = self.maps[m].vm;
+                let MapKind::Anon { pins, orphans, .. } = &mut self.maps[m].kind else {
+                    unreachable!()
+                };
+                if let Some(c) = pins.get_mut(&idx) {
+                    *c -= 1;
+                    if *c == 0 {
+                        pins.remove(&idx);
+                    }
+                    return Ok(0);
+                }
+                if let Some((pfn, c)) = orphans.get_mut(&idx) {
+                    *c -= 1;
+                    if *c == 0 {
+                        let pfn = *pfn;
+                        orphans.remove(&idx);
+                        self.give_frames(vm, pfn, 0);
+                    }
+                    return Ok(0);
+                }
+                Err(einval(format!(
+                    "page at offset {:#x} is not pinned",
+                    idx << PAGE_SHIFT
+                )))
+            }
+        }
+    }
+
+    /// `madvise(MADV_DONTNEED)`: anonymous pages are freed (pinned ones live on until
+    /// unpinned); guest_memfd pages are only unmapped from the host page table.
+    pub fn map_discard(&mut self, m: usize, offset: u64, length: u64) -> Result<()> {
+        let map = &self.maps[m];
+        if map.unmapped {
+            return Err(einval("mapping was unmapped"));
+        }
+        let len_b = map.pages << PAGE_SHIFT;
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || !length.is_multiple_of(PAGE_SIZE)
+            || offset.checked_add(length).is_none_or(|e| e > len_b)
+        {
+            return Err(einval(format!(
+                "discard range {offset:#x}+{length:#x} invalid for a mapping of {len_b:#x}"
+            )));
+        }
+        let (i0, i1) = (offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT);
+        self.discard_pages(m, i0, i1);
+        Ok(())
+    }
+
+    pub(crate) fn discard_pages(&mut self, m: usize, i0: u64, i1: u64) {
+        match &mut self.maps[m].kind {
+            MapKind::Gmem { present, .. } => {
+                present.remove_range(i0..i1);
+            }
+            MapKind::Anon { pages, .. } => {
+                let victims = pages.entries(i0, i1);
+                if victims.is_empty() {
+                    return;
+                }
+                self.anon_invalidate(m, i0, i1);
+                let vm = self.maps[m].vm;
+                for (idx, e) in victims {
+                    self.double_update_anon(m, idx, false);
+                    let MapKind::Anon {
+                        pages,
+                        pins,
+                        orphans,
+                    } = &mut self.maps[m].kind
+                    else {
+                        unreachable!()
+                    };
+                    pages.set(idx, 0);
+                    if let Some(c) = pins.remove(&idx) {
+                        orphans.insert(idx, (e - 1, c));
+                    } else {
+                        self.give_frames(vm, e - 1, 0);
+                    }
+                    if let Some(v) = vm {
+                        let c = self.costs.host_unmap;
+                        self.charge(v, c);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The MMU notifier: zap shared stage-2 entries that map anonymous pages `[i0, i1)`.
+    fn anon_invalidate(&mut self, m: usize, i0: u64, i1: u64) {
+        let (a0, a1) = (
+            self.maps[m].addr + (i0 << PAGE_SHIFT),
+            self.maps[m].addr + (i1 << PAGE_SHIFT),
+        );
+        for vm in 0..self.vms.len() {
+            let ranges: Vec<(u64, u64)> = self.vms[vm]
+                .slots
+                .values()
+                .filter_map(|s| {
+                    let (s0, s1) = (
+                        s.userspace_addr,
+                        s.userspace_addr + (s.npages << PAGE_SHIFT),
+                    );
+                    let (lo, hi) = (a0.max(s0), a1.min(s1));
+                    (lo < hi).then(|| {
+                        (
+                            s.base_gfn + ((lo - s0) >> PAGE_SHIFT),
+                            s.base_gfn + ((hi - s0) >> PAGE_SHIFT),
+                        )
+                    })
+                })
+                .collect();
+            for (g0, g1) in ranges {
+                self.zap(vm, g0, g1, Some(false));
+            }
+        }
+    }
+
+    /// `munmap()` of a whole mapping.
+    pub fn map_unmap(&mut self, m: usize) -> Result<()> {
+        if self.maps[m].unmapped {
+            return Err(einval("mapping already unmapped"));
+        }
+        let pages = self.maps[m].pages;
+        self.discard_pages(m, 0, pages);
+        let addr = self.maps[m].addr;
+        self.va.remove(&addr);
+        self.maps[m].unmapped = true;
+        if let MapKind::Gmem { file, .. } = self.maps[m].kind {
+            self.files[file].mappings.retain(|&x| x != m);
+            if self.files[file].vmm_map == Some(m) {
+                self.files[file].vmm_map = None;
+            }
+            self.maybe_release(file);
+        }
+        Ok(())
+    }
+
+    /// A host access to the shared view of `gfn` (event-driven: the VMM touching guest
+    /// memory through the memslot's userspace view).
+    pub fn host_gfn_access(&mut self, vm: usize, gfn: u64, op: HostOp) -> Result<u64> {
+        let Some(slot) = self.vms[vm].slot_at(gfn).cloned() else {
+            return Err(err(errno::EFAULT, format!("no memslot at gfn {gfn:#x}")));
+        };
+        let side = match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace if self.slot_gmem_only(vm, slot.id) => SharedSide::SameFile,
+            s => s,
+        };
+        let file_page = match side {
+            SharedSide::SameFile => slot.offset_of(gfn),
+            SharedSide::SecondRange => slot.shared_offset_of(gfn),
+            SharedSide::Userspace => None,
+        };
+        match file_page {
+            Some((f, off, true)) => {
+                let m = self.vmm_mapping(f);
+                self.map_access(m, off << PAGE_SHIFT, op)
+            }
+            Some((_, _, false)) => Err(err(
+                errno::EFAULT,
+                format!("gfn {gfn:#x}: guest_memfd closed"),
+            )),
+            None => {
+                let hva = slot.hva_of(gfn);
+                let Some((m, idx)) = self.mapping_at(hva) else {
+                    return Err(err(
+                        errno::EFAULT,
+                        format!("nothing mapped at hva {hva:#x}"),
+                    ));
+                };
+                self.map_access(m, idx << PAGE_SHIFT, op)
+            }
+        }
+    }
+}

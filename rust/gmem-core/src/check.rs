@@ -1,0 +1,237 @@
+//! Invariants: `check_vm` verifies every structural rule and names the one broken.
+
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::mapping::MapKind;
+use crate::platform::VmType;
+use crate::stage2::Level;
+use crate::strategy::SharedSide;
+
+fn broken(msg: String) -> Error {
+    Error::Invariant(msg)
+}
+
+impl Host {
+    /// Every invariant touching `vm`, plus the host-wide frame ownership rules.
+    pub fn check_vm(&self, vm: usize) -> Result<()> {
+        let v = &self.vms[vm];
+        v.attrs
+            .check()
+            .map_err(|e| broken(format!("vm attributes: {e}")))?;
+        v.s2.check().map_err(broken)?;
+        let [a, b, c] = v.s2.counts();
+        if (v.stats.stage2_4k, v.stats.stage2_2m, v.stats.stage2_1g) != (a, b, c) {
+            return Err(broken(format!(
+                "stage-2 counters ({}, {}, {}) != table ({a}, {b}, {c})",
+                v.stats.stage2_4k, v.stats.stage2_2m, v.stats.stage2_1g
+            )));
+        }
+        // Memslots and bindings agree.
+        for s in v.slots.values() {
+            if v.by_gfn.get(&s.base_gfn) != Some(&s.id) {
+                return Err(broken(format!(
+                    "memslot {} missing from the gfn index",
+                    s.id
+                )));
+            }
+            for (bd, shared) in [(s.gmem, false), (s.shared, true)] {
+                let Some(bd) = bd.filter(|b| b.live) else {
+                    continue;
+                };
+                let f = &self.files[bd.file];
+                match f.bindings.get(&bd.pgoff) {
+                    Some(fb)
+                        if fb.vm == vm
+                            && fb.slot == s.id
+                            && fb.shared_side == shared
+                            && fb.end == bd.pgoff + s.npages => {}
+                    _ => {
+                        return Err(broken(format!(
+                            "memslot {} binding not recorded in its guest_memfd",
+                            s.id
+                        )));
+                    }
+                }
+            }
+        }
+        // Every stage-2 leaf agrees with attributes and backing.
+        for l in v.s2.leaves() {
+            let n = l.level.pages();
+            let slot = v.slot_at(l.gfn).ok_or_else(|| {
+                broken(format!("stage-2 maps gfn {:#x} outside any memslot", l.gfn))
+            })?;
+            if l.gfn + n > slot.end_gfn() {
+                return Err(broken(format!(
+                    "stage-2 leaf at gfn {:#x} crosses its memslot",
+                    l.gfn
+                )));
+            }
+            for i in 0..n {
+                let gfn = l.gfn + i;
+                if self.gfn_private(vm, gfn) != l.private {
+                    return Err(broken(format!(
+                        "stage-2 entry for gfn {gfn:#x} disagrees with its attribute"
+                    )));
+                }
+                let pfn = l.pfn + i as u32;
+                let backing = if l.private {
+                    slot.offset_of(gfn)
+                        .filter(|x| x.2)
+                        .and_then(|(f, o, _)| self.files[f].page(o))
+                        .map(|r| r.pfn)
+                } else {
+                    self.shared_pfn_now(vm, slot.id, gfn)
+                };
+                if backing != Some(pfn) {
+                    return Err(broken(format!(
+                        "stage-2 maps gfn {gfn:#x} to pfn {pfn:#x} but its backing is {backing:?}"
+                    )));
+                }
+                if l.private && v.vm_type == VmType::Snp && self.rmp.get(&pfn) != Some(&(vm, gfn)) {
+                    return Err(broken(format!(
+                        "SNP RMP: private pfn {pfn:#x} not assigned to gfn {gfn:#x} alone"
+                    )));
+                }
+            }
+            if l.level != Level::L4K && l.level > v.vm_type.max_private_level() {
+                return Err(broken(format!(
+                    "stage-2 leaf at {:#x} larger than the platform allows",
+                    l.gfn
+                )));
+            }
+        }
+        // Accounting.
+        let mut pages = 0;
+        for f in self.files.iter().filter(|f| f.vm == vm) {
+            let recount = f.pages.len() + f.folios.len() as u64 * f.folio_pages();
+            if recount != f.nr_pages {
+                return Err(broken(format!(
+                    "guest_memfd inode {} page count {} != recount {recount}",
+                    f.inode, f.nr_pages
+                )));
+            }
+            for &off in f.pins.keys() {
+                if f.page(off).is_none() {
+                    return Err(broken(format!(
+                        "pin on absent page {off:#x} of inode {}",
+                        f.inode
+                    )));
+                }
+            }
+            if let Some(a) = &f.attrs {
+                a.check()
+                    .map_err(|e| broken(format!("inode {} attributes: {e}", f.inode)))?;
+            }
+            pages += f.nr_pages + f.orphans.len() as u64;
+        }
+        for m in self.maps.iter().filter(|m| m.vm == Some(vm)) {
+            if let MapKind::Anon {
+                pages: p, orphans, ..
+            } = &m.kind
+            {
+                pages += p.len() + orphans.len() as u64;
+            }
+        }
+        if pages != v.stats.pages_allocated {
+            return Err(broken(format!(
+                "pages_allocated {} != recount {pages}",
+                v.stats.pages_allocated
+            )));
+        }
+        if v.stats.peak_pages_allocated < pages {
+            return Err(broken("peak_pages_allocated below pages_allocated".into()));
+        }
+        let dbl = self.count_double(vm);
+        if dbl != v.stats.double_backed_pages {
+            return Err(broken(format!(
+                "double_backed_pages {} != recount {dbl}",
+                v.stats.double_backed_pages
+            )));
+        }
+        self.check_frames()
+    }
+
+    /// The frame currently backing `gfn`'s shared view, without faulting.
+    fn shared_pfn_now(&self, vm: usize, slot_id: u32, gfn: u64) -> Option<u32> {
+        let slot = &self.vms[vm].slots[&slot_id];
+        let side = match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace if self.slot_gmem_only(vm, slot_id) => SharedSide::SameFile,
+            s => s,
+        };
+        let fp = match side {
+            SharedSide::SameFile => slot.offset_of(gfn),
+            SharedSide::SecondRange => slot.shared_offset_of(gfn),
+            SharedSide::Userspace => {
+                let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
+                return match &self.maps[m].kind {
+                    MapKind::Anon { .. } => self.maps[m].anon_pfn(idx),
+                    MapKind::Gmem { file, pgoff, .. } => {
+                        self.files[*file].page(pgoff + idx).map(|r| r.pfn)
+                    }
+                };
+            }
+        };
+        let (f, o, live) = fp?;
+        if !live {
+            return None;
+        }
+        self.files[f].page(o).map(|r| r.pfn)
+    }
+
+    /// Host-wide: each frame has at most one owner and no owned frame is free.
+    pub fn check_frames(&self) -> Result<()> {
+        self.alloc.check().map_err(broken)?;
+        let mut owned: Vec<(u32, u32)> = Vec::new(); // (pfn, count)
+        for f in &self.files {
+            for (_, pfn) in f.small_pages_in(0, u64::MAX) {
+                owned.push((pfn, 1));
+            }
+            for &(pfn, _) in f.folios.values() {
+                owned.push((pfn, 1 << f.order));
+            }
+            owned.extend(f.orphans.values().map(|&(p, _)| (p, 1)));
+        }
+        for m in &self.maps {
+            if let MapKind::Anon { pages, orphans, .. } = &m.kind {
+                owned.extend(pages.all().into_iter().map(|(_, e)| (e - 1, 1)));
+                owned.extend(orphans.values().map(|&(p, _)| (p, 1)));
+            }
+        }
+        owned.sort_unstable();
+        let mut end = 0u64;
+        for &(p, n) in &owned {
+            if u64::from(p) < end {
+                return Err(broken(format!("pfn {p:#x} has more than one owner")));
+            }
+            if self.alloc.is_free(p) {
+                return Err(broken(format!(
+                    "pfn {p:#x} is owned but free in the allocator"
+                )));
+            }
+            end = u64::from(p) + u64::from(n);
+        }
+        let total: u64 = owned.iter().map(|&(_, n)| u64::from(n)).sum();
+        if total + self.alloc.free_pages() != self.alloc.total_pages() {
+            return Err(broken(format!(
+                "frames: {} owned + {} free != {} total",
+                total,
+                self.alloc.free_pages(),
+                self.alloc.total_pages()
+            )));
+        }
+        for &pfn in self.rmp.keys() {
+            if self.alloc.is_free(pfn) {
+                return Err(broken(format!("SNP RMP assigns free pfn {pfn:#x}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every VM's invariants.
+    pub fn check(&self) -> Result<()> {
+        for vm in 0..self.vms.len() {
+            self.check_vm(vm)?;
+        }
+        self.check_frames()
+    }
+}

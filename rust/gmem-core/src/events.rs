@@ -1,0 +1,240 @@
+//! Event batches: the fast path that benchmarks and embedding simulators drive.
+
+use crate::access::HostOp;
+use crate::error::{Error, Result, einval};
+use crate::host::Host;
+use crate::strategy::SharedSide;
+use crate::{PAGE_SHIFT, uapi};
+
+/// Event operations (`gmem.Op`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    ConvertPrivate = 0,
+    ConvertShared = 1,
+    GuestReadPrivate = 2,
+    GuestReadShared = 3,
+    GuestWritePrivate = 4,
+    GuestWriteShared = 5,
+    PunchHole = 6,
+    Pin = 7,
+    Unpin = 8,
+    DiscardShared = 9,
+    HostRead = 10,
+    HostWrite = 11,
+    Allocate = 12,
+}
+
+impl Op {
+    pub const COUNT: u8 = 13;
+
+    pub fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Op::ConvertPrivate,
+            1 => Op::ConvertShared,
+            2 => Op::GuestReadPrivate,
+            3 => Op::GuestReadShared,
+            4 => Op::GuestWritePrivate,
+            5 => Op::GuestWriteShared,
+            6 => Op::PunchHole,
+            7 => Op::Pin,
+            8 => Op::Unpin,
+            9 => Op::DiscardShared,
+            10 => Op::HostRead,
+            11 => Op::HostWrite,
+            12 => Op::Allocate,
+            _ => return None,
+        })
+    }
+}
+
+/// Per-event details (`gmem.DETAIL_DTYPE`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Detail {
+    /// Last value read (reads), or written.
+    pub value: u64,
+    pub fault_gpa: u64,
+    pub fault_flags: u32,
+    /// Host pages allocated and freed by the event.
+    pub allocated: u64,
+    pub freed: u64,
+}
+
+/// Largest gfn whose gpa fits in 64 bits.
+const GFN_LIMIT: u64 = 1 << (64 - PAGE_SHIFT);
+
+impl Host {
+    /// Run a batch of events on `vm`; one status per event: 0 or `-errno`.
+    pub fn apply(
+        &mut self,
+        vm: usize,
+        ops: &[u8],
+        gfns: &[u64],
+        npages: &[u64],
+        values: &[u64],
+        mut details: Option<&mut Vec<Detail>>,
+    ) -> Result<Vec<i32>> {
+        let n = ops.len();
+        if gfns.len() != n || npages.len() != n || values.len() != n {
+            return Err(einval("event columns differ in length"));
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let before = details.as_ref().map(|_| {
+                let s = &self.vms[vm].stats;
+                (s.allocations, s.frees)
+            });
+            let r = self.event(vm, ops[i], gfns[i], npages[i], values[i]);
+            self.vms[vm].stats.events += 1;
+            if self.strict {
+                self.check_vm(vm)?;
+            }
+            let code = match &r {
+                Ok(_) => 0,
+                Err(e) => -e.errno(),
+            };
+            out.push(code);
+            if let Some(d) = details.as_deref_mut() {
+                let (a0, f0) = before.expect("set with details");
+                let s = &self.vms[vm].stats;
+                let mut det = Detail {
+                    allocated: s.allocations - a0,
+                    freed: s.frees - f0,
+                    ..Detail::default()
+                };
+                match r {
+                    Ok(v) => det.value = v,
+                    Err(Error::MemoryFault { gpa, flags, .. }) => {
+                        det.fault_gpa = gpa;
+                        det.fault_flags = flags as u32;
+                    }
+                    Err(Error::HostFault { addr, .. }) => det.fault_gpa = addr,
+                    Err(_) => {}
+                }
+                d.push(det);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One event; returns the last value read or written.
+    fn event(&mut self, vm: usize, op: u8, gfn: u64, npages: u64, value: u64) -> Result<u64> {
+        let Some(op) = Op::from_u8(op) else {
+            return Err(einval(format!("unknown op {op}")));
+        };
+        if npages == 0 || gfn >= GFN_LIMIT || npages > GFN_LIMIT - gfn {
+            return Err(einval(format!(
+                "event range gfn {gfn:#x} + {npages} pages invalid"
+            )));
+        }
+        let end = gfn + npages;
+        let mut last = 0;
+        match op {
+            Op::ConvertPrivate | Op::ConvertShared => {
+                self.convert(vm, gfn, end, op == Op::ConvertPrivate)?;
+            }
+            Op::GuestReadPrivate
+            | Op::GuestReadShared
+            | Op::GuestWritePrivate
+            | Op::GuestWriteShared => {
+                let private = matches!(op, Op::GuestReadPrivate | Op::GuestWritePrivate);
+                let write =
+                    matches!(op, Op::GuestWritePrivate | Op::GuestWriteShared).then_some(value);
+                for g in gfn..end {
+                    last = self.guest_access(vm, g << PAGE_SHIFT, private, write)?;
+                }
+            }
+            Op::PunchHole | Op::Allocate => {
+                for p in self.bound_parts(vm, gfn, end) {
+                    let order = self.files[p.file].order;
+                    let align = 1u64 << order;
+                    if p.o0 % align != 0 || p.o1() % align != 0 {
+                        return Err(einval(format!(
+                            "range not aligned to the file's {align}-page folios"
+                        )));
+                    }
+                    if op == Op::PunchHole {
+                        self.punch(p.file, p.o0, p.o1());
+                    } else {
+                        let mut off = p.o0;
+                        while off < p.o1() {
+                            if self.files[p.file].page(off).is_none() {
+                                self.gmem_alloc_folio(p.file, off)?;
+                            }
+                            off += align;
+                        }
+                    }
+                }
+            }
+            Op::DiscardShared => self.discard_shared(vm, gfn, end),
+            Op::Pin | Op::Unpin | Op::HostRead | Op::HostWrite => {
+                let hop = match op {
+                    Op::Pin => HostOp::Pin,
+                    Op::Unpin => HostOp::Unpin,
+                    Op::HostRead => HostOp::Read,
+                    _ => HostOp::Write(value),
+                };
+                for g in gfn..end {
+                    last = self.host_gfn_access(vm, g, hop)?;
+                }
+            }
+        }
+        Ok(last)
+    }
+
+    /// The VMM discards the shared side of `[start, end)`: `MADV_DONTNEED` on userspace
+    /// memory, or punching the shared range of a `two_offsets` slot. Nothing to do where
+    /// the shared view is the private page itself.
+    pub fn discard_shared(&mut self, vm: usize, start: u64, end: u64) {
+        let side = self.vms[vm].strategy.shared_side();
+        for id in self.vms[vm].slots_in(start, end) {
+            let slot = self.vms[vm].slots[&id].clone();
+            let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
+            match side {
+                SharedSide::SameFile => {}
+                SharedSide::SecondRange => {
+                    if let Some(b) = slot.shared.filter(|b| b.live) {
+                        let o0 = b.pgoff + (g0 - slot.base_gfn);
+                        self.punch(b.file, o0, o0 + (g1 - g0));
+                    }
+                }
+                SharedSide::Userspace => {
+                    if slot.gmem.is_some() && self.slot_gmem_only(vm, id) {
+                        continue;
+                    }
+                    let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
+                    let maps: Vec<usize> = self
+                        .va
+                        .range(..a1)
+                        .map(|(_, &m)| m)
+                        .filter(|&m| self.maps[m].end() > a0)
+                        .collect();
+                    for m in maps {
+                        let map = &self.maps[m];
+                        let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                        let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                        self.discard_pages(m, i0, i1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run the strict-mode check if enabled.
+    pub(crate) fn strict_check(&self, vm: usize) -> Result<()> {
+        if self.strict {
+            self.check_vm(vm)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Whether `gfn` is private, as an attribute value.
+    pub fn get_memory_attributes(&self, vm: usize, gfn: u64) -> u64 {
+        if self.gfn_private(vm, gfn) {
+            uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        }
+    }
+}

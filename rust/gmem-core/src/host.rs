@@ -1,0 +1,1121 @@
+//! The host: page allocator, frame contents, and every VM, guest_memfd file and mapping.
+//!
+//! All state of one simulated host lives in one `Host` value; VMs, files and mappings are
+//! addressed by index. Callers that share a host between threads wrap it in one lock.
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+
+use crate::alloc::{BuddyAllocator, MAX_PAGES};
+use crate::attr_map::AttrMap;
+use crate::cost::CostModel;
+use crate::error::{Result, einval, err, errno};
+use crate::guest_memfd::{FileBinding, Gmem};
+use crate::mapping::{MapKind, Mapping};
+use crate::memslot::{Binding, Memslot};
+use crate::metrics::Stats;
+use crate::platform::VmType;
+use crate::sparse::SparseVec;
+use crate::strategy::{SharedSide, StrategyKind};
+use crate::vm::{Vm, ZeroPolicy};
+use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
+
+/// Writer tag of a page last written by the host (the VMM).
+pub const HOST_WRITER: u16 = u16::MAX;
+
+/// What an fd number refers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fd {
+    Kvm,
+    Vm(usize),
+    Gmem(usize),
+}
+
+/// The guest_memfd argument of `KVM_SET_USER_MEMORY_REGION2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GmemArg {
+    None,
+    Fd(i64),
+}
+
+/// `struct kvm_userspace_memory_region2`, plus the `two_offsets` shared range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRegion {
+    pub slot: u32,
+    pub flags: u32,
+    pub guest_phys_addr: u64,
+    pub memory_size: u64,
+    pub userspace_addr: u64,
+    pub guest_memfd: GmemArg,
+    pub guest_memfd_offset: u64,
+    pub shared_guest_memfd: GmemArg,
+    pub shared_offset: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub(crate) alloc: BuddyAllocator,
+    /// Content value per frame (what a read of the page returns).
+    pub(crate) content: SparseVec<u64>,
+    /// Who last wrote each frame: 0 clean, `vm + 1` a guest, `HOST_WRITER` the VMM.
+    pub(crate) writer: SparseVec<u16>,
+    pub(crate) costs: CostModel,
+    pub(crate) vms: Vec<Vm>,
+    pub(crate) files: Vec<Gmem>,
+    pub(crate) maps: Vec<Mapping>,
+    /// Live mappings by start address.
+    pub(crate) va: BTreeMap<u64, usize>,
+    pub(crate) next_va: u64,
+    pub(crate) fds: BTreeMap<i32, Fd>,
+    pub(crate) next_fd: i32,
+    pub(crate) next_inode: u64,
+    /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
+    pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
+    /// Check every invariant after each operation (`GMEM_STRICT=1`).
+    pub strict: bool,
+}
+
+pub(crate) const VA_BASE: u64 = 0x7f00_0000_0000;
+const VA_ALIGN: u64 = 1 << 21;
+
+impl Host {
+    /// A host with `memory` bytes of RAM.
+    pub fn new(memory: u64) -> Result<Self> {
+        if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "host memory {memory:#x} must be a positive multiple of the page size"
+            )));
+        }
+        let pages = memory >> PAGE_SHIFT;
+        if pages > MAX_PAGES {
+            return Err(einval(format!(
+                "host memory {memory:#x} exceeds {MAX_PAGES} pages"
+            )));
+        }
+        let mut h = Self {
+            alloc: BuddyAllocator::new(pages),
+            content: SparseVec::new(),
+            writer: SparseVec::new(),
+            costs: CostModel::default(),
+            vms: Vec::new(),
+            files: Vec::new(),
+            maps: Vec::new(),
+            va: BTreeMap::new(),
+            next_va: VA_BASE,
+            fds: BTreeMap::new(),
+            next_fd: 3,
+            next_inode: 1,
+            rmp: FxHashMap::default(),
+            strict: false,
+        };
+        h.new_fd(Fd::Kvm);
+        Ok(h)
+    }
+
+    pub fn kvm_fd(&self) -> i32 {
+        3
+    }
+
+    fn new_fd(&mut self, f: Fd) -> i32 {
+        let fd = self.next_fd;
+        self.next_fd += 1;
+        self.fds.insert(fd, f);
+        fd
+    }
+
+    pub fn total_pages(&self) -> u64 {
+        self.alloc.total_pages()
+    }
+
+    pub fn free_pages(&self) -> u64 {
+        self.alloc.free_pages()
+    }
+
+    pub fn costs(&self) -> &CostModel {
+        &self.costs
+    }
+
+    pub fn costs_mut(&mut self) -> &mut CostModel {
+        &mut self.costs
+    }
+
+    pub fn nr_vms(&self) -> usize {
+        self.vms.len()
+    }
+
+    pub fn vm(&self, id: usize) -> &Vm {
+        &self.vms[id]
+    }
+
+    pub fn vm_mut(&mut self, id: usize) -> &mut Vm {
+        &mut self.vms[id]
+    }
+
+    pub fn file(&self, id: usize) -> &Gmem {
+        &self.files[id]
+    }
+
+    pub fn mapping(&self, id: usize) -> &Mapping {
+        &self.maps[id]
+    }
+
+    /// Heap bytes held by the model's per-page structures (for footprint benchmarks).
+    pub fn heap_bytes(&self) -> usize {
+        let mut b = self.content.heap_bytes() + self.writer.heap_bytes() + self.alloc.heap_bytes();
+        for f in &self.files {
+            b += f.pages.heap_bytes() + f.folios.len() * 48;
+        }
+        for m in &self.maps {
+            if let MapKind::Anon { pages, .. } = &m.kind {
+                b += pages.heap_bytes();
+            }
+        }
+        b
+    }
+
+    // ---------------------------------------------------------------- VMs
+
+    pub fn create_vm(&mut self, vm_type: VmType, strategy: StrategyKind) -> usize {
+        let id = self.vms.len();
+        let fd = self.new_fd(Fd::Vm(id));
+        self.vms.push(Vm::new(fd, vm_type, strategy));
+        id
+    }
+
+    /// guest_memfd creation flags this VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`).
+    ///
+    /// Mainline always offers MMAP; INIT_SHARED only where
+    /// `kvm_arch_supports_gmem_init_shared()` — on x86 never for a VM with private memory.
+    /// The in-place series enables INIT_SHARED for CoCo VMs, so `inplace` VMs offer it.
+    pub fn supported_gmem_flags(&self, vm: usize) -> u64 {
+        let mut f = uapi::GUEST_MEMFD_FLAG_MMAP;
+        if self.vms[vm].strategy == StrategyKind::Inplace {
+            f |= uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
+        }
+        f
+    }
+
+    /// `KVM_CHECK_EXTENSION` on the VM fd.
+    pub fn check_extension(&self, vm: usize, cap: u64) -> u64 {
+        let v = &self.vms[vm];
+        match cap {
+            uapi::KVM_CAP_USER_MEMORY2 | uapi::KVM_CAP_GUEST_MEMFD => 1,
+            uapi::KVM_CAP_MEMORY_ATTRIBUTES => {
+                // The in-place series deprecates VM-scoped PRIVATE tracking.
+                if v.strategy == StrategyKind::Inplace {
+                    0
+                } else {
+                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+                }
+            }
+            uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
+            uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),
+            _ => 0,
+        }
+    }
+
+    // ---------------------------------------------------------------- accounting
+
+    #[inline]
+    pub(crate) fn charge(&mut self, vm: usize, ns: u64) {
+        let s = &mut self.vms[vm].stats;
+        s.modelled_ns = s.modelled_ns.saturating_add(ns);
+    }
+
+    /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
+    pub(crate) fn take_frames(&mut self, vm: Option<usize>, order: u32) -> Result<u32> {
+        let pfn = self.alloc.alloc(order)?;
+        if let Some(v) = vm {
+            let cost = self.costs.alloc(order);
+            let s = &mut self.vms[v].stats;
+            let n = 1u64 << order;
+            s.allocations += n;
+            s.pages_allocated += n;
+            s.peak_pages_allocated = s.peak_pages_allocated.max(s.pages_allocated);
+            s.modelled_ns += cost;
+        }
+        Ok(pfn)
+    }
+
+    /// Return a block of frames. Under `ZeroPolicy::OnFree` they are cleared first; otherwise
+    /// their content stays in RAM, as on real hardware, until someone clears it.
+    pub(crate) fn give_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        if let Some(v) = vm {
+            if self.vms[v].opts.zero == ZeroPolicy::OnFree {
+                self.zero_frames(Some(v), pfn, order);
+            }
+            let cost = self.costs.free(order);
+            let s = &mut self.vms[v].stats;
+            let n = 1u64 << order;
+            s.frees += n;
+            s.pages_allocated -= n;
+            s.modelled_ns += cost;
+        }
+        if let Some(owner) = self.rmp_release(pfn, order) {
+            // kvm_arch_gmem_invalidate: the frames go back to the hypervisor state.
+            self.vms[owner].stats.rmpupdates += 1;
+            let c = self.costs.rmpupdate;
+            self.charge(owner, c);
+        }
+        self.alloc.free(pfn, order);
+    }
+
+    /// Clear a block of frames, counted as zeroing.
+    pub(crate) fn zero_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
+        self.content.clear_range(a, b);
+        self.writer.clear_range(a, b);
+        if let Some(v) = vm {
+            let cost = self.costs.zero(order);
+            let s = &mut self.vms[v].stats;
+            s.zeroed_pages += 1u64 << order;
+            s.modelled_ns += cost;
+        }
+    }
+
+    /// Drop RMP assignments of a block being freed; the VM that owned them, if any.
+    fn rmp_release(&mut self, pfn: u32, order: u32) -> Option<usize> {
+        if self.rmp.is_empty() {
+            return None;
+        }
+        let mut owner = None;
+        for p in pfn..pfn + (1u32 << order) {
+            if let Some((v, _)) = self.rmp.remove(&p) {
+                owner = Some(v);
+            }
+        }
+        owner
+    }
+
+    // ---------------------------------------------------------------- guest_memfd
+
+    /// `KVM_CREATE_GUEST_MEMFD`.
+    pub fn create_guest_memfd(
+        &mut self,
+        vm: usize,
+        size: u64,
+        flags: u64,
+        page_order: u32,
+    ) -> Result<usize> {
+        let supported = self.supported_gmem_flags(vm) | uapi::GUEST_MEMFD_FLAG_HUGETLB;
+        if flags & !supported != 0 {
+            return Err(einval(format!(
+                "guest_memfd flags {flags:#x} include unsupported bits {:#x}",
+                flags & !supported
+            )));
+        }
+        if size == 0 || size > i64::MAX as u64 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "guest_memfd size {size:#x} is zero, negative or not page aligned"
+            )));
+        }
+        let hugetlb = flags & uapi::GUEST_MEMFD_FLAG_HUGETLB != 0;
+        if !hugetlb && page_order != 0 {
+            return Err(einval(format!(
+                "page_order {page_order} without GUEST_MEMFD_FLAG_HUGETLB"
+            )));
+        }
+        if hugetlb {
+            if page_order != 9 && page_order != 18 {
+                return Err(einval(format!(
+                    "HugeTLB page_order {page_order} is not 9 or 18"
+                )));
+            }
+            if flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+                return Err(einval("GUEST_MEMFD_FLAG_HUGETLB with INIT_SHARED"));
+            }
+            let huge = PAGE_SIZE << page_order;
+            if !size.is_multiple_of(huge) {
+                return Err(einval(format!(
+                    "size {size:#x} is not a multiple of the huge page size {huge:#x}"
+                )));
+            }
+        }
+        let strategy = self.vms[vm].strategy;
+        let attrs = strategy.file_attrs().then(|| {
+            let init_shared = flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
+            AttrMap::new(if init_shared {
+                0
+            } else {
+                uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+            })
+        });
+        let id = self.files.len();
+        let fd = self.new_fd(Fd::Gmem(id));
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.files.push(Gmem {
+            vm,
+            fd: Some(fd),
+            inode,
+            size_pages: size >> PAGE_SHIFT,
+            flags,
+            order: page_order,
+            folios: BTreeMap::new(),
+            pages: SparseVec::new(),
+            nr_pages: 0,
+            bindings: BTreeMap::new(),
+            attrs,
+            pins: FxHashMap::default(),
+            orphans: FxHashMap::default(),
+            mappings: Vec::new(),
+            vmm_map: None,
+            released: false,
+        });
+        Ok(id)
+    }
+
+    /// Allocate the folio holding file page `off` (not zeroed: not uptodate).
+    pub(crate) fn gmem_alloc_folio(&mut self, file: usize, off: u64) -> Result<()> {
+        let (vm, order) = (self.files[file].vm, self.files[file].order);
+        let pfn = self.take_frames(Some(vm), order)?;
+        let f = &mut self.files[file];
+        let n = f.folio_pages();
+        let head = off & !(n - 1);
+        if order == 0 {
+            f.set_page(off, pfn, false);
+        } else {
+            f.folios.insert(head, (pfn, false));
+        }
+        f.nr_pages += n;
+        self.double_update_file(file, head, head + n, true);
+        Ok(())
+    }
+
+    /// `fallocate()` on a guest_memfd.
+    pub fn gmem_fallocate(&mut self, file: usize, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.file_open(file)?;
+        let f = &self.files[file];
+        let punch = mode & uapi::FALLOC_FL_PUNCH_HOLE != 0;
+        if mode & !(uapi::FALLOC_FL_KEEP_SIZE | uapi::FALLOC_FL_PUNCH_HOLE) != 0
+            || (punch && mode & uapi::FALLOC_FL_KEEP_SIZE == 0)
+        {
+            return Err(err(
+                errno::EOPNOTSUPP,
+                format!("fallocate mode {mode:#x} not supported on guest_memfd"),
+            ));
+        }
+        let align = PAGE_SIZE << f.order;
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+            return Err(einval(format!(
+                "fallocate offset {offset:#x} / length {len:#x} not aligned to {align:#x}"
+            )));
+        }
+        if len == 0
+            || offset.checked_add(len).is_none()
+            || offset > i64::MAX as u64
+            || len > i64::MAX as u64
+        {
+            return Err(einval(format!(
+                "fallocate length {len:#x} at {offset:#x} invalid"
+            )));
+        }
+        let size = f.size_pages << PAGE_SHIFT;
+        let (start, end) = (offset >> PAGE_SHIFT, (offset + len) >> PAGE_SHIFT);
+        if punch {
+            let end = end.min(f.size_pages);
+            if start < end {
+                self.punch(file, start, end);
+            }
+            return Ok(());
+        }
+        if offset + len > size {
+            return Err(einval(format!(
+                "fallocate range {offset:#x}+{len:#x} beyond size {size:#x}"
+            )));
+        }
+        // Allocate folio by folio; on ENOMEM the pages allocated so far stay, as in the kernel.
+        let n = f.folio_pages();
+        let mut off = start;
+        while off < end {
+            if self.files[file].page(off).is_none() {
+                self.gmem_alloc_folio(file, off)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Punch `[start, end)` out of a file: zap stage-2 in every bound slot, unmap host
+    /// mappings, free the pages (pinned pages live on until unpinned).
+    pub(crate) fn punch(&mut self, file: usize, start: u64, end: u64) {
+        self.zap_file_range(file, start, end);
+        self.unmap_file_range(file, start, end);
+        self.double_update_file(file, start, end, false);
+        let vm = self.files[file].vm;
+        // Split folios straddling the range (HugeTLB ranges are huge aligned, so only
+        // 4 KiB files or already split folios get here partially).
+        for (head, pfn) in self.files[file].folios_in(start, end) {
+            let n = self.files[file].folio_pages();
+            if head >= start && head + n <= end {
+                self.files[file].folios.remove(&head);
+                self.files[file].nr_pages -= n;
+                self.release_or_orphan(file, head, n, pfn, vm);
+            } else if self.files[file].split(head) {
+                self.vms[vm].stats.splits += 1;
+                let c = self.costs.split;
+                self.charge(vm, c);
+            }
+        }
+        for (off, pfn) in self.files[file].small_pages_in(start, end) {
+            self.files[file].pages.set(off, 0);
+            self.files[file].nr_pages -= 1;
+            self.release_or_orphan(file, off, 1, pfn, vm);
+        }
+    }
+
+    /// Free `n` pages from file page `off` (frame `pfn`), keeping pinned ones as orphans.
+    fn release_or_orphan(&mut self, file: usize, off: u64, n: u64, pfn: u32, vm: usize) {
+        let pinned: Vec<u64> = if self.files[file].pins.is_empty() {
+            Vec::new()
+        } else {
+            self.files[file].pins_in(off, off + n)
+        };
+        if pinned.is_empty() {
+            self.give_frames(Some(vm), pfn, n.trailing_zeros());
+            return;
+        }
+        for i in 0..n {
+            let p = pfn + i as u32;
+            if let Some(c) = self.files[file].pins.remove(&(off + i)) {
+                self.files[file].orphans.insert(off + i, (p, c));
+            } else {
+                self.give_frames(Some(vm), p, 0);
+            }
+        }
+    }
+
+    /// Zap the stage-2 entries of every gfn bound to `[start, end)` of `file`.
+    pub(crate) fn zap_file_range(&mut self, file: usize, start: u64, end: u64) {
+        let binds: Vec<(u64, FileBinding)> = self.files[file]
+            .bindings
+            .iter()
+            .filter(|(s, b)| **s < end && b.end > start)
+            .map(|(s, b)| (*s, *b))
+            .collect();
+        for (bs, b) in binds {
+            let slot = &self.vms[b.vm].slots[&b.slot];
+            let pgoff = if b.shared_side {
+                slot.shared.expect("bound").pgoff
+            } else {
+                slot.gmem.expect("bound").pgoff
+            };
+            debug_assert_eq!(pgoff, bs);
+            let g0 = slot.base_gfn + (start.max(bs) - pgoff);
+            let g1 = slot.base_gfn + (end.min(b.end) - pgoff);
+            // A private-side file of a mainline `dual` slot only backs private mappings.
+            let filter = match (self.vms[b.vm].strategy.shared_side(), b.shared_side) {
+                (SharedSide::Userspace, _) if !self.slot_gmem_only(b.vm, b.slot) => Some(true),
+                (SharedSide::SecondRange, false) => Some(true),
+                (SharedSide::SecondRange, true) => Some(false),
+                _ => None,
+            };
+            self.zap(b.vm, g0, g1, filter);
+        }
+    }
+
+    /// Zap stage-2 `[g0, g1)` of `vm`, counting one zap and one TLB flush if anything went.
+    pub(crate) fn zap(&mut self, vm: usize, g0: u64, g1: u64, filter: Option<bool>) -> u64 {
+        let v = &mut self.vms[vm];
+        let z = v.s2.zap(g0, g1, filter);
+        if z.leaves == 0 {
+            return 0;
+        }
+        v.refresh_stage2_counts();
+        v.stats.stage2_zaps += 1;
+        v.stats.tlb_flushes += 1;
+        let c = &self.costs;
+        let ns = c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush;
+        v.stats.modelled_ns += ns;
+        if filter != Some(false) && v.vm_type == VmType::Tdx {
+            // Private S-EPT leaves leave through TDH.MEM.PAGE.REMOVE (upper bound: the
+            // zap may also have taken shared leaves when unfiltered).
+            v.stats.tdx_page_removes += z.leaves;
+            v.stats.modelled_ns += self.costs.tdx_page_remove * z.leaves;
+        }
+        z.leaves
+    }
+
+    /// Remove every host page-table mapping of `[start, end)` of `file`.
+    pub(crate) fn unmap_file_range(&mut self, file: usize, start: u64, end: u64) -> u64 {
+        let mut total = 0;
+        let vm = self.files[file].vm;
+        for mid in self.files[file].mappings.clone() {
+            if let MapKind::Gmem { pgoff, present, .. } = &mut self.maps[mid].kind {
+                if present.is_empty() || end <= *pgoff {
+                    continue;
+                }
+                let lo = start.saturating_sub(*pgoff);
+                let hi = end - *pgoff;
+                let before = present.len();
+                present.remove_range(lo..hi);
+                total += before - present.len();
+            }
+        }
+        if total > 0 {
+            let c = self.costs.host_unmap * total + self.costs.tlb_flush;
+            let s = &mut self.vms[vm].stats;
+            s.host_unmaps += total;
+            s.modelled_ns += c;
+        }
+        total
+    }
+
+    fn file_open(&self, file: usize) -> Result<()> {
+        if self.files[file].fd.is_none() {
+            return Err(err(errno::EBADF, "guest_memfd is closed"));
+        }
+        Ok(())
+    }
+
+    /// `close()` of a guest_memfd fd.
+    pub fn gmem_close(&mut self, file: usize) -> Result<()> {
+        let Some(fd) = self.files[file].fd.take() else {
+            return Err(err(errno::EBADF, "guest_memfd already closed"));
+        };
+        self.fds.remove(&fd);
+        self.maybe_release(file);
+        Ok(())
+    }
+
+    /// Release the file once neither the fd nor any mapping refers to it (mainline
+    /// `kvm_gmem_release` followed by inode eviction): bound slots lose their file, their
+    /// stage-2 entries are zapped, the pages are freed.
+    pub(crate) fn maybe_release(&mut self, file: usize) {
+        let f = &self.files[file];
+        if f.fd.is_some() || !f.mappings.is_empty() || f.released {
+            return;
+        }
+        let binds: Vec<FileBinding> = f.bindings.values().copied().collect();
+        let size = f.size_pages;
+        self.punch(file, 0, size);
+        for b in &binds {
+            let slot = self.vms[b.vm].slots.get_mut(&b.slot).expect("bound slot");
+            let side = if b.shared_side {
+                slot.shared.as_mut()
+            } else {
+                slot.gmem.as_mut()
+            };
+            if let Some(bd) = side {
+                bd.live = false;
+            }
+            let (g0, g1) = (slot.base_gfn, slot.end_gfn());
+            self.zap(b.vm, g0, g1, None);
+        }
+        let f = &mut self.files[file];
+        f.bindings.clear();
+        f.released = true;
+        for b in binds {
+            self.recount_double(b.vm);
+        }
+    }
+
+    /// `mmap()` of a guest_memfd.
+    pub fn gmem_mmap(
+        &mut self,
+        file: usize,
+        offset: u64,
+        length: Option<u64>,
+        shared: bool,
+    ) -> Result<usize> {
+        self.file_open(file)?;
+        let f = &self.files[file];
+        if f.flags & uapi::GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(err(
+                errno::ENODEV,
+                "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP",
+            ));
+        }
+        if !shared {
+            return Err(einval("guest_memfd cannot be mapped MAP_PRIVATE"));
+        }
+        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
+        if !offset.is_multiple_of(PAGE_SIZE)
+            || length == 0
+            || !length.is_multiple_of(PAGE_SIZE)
+            || length > (1 << 47)
+        {
+            return Err(einval(format!(
+                "mmap offset {offset:#x} / length {length:#x} invalid"
+            )));
+        }
+        Ok(self.add_mapping(
+            length >> PAGE_SHIFT,
+            MapKind::Gmem {
+                file,
+                pgoff: offset >> PAGE_SHIFT,
+                present: roaring::RoaringTreemap::new(),
+            },
+        ))
+    }
+
+    /// The VMM's own whole-file mapping, used by event-driven host access.
+    pub(crate) fn vmm_mapping(&mut self, file: usize) -> usize {
+        if let Some(m) = self.files[file].vmm_map {
+            return m;
+        }
+        let pages = self.files[file].size_pages;
+        let m = self.add_mapping(
+            pages,
+            MapKind::Gmem {
+                file,
+                pgoff: 0,
+                present: roaring::RoaringTreemap::new(),
+            },
+        );
+        self.files[file].vmm_map = Some(m);
+        m
+    }
+
+    fn add_mapping(&mut self, pages: u64, kind: MapKind) -> usize {
+        let id = self.maps.len();
+        let addr = self.next_va;
+        self.next_va = (addr + (pages << PAGE_SHIFT) + PAGE_SIZE).div_ceil(VA_ALIGN) * VA_ALIGN;
+        if let MapKind::Gmem { file, .. } = &kind {
+            self.files[*file].mappings.push(id);
+        }
+        self.maps.push(Mapping {
+            addr,
+            pages,
+            kind,
+            vm: None,
+            unmapped: false,
+        });
+        self.va.insert(addr, id);
+        id
+    }
+
+    /// Anonymous `MAP_SHARED` memory of the VMM.
+    pub fn mmap_anonymous(&mut self, length: u64) -> Result<usize> {
+        if length == 0 || !length.is_multiple_of(PAGE_SIZE) || length > (1 << 47) {
+            return Err(einval(format!(
+                "mmap length {length:#x} is zero, unaligned or too large"
+            )));
+        }
+        Ok(self.add_mapping(
+            length >> PAGE_SHIFT,
+            MapKind::Anon {
+                pages: SparseVec::new(),
+                pins: FxHashMap::default(),
+                orphans: FxHashMap::default(),
+            },
+        ))
+    }
+
+    /// The live mapping containing `addr` and the page index in it.
+    pub(crate) fn mapping_at(&self, addr: u64) -> Option<(usize, u64)> {
+        let (_, &id) = self.va.range(..=addr).next_back()?;
+        let m = &self.maps[id];
+        (addr < m.end()).then(|| (id, (addr - m.addr) >> PAGE_SHIFT))
+    }
+
+    // ---------------------------------------------------------------- memslots
+
+    /// Resolve an fd argument to a guest_memfd of `vm` (mainline `kvm_gmem_bind` checks).
+    fn resolve_gmem(&self, vm: usize, arg: GmemArg) -> Result<usize> {
+        let fd = match arg {
+            GmemArg::None => return Err(err(errno::EBADF, "no guest_memfd given")),
+            GmemArg::Fd(fd) => fd,
+        };
+        let Some(kind) = i32::try_from(fd).ok().and_then(|f| self.fds.get(&f)) else {
+            return Err(err(errno::EBADF, format!("fd {fd} is not open")));
+        };
+        match *kind {
+            Fd::Gmem(f) if self.files[f].vm == vm => Ok(f),
+            Fd::Gmem(_) => Err(einval(format!("fd {fd} is a guest_memfd of another VM"))),
+            _ => Err(einval(format!("fd {fd} is not a guest_memfd"))),
+        }
+    }
+
+    /// Whether a memslot's guest faults, shared ones too, are served from guest_memfd
+    /// (internal `KVM_MEMSLOT_GMEM_ONLY`: the bound file supports mmap).
+    pub(crate) fn slot_gmem_only(&self, vm: usize, slot: u32) -> bool {
+        self.vms[vm].slots[&slot]
+            .gmem
+            .is_some_and(|b| self.files[b.file].flags & uapi::GUEST_MEMFD_FLAG_MMAP != 0)
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION2`, checks in the order of mainline
+    /// `kvm_set_memory_region()` and `kvm_gmem_bind()`.
+    pub fn set_user_memory_region2(&mut self, vm: usize, r: MemRegion) -> Result<()> {
+        let valid =
+            uapi::KVM_MEM_LOG_DIRTY_PAGES | uapi::KVM_MEM_READONLY | uapi::KVM_MEM_GUEST_MEMFD;
+        let gm = r.flags & uapi::KVM_MEM_GUEST_MEMFD != 0;
+        if r.flags & !valid != 0 {
+            return Err(einval(format!("memslot flags {:#x} unknown", r.flags)));
+        }
+        if gm && r.flags & (uapi::KVM_MEM_LOG_DIRTY_PAGES | uapi::KVM_MEM_READONLY) != 0 {
+            return Err(einval(
+                "KVM_MEM_GUEST_MEMFD cannot be combined with dirty logging or read-only",
+            ));
+        }
+        if !r.memory_size.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "memory_size {:#x} not page aligned",
+                r.memory_size
+            )));
+        }
+        if !r.guest_phys_addr.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "guest_phys_addr {:#x} not page aligned",
+                r.guest_phys_addr
+            )));
+        }
+        if !r.userspace_addr.is_multiple_of(PAGE_SIZE)
+            || r.userspace_addr
+                .checked_add(r.memory_size)
+                .is_none_or(|e| e > uapi::TASK_SIZE)
+        {
+            return Err(einval(format!(
+                "userspace_addr {:#x} not page aligned or not user memory",
+                r.userspace_addr
+            )));
+        }
+        if gm
+            && (!r.guest_memfd_offset.is_multiple_of(PAGE_SIZE)
+                || r.guest_memfd_offset.checked_add(r.memory_size).is_none())
+        {
+            return Err(einval(format!(
+                "guest_memfd_offset {:#x} not page aligned or overflows",
+                r.guest_memfd_offset
+            )));
+        }
+        let (as_id, id) = (r.slot >> 16, r.slot & 0xffff);
+        if as_id != 0 || id >= uapi::KVM_USER_MEM_SLOTS {
+            return Err(einval(format!("slot {:#x} out of range", r.slot)));
+        }
+        if r.guest_phys_addr.checked_add(r.memory_size).is_none() {
+            return Err(einval("guest physical range wraps"));
+        }
+        let npages = r.memory_size >> PAGE_SHIFT;
+        if npages > uapi::KVM_MEM_MAX_NR_PAGES {
+            return Err(einval(format!(
+                "memory_size {:#x} too large",
+                r.memory_size
+            )));
+        }
+        let base_gfn = r.guest_phys_addr >> PAGE_SHIFT;
+        if r.memory_size == 0 {
+            if !self.vms[vm].slots.contains_key(&r.slot) {
+                return Err(einval(format!("slot {} does not exist", r.slot)));
+            }
+            self.delete_slot(vm, r.slot);
+            return Ok(());
+        }
+        if let Some(old) = self.vms[vm].slots.get(&r.slot) {
+            // Private memslots are immutable: they can only be deleted.
+            if gm || old.gmem.is_some() {
+                return Err(einval("memslots with guest_memfd can only be deleted"));
+            }
+            if r.userspace_addr != old.userspace_addr
+                || npages != old.npages
+                || (r.flags ^ old.flags) & uapi::KVM_MEM_READONLY != 0
+            {
+                return Err(einval(
+                    "a memslot's size, address and READONLY flag cannot change",
+                ));
+            }
+            if base_gfn == old.base_gfn {
+                self.vms[vm].slots.get_mut(&r.slot).expect("exists").flags = r.flags;
+                return Ok(());
+            }
+            if self.overlaps(vm, r.slot, base_gfn, npages) {
+                return Err(err(errno::EEXIST, "memslot overlaps another memslot"));
+            }
+            // MOVE: delete and recreate at the new base.
+            let mut moved = old.clone();
+            self.delete_slot(vm, r.slot);
+            moved.base_gfn = base_gfn;
+            moved.flags = r.flags;
+            self.insert_slot(vm, moved);
+            return Ok(());
+        }
+        if self.overlaps(vm, r.slot, base_gfn, npages) {
+            return Err(err(
+                errno::EEXIST,
+                format!(
+                    "gpa range {:#x}+{:#x} overlaps another memslot",
+                    r.guest_phys_addr, r.memory_size
+                ),
+            ));
+        }
+        let strategy = self.vms[vm].strategy;
+        let mut gmem = None;
+        let mut shared = None;
+        if gm {
+            let f = self.resolve_gmem(vm, r.guest_memfd)?;
+            let pgoff = r.guest_memfd_offset >> PAGE_SHIFT;
+            self.check_bind(f, pgoff, npages, r.guest_memfd_offset, r.memory_size)?;
+            gmem = Some(Binding {
+                file: f,
+                pgoff,
+                live: true,
+            });
+            if strategy == StrategyKind::TwoOffsets {
+                let Some(soff) = r.shared_offset else {
+                    return Err(einval(
+                        "two_offsets memslots need shared_offset (and optionally shared_guest_memfd)",
+                    ));
+                };
+                let sf = match r.shared_guest_memfd {
+                    GmemArg::None => f,
+                    a @ GmemArg::Fd(_) => self.resolve_gmem(vm, a)?,
+                };
+                if soff % PAGE_SIZE != 0 || soff.checked_add(r.memory_size).is_none() {
+                    return Err(einval(format!(
+                        "shared_offset {soff:#x} not page aligned or overflows"
+                    )));
+                }
+                let spg = soff >> PAGE_SHIFT;
+                self.check_bind(sf, spg, npages, soff, r.memory_size)?;
+                if sf == f && spg < pgoff + npages && pgoff < spg + npages {
+                    return Err(einval("shared range overlaps the private range"));
+                }
+                shared = Some(Binding {
+                    file: sf,
+                    pgoff: spg,
+                    live: true,
+                });
+            } else if r.shared_offset.is_some() || r.shared_guest_memfd != GmemArg::None {
+                return Err(einval(
+                    "shared_guest_memfd/shared_offset are only for two_offsets",
+                ));
+            }
+        } else if r.shared_offset.is_some() || r.shared_guest_memfd != GmemArg::None {
+            return Err(einval(
+                "shared_guest_memfd/shared_offset need KVM_MEM_GUEST_MEMFD",
+            ));
+        }
+        let slot = Memslot {
+            id: r.slot,
+            base_gfn,
+            npages,
+            flags: r.flags,
+            userspace_addr: r.userspace_addr,
+            gmem,
+            shared,
+        };
+        self.insert_slot(vm, slot);
+        Ok(())
+    }
+
+    fn check_bind(&self, f: usize, pgoff: u64, npages: u64, off: u64, size: u64) -> Result<()> {
+        let file = &self.files[f];
+        if off > i64::MAX as u64 || pgoff + npages > file.size_pages {
+            return Err(einval(format!(
+                "guest_memfd range {off:#x}+{size:#x} beyond file size {:#x}",
+                file.size_pages << PAGE_SHIFT
+            )));
+        }
+        if file.range_bound(pgoff, pgoff + npages) {
+            // Mainline kvm_gmem_bind: `r = -EINVAL` when xa_find() finds a binding.
+            return Err(einval(format!(
+                "guest_memfd range {off:#x}+{size:#x} is already bound"
+            )));
+        }
+        Ok(())
+    }
+
+    fn overlaps(&self, vm: usize, slot: u32, base: u64, npages: u64) -> bool {
+        self.vms[vm]
+            .slots_in(base, base + npages)
+            .iter()
+            .any(|&s| s != slot)
+    }
+
+    fn insert_slot(&mut self, vm: usize, slot: Memslot) {
+        let (id, base, n) = (slot.id, slot.base_gfn, slot.npages);
+        for (b, shared_side) in [(slot.gmem, false), (slot.shared, true)] {
+            if let Some(b) = b {
+                self.files[b.file].bindings.insert(
+                    b.pgoff,
+                    FileBinding {
+                        end: b.pgoff + n,
+                        vm,
+                        slot: id,
+                        shared_side,
+                    },
+                );
+            }
+        }
+        // The mapping userspace_addr points into counts into this VM's footprint.
+        if slot.gmem.is_none() || self.vms[vm].strategy.shared_side() == SharedSide::Userspace {
+            self.attach_mappings(vm, slot.userspace_addr, n);
+        }
+        let v = &mut self.vms[vm];
+        v.by_gfn.insert(base, id);
+        v.slots.insert(id, slot);
+        self.recount_double(vm);
+    }
+
+    fn attach_mappings(&mut self, vm: usize, addr: u64, npages: u64) {
+        let end = addr + (npages << PAGE_SHIFT);
+        let ids: Vec<usize> = self
+            .va
+            .range(..end)
+            .map(|(_, &i)| i)
+            .filter(|&i| self.maps[i].end() > addr)
+            .collect();
+        for id in ids {
+            let m = &mut self.maps[id];
+            if m.vm.is_some() {
+                continue;
+            }
+            if let MapKind::Anon { pages, .. } = &m.kind {
+                m.vm = Some(vm);
+                let n = pages.len();
+                let s = &mut self.vms[vm].stats;
+                s.pages_allocated += n;
+                s.peak_pages_allocated = s.peak_pages_allocated.max(s.pages_allocated);
+            }
+        }
+    }
+
+    fn delete_slot(&mut self, vm: usize, id: u32) {
+        let slot = self.vms[vm].slots.remove(&id).expect("exists");
+        self.vms[vm].by_gfn.remove(&slot.base_gfn);
+        for b in [slot.gmem, slot.shared].into_iter().flatten() {
+            if b.live {
+                self.files[b.file].bindings.remove(&b.pgoff);
+            }
+        }
+        self.zap(vm, slot.base_gfn, slot.end_gfn(), None);
+        self.recount_double(vm);
+    }
+
+    // ---------------------------------------------------------------- double backing
+
+    /// Whether a shared page distinct from the private one is allocated for `gfn`.
+    fn shared_page_present(&self, vm: usize, slot: &Memslot, gfn: u64) -> bool {
+        match self.vms[vm].strategy.shared_side() {
+            SharedSide::SameFile => false,
+            SharedSide::SecondRange => slot
+                .shared_offset_of(gfn)
+                .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some()),
+            SharedSide::Userspace => {
+                if self.slot_gmem_only(vm, slot.id) {
+                    return false;
+                }
+                self.mapping_at(slot.hva_of(gfn))
+                    .is_some_and(|(m, idx)| self.maps[m].anon_pfn(idx).is_some())
+            }
+        }
+    }
+
+    /// After allocating (or before freeing) file pages `[start, end)`, adjust the VMs'
+    /// double-backing counts for the gfns bound there.
+    pub(crate) fn double_update_file(&mut self, file: usize, start: u64, end: u64, alloc: bool) {
+        let binds: Vec<(u64, FileBinding)> = self.files[file]
+            .bindings
+            .range(..end)
+            .filter(|(_, b)| b.end > start)
+            .map(|(s, b)| (*s, *b))
+            .collect();
+        for (bs, b) in binds {
+            let vm = b.vm;
+            if self.vms[vm].strategy.shared_side() == SharedSide::SameFile {
+                continue;
+            }
+            let slot = self.vms[vm].slots[&b.slot].clone();
+            let (o0, o1) = (start.max(bs), end.min(b.end));
+            let mut n = 0u64;
+            for off in self.present_offsets(file, o0, o1) {
+                let gfn = slot.base_gfn + (off - bs);
+                let other = if b.shared_side {
+                    slot.offset_of(gfn)
+                        .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some())
+                } else {
+                    self.shared_page_present(vm, &slot, gfn)
+                };
+                n += u64::from(other);
+            }
+            let s = &mut self.vms[vm].stats;
+            if alloc {
+                s.double_backed_pages += n;
+            } else {
+                s.double_backed_pages -= n;
+            }
+        }
+    }
+
+    /// After allocating (or before freeing) anonymous page `idx` of mapping `m`.
+    pub(crate) fn double_update_anon(&mut self, m: usize, idx: u64, alloc: bool) {
+        let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
+        for vm in 0..self.vms.len() {
+            if self.vms[vm].strategy.shared_side() != SharedSide::Userspace {
+                continue;
+            }
+            let hits: Vec<(u32, u64)> = self.vms[vm]
+                .slots
+                .values()
+                .filter(|s| {
+                    hva >= s.userspace_addr && hva < s.userspace_addr + (s.npages << PAGE_SHIFT)
+                })
+                .map(|s| (s.id, s.base_gfn + ((hva - s.userspace_addr) >> PAGE_SHIFT)))
+                .collect();
+            for (sid, gfn) in hits {
+                if self.slot_gmem_only(vm, sid) {
+                    continue;
+                }
+                let slot = &self.vms[vm].slots[&sid];
+                let private = slot
+                    .offset_of(gfn)
+                    .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some());
+                if private {
+                    let s = &mut self.vms[vm].stats;
+                    if alloc {
+                        s.double_backed_pages += 1;
+                    } else {
+                        s.double_backed_pages -= 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Recount double backing of a VM from scratch: O(populated private pages).
+    pub(crate) fn recount_double(&mut self, vm: usize) {
+        let n = self.count_double(vm);
+        self.vms[vm].stats.double_backed_pages = n;
+    }
+
+    pub(crate) fn count_double(&self, vm: usize) -> u64 {
+        let v = &self.vms[vm];
+        if v.strategy.shared_side() == SharedSide::SameFile {
+            return 0;
+        }
+        let mut n = 0;
+        for slot in v.slots.values() {
+            let Some(b) = slot.gmem else { continue };
+            if !b.live {
+                continue;
+            }
+            let offs = self.present_offsets(b.file, b.pgoff, b.pgoff + slot.npages);
+            for off in offs {
+                let gfn = slot.base_gfn + (off - b.pgoff);
+                n += u64::from(self.shared_page_present(vm, slot, gfn));
+            }
+        }
+        n
+    }
+
+    /// File pages present in `[start, end)`: O(pages present), never O(range).
+    pub(crate) fn present_offsets(&self, file: usize, start: u64, end: u64) -> Vec<u64> {
+        let f = &self.files[file];
+        let mut offs: Vec<u64> = f
+            .small_pages_in(start, end)
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        for (h, _) in f.folios_in(start, end) {
+            offs.extend(h.max(start)..(h + f.folio_pages()).min(end));
+        }
+        offs
+    }
+
+    /// Snapshot of a VM's counters with the stage-2 counts refreshed.
+    pub fn stats(&self, vm: usize) -> Stats {
+        self.vms[vm].stats
+    }
+}

@@ -1,0 +1,29 @@
+//! Constants of the KVM uAPI that the model reproduces.
+
+pub const KVM_MEM_LOG_DIRTY_PAGES: u32 = 1 << 0;
+pub const KVM_MEM_READONLY: u32 = 1 << 1;
+pub const KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
+
+pub const KVM_MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
+pub const KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
+
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// HugeTLB-backed guest_memfd (dev tree), used with a page order.
+pub const GUEST_MEMFD_FLAG_HUGETLB: u64 = 1 << 4;
+
+pub const FALLOC_FL_KEEP_SIZE: u32 = 1;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 2;
+
+pub const KVM_CAP_NR_MEMSLOTS: u64 = 10;
+pub const KVM_CAP_USER_MEMORY2: u64 = 231;
+pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
+pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+
+/// x86: `KVM_MEM_SLOTS_NUM` (`SHRT_MAX`) minus the three internal slots.
+pub const KVM_USER_MEM_SLOTS: u32 = 32764;
+/// `KVM_MEM_MAX_NR_PAGES`: `(1UL << 31) - 1`.
+pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+/// x86-64 user address space (`TASK_SIZE_MAX` with 4-level paging).
+pub const TASK_SIZE: u64 = (1 << 47) - 4096;

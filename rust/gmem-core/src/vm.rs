@@ -1,0 +1,115 @@
+//! A VM: memslots, the VM-scoped attribute map, stage-2 and counters.
+
+use std::collections::BTreeMap;
+
+use crate::attr_map::AttrMap;
+use crate::memslot::Memslot;
+use crate::metrics::Stats;
+use crate::platform::VmType;
+use crate::stage2::Stage2;
+use crate::strategy::StrategyKind;
+
+/// What the VMM does on a memory-fault exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPolicy {
+    /// Report the exit (`MemoryFault` / `-EFAULT`).
+    Exit,
+    /// Convert the page to the access's type and retry, as QEMU does for an implicit
+    /// conversion.
+    Convert,
+}
+
+/// When split huge folios are merged back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MergePolicy {
+    Eager,
+    Deferred,
+}
+
+/// When freed or newly allocated pages are cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPolicy {
+    /// Mainline: guest_memfd zeroes a page when first handed out (uptodate bit).
+    OnUse,
+    /// Clear on free (init_on_free); allocation does not clear again.
+    OnFree,
+    /// Never clear: unsafe; shows up as violations when data crosses owners.
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    pub fault: FaultPolicy,
+    pub merge: MergePolicy,
+    pub zero: ZeroPolicy,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            fault: FaultPolicy::Exit,
+            merge: MergePolicy::Eager,
+            zero: ZeroPolicy::OnUse,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Vm {
+    pub fd: i32,
+    pub vm_type: VmType,
+    pub strategy: StrategyKind,
+    pub slots: BTreeMap<u32, Memslot>,
+    /// base gfn -> slot id (memslots never overlap).
+    pub by_gfn: BTreeMap<u64, u32>,
+    /// VM-scoped attributes (mainline `mem_attr_array`), default shared.
+    pub attrs: AttrMap,
+    pub s2: Stage2,
+    pub stats: Stats,
+    pub opts: Options,
+    pub closed: bool,
+}
+
+impl Vm {
+    pub fn new(fd: i32, vm_type: VmType, strategy: StrategyKind) -> Self {
+        Self {
+            fd,
+            vm_type,
+            strategy,
+            slots: BTreeMap::new(),
+            by_gfn: BTreeMap::new(),
+            attrs: AttrMap::new(0),
+            s2: Stage2::new(),
+            stats: Stats::default(),
+            opts: Options::default(),
+            closed: false,
+        }
+    }
+
+    /// The memslot containing `gfn`.
+    #[inline]
+    pub fn slot_at(&self, gfn: u64) -> Option<&Memslot> {
+        let (_, id) = self.by_gfn.range(..=gfn).next_back()?;
+        let s = &self.slots[id];
+        s.contains(gfn).then_some(s)
+    }
+
+    /// Ids of the memslots intersecting `[start, end)`, in gfn order.
+    pub fn slots_in(&self, start: u64, end: u64) -> Vec<u32> {
+        let mut out = Vec::new();
+        if let Some((_, id)) = self.by_gfn.range(..start).next_back()
+            && self.slots[id].end_gfn() > start
+        {
+            out.push(*id);
+        }
+        out.extend(self.by_gfn.range(start..end).map(|(_, id)| *id));
+        out
+    }
+
+    pub fn refresh_stage2_counts(&mut self) {
+        let [a, b, c] = self.s2.counts();
+        self.stats.stage2_4k = a;
+        self.stats.stage2_2m = b;
+        self.stats.stage2_1g = c;
+    }
+}
