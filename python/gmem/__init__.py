@@ -19,6 +19,7 @@ from gmem._gmem import (
     MemoryFault,
     Vm,
     __version__,
+    load,
 )
 
 PAGE_SHIFT = 12
@@ -83,4 +84,5 @@ __all__ = [
     "Op",
     "Vm",
     "__version__",
+    "load",
 ]

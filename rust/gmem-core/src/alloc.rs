@@ -15,7 +15,7 @@ pub const MAX_ORDER: u32 = 18;
 /// (8 TiB) of host memory.
 pub const MAX_PAGES: u64 = (1 << 31) - 1;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BuddyAllocator {
     total: u64,
     free_pages: u64,

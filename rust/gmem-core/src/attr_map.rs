@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::ops::Bound::{Excluded, Included, Unbounded};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttrMap {
     starts: BTreeMap<u64, u64>,
 }
@@ -105,20 +105,15 @@ impl AttrMap {
 
     /// The runs intersecting `[start, end)`, clipped to it: `(start, end, value)`.
     pub fn runs(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
-        let first = if start < end {
-            Some(self.run_at(start))
-        } else {
-            None
-        };
-        let rest = self
-            .starts
-            .range((Excluded(start), Excluded(end.max(start))))
-            .map(|(&k, &v)| (k, v));
         let mut items: Vec<(u64, u64)> = Vec::new();
-        if let Some((_, _, v)) = first {
-            items.push((start, v));
+        if start < end {
+            items.push((start, self.get(start)));
+            items.extend(
+                self.starts
+                    .range((Excluded(start), Excluded(end)))
+                    .map(|(&k, &v)| (k, v)),
+            );
         }
-        items.extend(rest);
         let n = items.len();
         (0..n).map(move |i| {
             let e = if i + 1 < n { items[i + 1].0 } else { end };

@@ -4,7 +4,7 @@
 macro_rules! costs_struct {
     ($($name:ident = $v:expr),* $(,)?) => {
         /// Cost of each modelled step, in nanoseconds.
-        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct CostModel { $(pub $name: u64,)* }
 
         impl Default for CostModel {

@@ -12,6 +12,7 @@ pub mod errno {
     pub const ENODEV: i32 = 19;
     pub const EINVAL: i32 = 22;
     pub const ENOTTY: i32 = 25;
+    pub const EFBIG: i32 = 27;
     pub const EOPNOTSUPP: i32 = 95;
 }
 

@@ -26,7 +26,7 @@ pub struct PageRef {
 }
 
 /// A binding of a file range to a memslot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileBinding {
     pub end: u64,
     pub vm: usize,
@@ -35,7 +35,7 @@ pub struct FileBinding {
     pub shared_side: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Gmem {
     pub vm: usize,
     pub fd: Option<i32>,

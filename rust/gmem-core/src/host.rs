@@ -25,7 +25,7 @@ use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 pub const HOST_WRITER: u16 = u16::MAX;
 
 /// What an fd number refers to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Fd {
     Kvm,
     Vm(usize),
@@ -53,7 +53,7 @@ pub struct MemRegion {
     pub shared_offset: Option<u64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Host {
     pub(crate) alloc: BuddyAllocator,
     /// Content value per frame (what a read of the page returns).
@@ -142,6 +142,14 @@ impl Host {
 
     pub fn nr_vms(&self) -> usize {
         self.vms.len()
+    }
+
+    pub fn nr_files(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn nr_mappings(&self) -> usize {
+        self.maps.len()
     }
 
     pub fn vm(&self, id: usize) -> &Vm {
@@ -388,27 +396,36 @@ impl Host {
         self.file_open(file)?;
         let f = &self.files[file];
         let punch = mode & uapi::FALLOC_FL_PUNCH_HOLE != 0;
+        // vfs_fallocate() first, then kvm_gmem_fallocate().
+        if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
+            return Err(einval(format!(
+                "fallocate offset {offset:#x} / length {len:#x} invalid"
+            )));
+        }
         if mode & !(uapi::FALLOC_FL_KEEP_SIZE | uapi::FALLOC_FL_PUNCH_HOLE) != 0
-            || (punch && mode & uapi::FALLOC_FL_KEEP_SIZE == 0)
+            || mode == uapi::FALLOC_FL_PUNCH_HOLE
         {
             return Err(err(
                 errno::EOPNOTSUPP,
-                format!("fallocate mode {mode:#x} not supported on guest_memfd"),
+                format!("fallocate mode {mode:#x} not supported"),
+            ));
+        }
+        if offset + len > i64::MAX as u64 {
+            return Err(err(
+                errno::EFBIG,
+                format!("fallocate range {offset:#x}+{len:#x} too large"),
+            ));
+        }
+        if mode & uapi::FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(err(
+                errno::EOPNOTSUPP,
+                "guest_memfd cannot change size: FALLOC_FL_KEEP_SIZE is required",
             ));
         }
         let align = PAGE_SIZE << f.order;
         if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
             return Err(einval(format!(
                 "fallocate offset {offset:#x} / length {len:#x} not aligned to {align:#x}"
-            )));
-        }
-        if len == 0
-            || offset.checked_add(len).is_none()
-            || offset > i64::MAX as u64
-            || len > i64::MAX as u64
-        {
-            return Err(einval(format!(
-                "fallocate length {len:#x} at {offset:#x} invalid"
             )));
         }
         let size = f.size_pages << PAGE_SHIFT;

@@ -19,6 +19,7 @@ pub mod mapping;
 pub mod memslot;
 pub mod metrics;
 pub mod platform;
+pub mod snapshot;
 pub mod sparse;
 pub mod stage2;
 pub mod strategy;

@@ -5,7 +5,7 @@ use rustc_hash::FxHashMap;
 
 use crate::sparse::SparseVec;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum MapKind {
     /// Anonymous shared memory: page index -> `pfn + 1`.
     Anon {
@@ -24,7 +24,7 @@ pub enum MapKind {
     },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Mapping {
     pub addr: u64,
     pub pages: u64,

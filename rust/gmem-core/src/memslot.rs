@@ -1,7 +1,7 @@
 //! Memslots: a gfn range, its userspace address and its guest_memfd binding(s).
 
 /// A guest_memfd range bound to a memslot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Binding {
     /// Host-wide file id.
     pub file: usize,
@@ -12,7 +12,7 @@ pub struct Binding {
     pub live: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Memslot {
     /// `as_id << 16 | slot`.
     pub id: u32,

@@ -3,7 +3,7 @@
 macro_rules! stats_struct {
     ($($(#[$m:meta])* $name:ident),* $(,)?) => {
         /// Counters of one VM (see `docs/api.md` for each meaning).
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
         pub struct Stats { $($(#[$m])* pub $name: u64,)* }
 
         impl Stats {

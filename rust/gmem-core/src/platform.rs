@@ -3,7 +3,7 @@
 use crate::error::{Result, einval};
 use crate::stage2::Level;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum VmType {
     /// `KVM_X86_SW_PROTECTED_VM`: software-only protection, content kept in place.
     SwProtected,

@@ -7,13 +7,13 @@ use rustc_hash::FxHashMap;
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Chunk<T> {
     live: u32,
     data: Box<[T]>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SparseVec<T> {
     chunks: FxHashMap<u64, Chunk<T>>,
     live: u64,

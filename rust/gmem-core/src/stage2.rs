@@ -52,10 +52,10 @@ pub struct Leaf {
     pub private: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Table {
     present: [u64; 8],
-    entries: Box<[u32; 512]>,
+    entries: Box<[u32]>,
     count: u32,
 }
 
@@ -80,7 +80,7 @@ impl Table {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 enum Slot2M {
     Leaf(u32),
     Table(Table),
@@ -95,7 +95,7 @@ pub struct Zapped {
     pub pages: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stage2 {
     l1g: BTreeMap<u64, u32>,
     l2m: BTreeMap<u64, Slot2M>,

@@ -10,7 +10,7 @@ use crate::stage2::Stage2;
 use crate::strategy::StrategyKind;
 
 /// What the VMM does on a memory-fault exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FaultPolicy {
     /// Report the exit (`MemoryFault` / `-EFAULT`).
     Exit,
@@ -20,14 +20,14 @@ pub enum FaultPolicy {
 }
 
 /// When split huge folios are merged back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum MergePolicy {
     Eager,
     Deferred,
 }
 
 /// When freed or newly allocated pages are cleared.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ZeroPolicy {
     /// Mainline: guest_memfd zeroes a page when first handed out (uptodate bit).
     OnUse,
@@ -37,7 +37,7 @@ pub enum ZeroPolicy {
     Never,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     pub fault: FaultPolicy,
     pub merge: MergePolicy,
@@ -54,7 +54,7 @@ impl Default for Options {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Vm {
     pub fd: i32,
     pub vm_type: VmType,

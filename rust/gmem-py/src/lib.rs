@@ -9,11 +9,36 @@ use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
-pyo3::create_exception!(gmem, GmemError, PyOSError, "A KVM-shaped call failed; `errno` is the kernel's.");
-pyo3::create_exception!(gmem, MemoryFault, GmemError, "KVM_EXIT_MEMORY_FAULT: `.gpa`, `.size`, `.flags`.");
-pyo3::create_exception!(gmem, HostFault, GmemError, "A host access the kernel refuses (SIGBUS).");
-pyo3::create_exception!(gmem, ConversionBusy, GmemError, "EAGAIN: a page has elevated references; `.error_offset`.");
-pyo3::create_exception!(gmem, InvariantError, PyAssertionError, "A model invariant is broken.");
+pyo3::create_exception!(
+    gmem,
+    GmemError,
+    PyOSError,
+    "A KVM-shaped call failed; `errno` is the kernel's."
+);
+pyo3::create_exception!(
+    gmem,
+    MemoryFault,
+    GmemError,
+    "KVM_EXIT_MEMORY_FAULT: `.gpa`, `.size`, `.flags`."
+);
+pyo3::create_exception!(
+    gmem,
+    HostFault,
+    GmemError,
+    "A host access the kernel refuses (SIGBUS)."
+);
+pyo3::create_exception!(
+    gmem,
+    ConversionBusy,
+    GmemError,
+    "EAGAIN: a page has elevated references; `.error_offset`."
+);
+pyo3::create_exception!(
+    gmem,
+    InvariantError,
+    PyAssertionError,
+    "A model invariant is broken."
+);
 
 /// The core error in Python clothes (the orphan rule wants a newtype).
 struct PyGmemErr(Error);
@@ -36,14 +61,20 @@ impl From<PyGmemErr> for PyErr {
                     vec![
                         ("gpa", gpa.into_pyobject(py).unwrap().into_any().unbind()),
                         ("size", size.into_pyobject(py).unwrap().into_any().unbind()),
-                        ("flags", flags.into_pyobject(py).unwrap().into_any().unbind()),
+                        (
+                            "flags",
+                            flags.into_pyobject(py).unwrap().into_any().unbind(),
+                        ),
                     ],
                 ),
                 Error::HostFault { addr, kind } => (
                     HostFault::new_err((errno, msg)),
                     vec![
                         ("addr", addr.into_pyobject(py).unwrap().into_any().unbind()),
-                        ("signal", "SIGBUS".into_pyobject(py).unwrap().into_any().unbind()),
+                        (
+                            "signal",
+                            "SIGBUS".into_pyobject(py).unwrap().into_any().unbind(),
+                        ),
                         (
                             "reason",
                             match kind {
@@ -59,7 +90,10 @@ impl From<PyGmemErr> for PyErr {
                 ),
                 Error::Busy { error_offset } => (
                     ConversionBusy::new_err((errno, msg)),
-                    vec![("error_offset", error_offset.into_pyobject(py).unwrap().into_any().unbind())],
+                    vec![(
+                        "error_offset",
+                        error_offset.into_pyobject(py).unwrap().into_any().unbind(),
+                    )],
                 ),
                 Error::Invariant(_) => (InvariantError::new_err(msg), vec![]),
             };
@@ -84,7 +118,9 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Host> {
         // A panic cannot leave the model half-updated in a way later calls rely on: every
         // operation validates before it mutates. Keep serving after one.
-        self.host.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.host
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Run `f` on the host; in strict mode check every invariant afterwards.
@@ -98,7 +134,11 @@ impl Shared {
     }
 
     /// Like `with`, with the GIL released: for calls whose work grows with their input.
-    fn detached<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Host) -> gmem_core::Result<T> + Send) -> PyRes<T> {
+    fn detached<T: Send>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Host) -> gmem_core::Result<T> + Send,
+    ) -> PyRes<T> {
         py.detach(|| self.with(f))
     }
 }
@@ -128,7 +168,11 @@ impl PyHost {
         if let Some(c) = costs {
             set_costs(&mut host, c)?;
         }
-        Ok(Self { shared: Arc::new(Shared { host: Mutex::new(host) }) })
+        Ok(Self {
+            shared: Arc::new(Shared {
+                host: Mutex::new(host),
+            }),
+        })
     }
 
     /// The `/dev/kvm` fd number.
@@ -142,13 +186,19 @@ impl PyHost {
     fn create_vm(&self, vm_type: &str, strategy: &str) -> PyResult<PyVm> {
         let (t, s) = (parse_vm_type(vm_type)?, parse_strategy(strategy)?);
         let id = self.shared.lock().create_vm(t, s);
-        Ok(PyVm { shared: self.shared.clone(), id })
+        Ok(PyVm {
+            shared: self.shared.clone(),
+            id,
+        })
     }
 
     /// mmap_anonymous(length) -> Mapping: anonymous MAP_SHARED memory of the VMM.
     fn mmap_anonymous(&self, length: u64) -> PyResult<PyMapping> {
         let id = self.shared.with(|h| h.mmap_anonymous(length))?;
-        Ok(PyMapping { shared: self.shared.clone(), id })
+        Ok(PyMapping {
+            shared: self.shared.clone(),
+            id,
+        })
     }
 
     /// Host-wide counters: total_pages, free_pages, pages_allocated, heap_bytes.
@@ -182,6 +232,45 @@ impl PyHost {
         Ok(self.shared.detached(py, |h| h.check())?)
     }
 
+    /// save(path): write a snapshot of the whole host (all VMs, files, mappings)
+    /// atomically.
+    fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
+        Ok(self.shared.detached(py, |h| h.save(&path))?)
+    }
+
+    /// The VMs of this host, in creation order.
+    fn vms(&self) -> Vec<PyVm> {
+        let n = self.shared.lock().nr_vms();
+        (0..n)
+            .map(|id| PyVm {
+                shared: self.shared.clone(),
+                id,
+            })
+            .collect()
+    }
+
+    /// The guest_memfd files of this host (closed ones included), in creation order.
+    fn guest_memfds(&self) -> Vec<PyGuestMemfd> {
+        let n = self.shared.lock().nr_files();
+        (0..n)
+            .map(|id| PyGuestMemfd {
+                shared: self.shared.clone(),
+                id,
+            })
+            .collect()
+    }
+
+    /// The mappings of this host (unmapped ones included), in creation order.
+    fn mappings(&self) -> Vec<PyMapping> {
+        let n = self.shared.lock().nr_mappings();
+        (0..n)
+            .map(|id| PyMapping {
+                shared: self.shared.clone(),
+                id,
+            })
+            .collect()
+    }
+
     /// Whether every operation is followed by a full check (GMEM_STRICT=1).
     #[getter]
     fn strict(&self) -> bool {
@@ -192,6 +281,19 @@ impl PyHost {
     fn set_strict(&self, on: bool) {
         self.shared.lock().strict = on;
     }
+}
+
+/// load(path) -> Host: read a snapshot written by Host.save. A truncated, corrupted,
+/// inconsistent or newer-version file raises GmemError(EINVAL) and loads nothing.
+#[pyfunction]
+fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyHost> {
+    let mut host = py.detach(|| Host::load(&path)).map_err(PyGmemErr)?;
+    host.strict = std::env::var("GMEM_STRICT").is_ok_and(|v| v == "1");
+    Ok(PyHost {
+        shared: Arc::new(Shared {
+            host: Mutex::new(host),
+        }),
+    })
 }
 
 fn set_costs(host: &mut Host, costs: &Bound<'_, PyDict>) -> PyResult<()> {
@@ -215,7 +317,9 @@ struct PyVm {
 }
 
 fn gmem_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<GmemArg> {
-    let Some(o) = obj else { return Ok(GmemArg::None) };
+    let Some(o) = obj else {
+        return Ok(GmemArg::None);
+    };
     if o.is_none() {
         return Ok(GmemArg::None);
     }
@@ -225,7 +329,9 @@ fn gmem_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<GmemArg> {
         return Ok(GmemArg::Fd(fd.map_or(-1, i64::from)));
     }
     if let Ok(v) = o.cast::<PyVm>() {
-        return Ok(GmemArg::Fd(i64::from(v.get().shared.lock().vm(v.get().id).fd)));
+        return Ok(GmemArg::Fd(i64::from(
+            v.get().shared.lock().vm(v.get().id).fd,
+        )));
     }
     if let Ok(h) = o.cast::<PyHost>() {
         return Ok(GmemArg::Fd(i64::from(h.get().shared.lock().kvm_fd())));
@@ -264,8 +370,13 @@ impl PyVm {
     /// KVM_CREATE_GUEST_MEMFD.
     #[pyo3(signature = (size, flags = 0, page_order = 0))]
     fn create_guest_memfd(&self, size: u64, flags: u64, page_order: u32) -> PyResult<PyGuestMemfd> {
-        let id = self.shared.with(|h| h.create_guest_memfd(self.id, size, flags, page_order))?;
-        Ok(PyGuestMemfd { shared: self.shared.clone(), id })
+        let id = self
+            .shared
+            .with(|h| h.create_guest_memfd(self.id, size, flags, page_order))?;
+        Ok(PyGuestMemfd {
+            shared: self.shared.clone(),
+            id,
+        })
     }
 
     /// KVM_SET_USER_MEMORY_REGION2 (plus the `two_offsets` shared range).
@@ -294,7 +405,9 @@ impl PyVm {
             shared_guest_memfd: gmem_arg(shared_guest_memfd)?,
             shared_offset,
         };
-        Ok(self.shared.with(|h| h.set_user_memory_region2(self.id, r))?)
+        Ok(self
+            .shared
+            .with(|h| h.set_user_memory_region2(self.id, r))?)
     }
 
     /// KVM_SET_USER_MEMORY_REGION (v1): KVM_MEM_GUEST_MEMFD is not a v1 flag.
@@ -313,13 +426,32 @@ impl PyVm {
             ))
             .into());
         }
-        self.set_user_memory_region2(slot, flags, guest_phys_addr, memory_size, userspace_addr, None, 0, None, None)
+        self.set_user_memory_region2(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+            None,
+            0,
+            None,
+            None,
+        )
     }
 
     /// KVM_SET_MEMORY_ATTRIBUTES.
     #[pyo3(signature = (address, size, attributes, flags = 0))]
-    fn set_memory_attributes(&self, py: Python<'_>, address: u64, size: u64, attributes: u64, flags: u64) -> PyResult<()> {
-        Ok(self.shared.detached(py, |h| h.set_memory_attributes(self.id, address, size, attributes, flags))?)
+    fn set_memory_attributes(
+        &self,
+        py: Python<'_>,
+        address: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> PyResult<()> {
+        Ok(self.shared.detached(py, |h| {
+            h.set_memory_attributes(self.id, address, size, attributes, flags)
+        })?)
     }
 
     /// The attributes of `gfn`.
@@ -330,13 +462,16 @@ impl PyVm {
     /// A guest read of the page at `gpa`.
     #[pyo3(signature = (gpa, *, private))]
     fn guest_read(&self, gpa: u64, private: bool) -> PyResult<u64> {
-        Ok(self.shared.with(|h| h.guest_access(self.id, gpa, private, None))?)
+        Ok(self
+            .shared
+            .with(|h| h.guest_access(self.id, gpa, private, None))?)
     }
 
     /// A guest write of `value` to the page at `gpa`.
     #[pyo3(signature = (gpa, value, *, private))]
     fn guest_write(&self, gpa: u64, value: u64, private: bool) -> PyResult<()> {
-        self.shared.with(|h| h.guest_access(self.id, gpa, private, Some(value)))?;
+        self.shared
+            .with(|h| h.guest_access(self.id, gpa, private, Some(value)))?;
         Ok(())
     }
 
@@ -357,7 +492,12 @@ impl PyVm {
 
     /// set_options(fault_policy=None, merge=None, zero=None)
     #[pyo3(signature = (*, fault_policy = None, merge = None, zero = None))]
-    fn set_options(&self, fault_policy: Option<&str>, merge: Option<&str>, zero: Option<&str>) -> PyResult<()> {
+    fn set_options(
+        &self,
+        fault_policy: Option<&str>,
+        merge: Option<&str>,
+        zero: Option<&str>,
+    ) -> PyResult<()> {
         use gmem_core::vm::{FaultPolicy, MergePolicy, ZeroPolicy};
         let mut h = self.shared.lock();
         let mut o = h.vm(self.id).opts;
@@ -365,14 +505,22 @@ impl PyVm {
             o.fault = match f {
                 "exit" => FaultPolicy::Exit,
                 "convert" => FaultPolicy::Convert,
-                _ => return Err(PyValueError::new_err(format!("fault_policy {f:?}: expected exit or convert"))),
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "fault_policy {f:?}: expected exit or convert"
+                    )));
+                }
             };
         }
         if let Some(m) = merge {
             o.merge = match m {
                 "eager" => MergePolicy::Eager,
                 "deferred" => MergePolicy::Deferred,
-                _ => return Err(PyValueError::new_err(format!("merge {m:?}: expected eager or deferred"))),
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "merge {m:?}: expected eager or deferred"
+                    )));
+                }
             };
         }
         if let Some(z) = zero {
@@ -380,7 +528,11 @@ impl PyVm {
                 "on_use" => ZeroPolicy::OnUse,
                 "on_free" => ZeroPolicy::OnFree,
                 "never" => ZeroPolicy::Never,
-                _ => return Err(PyValueError::new_err(format!("zero {z:?}: expected on_use, on_free or never"))),
+                _ => {
+                    return Err(PyValueError::new_err(format!(
+                        "zero {z:?}: expected on_use, on_free or never"
+                    )));
+                }
             };
         }
         h.vm_mut(self.id).opts = o;
@@ -395,14 +547,23 @@ impl PyVm {
     /// apply(events, *, details=False): run an EVENT_DTYPE batch; int32 status per event
     /// (0 or -errno), and with details=True a DETAIL_DTYPE array too.
     #[pyo3(signature = (events, *, details = false))]
-    fn apply<'py>(&self, py: Python<'py>, events: &Bound<'py, PyAny>, details: bool) -> PyResult<Bound<'py, PyAny>> {
+    fn apply<'py>(
+        &self,
+        py: Python<'py>,
+        events: &Bound<'py, PyAny>,
+        details: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let np = py.import("numpy")?;
         let names = events
             .getattr("dtype")
             .and_then(|d| d.getattr("names"))
-            .map_err(|_| PyTypeError::new_err("events must be a numpy array of gmem.EVENT_DTYPE"))?;
+            .map_err(|_| {
+                PyTypeError::new_err("events must be a numpy array of gmem.EVENT_DTYPE")
+            })?;
         if names.is_none() {
-            return Err(PyTypeError::new_err("events must be a structured array of gmem.EVENT_DTYPE"));
+            return Err(PyTypeError::new_err(
+                "events must be a structured array of gmem.EVENT_DTYPE",
+            ));
         }
         if events.getattr("ndim")?.extract::<usize>()? != 1 {
             return Err(PyValueError::new_err("events must be one-dimensional"));
@@ -418,12 +579,22 @@ impl PyVm {
                 .map_err(|e| PyTypeError::new_err(format!("events field {name:?}: {e}")))?;
             np.call_method1("ascontiguousarray", (cast,))
         };
-        let (c_op, c_gfn, c_n, c_v) = (column("op", "u1")?, column("gfn", "u8")?, column("npages", "u8")?, column("value", "u8")?);
+        let (c_op, c_gfn, c_n, c_v) = (
+            column("op", "u1")?,
+            column("gfn", "u8")?,
+            column("npages", "u8")?,
+            column("value", "u8")?,
+        );
         let ops: PyReadonlyArray1<'py, u8> = c_op.extract()?;
         let gfns: PyReadonlyArray1<'py, u64> = c_gfn.extract()?;
         let npages: PyReadonlyArray1<'py, u64> = c_n.extract()?;
         let values: PyReadonlyArray1<'py, u64> = c_v.extract()?;
-        let (o, g, n, v) = (ops.as_slice()?, gfns.as_slice()?, npages.as_slice()?, values.as_slice()?);
+        let (o, g, n, v) = (
+            ops.as_slice()?,
+            gfns.as_slice()?,
+            npages.as_slice()?,
+            values.as_slice()?,
+        );
         let id = self.id;
         let (status, dets) = self.shared.detached(py, |h| {
             let mut d = details.then(Vec::new);
@@ -451,7 +622,12 @@ impl PyVm {
     fn __repr__(&self) -> String {
         let h = self.shared.lock();
         let v = h.vm(self.id);
-        format!("<gmem.Vm fd={} vm_type={} strategy={}>", v.fd, v.vm_type.name(), v.strategy.name())
+        format!(
+            "<gmem.Vm fd={} vm_type={} strategy={}>",
+            v.fd,
+            v.vm_type.name(),
+            v.strategy.name()
+        )
     }
 }
 
@@ -497,7 +673,9 @@ impl PyGuestMemfd {
 
     /// fallocate(mode, offset, length)
     fn fallocate(&self, py: Python<'_>, mode: u32, offset: u64, length: u64) -> PyResult<()> {
-        Ok(self.shared.detached(py, |h| h.gmem_fallocate(self.id, mode, offset, length))?)
+        Ok(self
+            .shared
+            .detached(py, |h| h.gmem_fallocate(self.id, mode, offset, length))?)
     }
 
     /// guest_memfd has no read(): always EINVAL.
@@ -521,19 +699,35 @@ impl PyGuestMemfd {
     /// mmap(offset=0, length=None, *, shared=True) -> Mapping
     #[pyo3(signature = (offset = 0, length = None, *, shared = true))]
     fn mmap(&self, offset: u64, length: Option<u64>, shared: bool) -> PyResult<PyMapping> {
-        let id = self.shared.with(|h| h.gmem_mmap(self.id, offset, length, shared))?;
-        Ok(PyMapping { shared: self.shared.clone(), id })
+        let id = self
+            .shared
+            .with(|h| h.gmem_mmap(self.id, offset, length, shared))?;
+        Ok(PyMapping {
+            shared: self.shared.clone(),
+            id,
+        })
     }
 
     /// KVM_SET_MEMORY_ATTRIBUTES2 (in-place series).
     #[pyo3(signature = (offset, size, attributes, flags = 0))]
-    fn set_memory_attributes2(&self, py: Python<'_>, offset: u64, size: u64, attributes: u64, flags: u64) -> PyResult<()> {
-        Ok(self.shared.detached(py, |h| h.set_memory_attributes2(self.id, offset, size, attributes, flags))?)
+    fn set_memory_attributes2(
+        &self,
+        py: Python<'_>,
+        offset: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> PyResult<()> {
+        Ok(self.shared.detached(py, |h| {
+            h.set_memory_attributes2(self.id, offset, size, attributes, flags)
+        })?)
     }
 
     /// The attribute at file `offset` (inplace / attr_hook).
     fn get_memory_attributes2(&self, offset: u64) -> PyResult<u64> {
-        Ok(self.shared.with(|h| h.get_memory_attributes2(self.id, offset))?)
+        Ok(self
+            .shared
+            .with(|h| h.get_memory_attributes2(self.id, offset))?)
     }
 
     /// close() the fd.
@@ -544,7 +738,12 @@ impl PyGuestMemfd {
     fn __repr__(&self) -> String {
         let h = self.shared.lock();
         let f = h.file(self.id);
-        format!("<gmem.GuestMemfd inode={} size={:#x} flags={:#x}>", f.inode, f.size_pages << 12, f.flags)
+        format!(
+            "<gmem.GuestMemfd inode={} size={:#x} flags={:#x}>",
+            f.inode,
+            f.size_pages << 12,
+            f.flags
+        )
     }
 }
 
@@ -552,9 +751,15 @@ impl PyGuestMemfd {
     fn no_rw(&self, what: &str) -> PyErr {
         let closed = self.shared.lock().file(self.id).fd.is_none();
         let (e, m) = if closed {
-            (gmem_core::error::errno::EBADF, format!("{what}: guest_memfd is closed"))
+            (
+                gmem_core::error::errno::EBADF,
+                format!("{what}: guest_memfd is closed"),
+            )
         } else {
-            (gmem_core::error::errno::EINVAL, format!("guest_memfd does not support {what}()"))
+            (
+                gmem_core::error::errno::EINVAL,
+                format!("guest_memfd does not support {what}()"),
+            )
         };
         PyGmemErr(Error::Errno(e, m)).into()
     }
@@ -585,36 +790,51 @@ impl PyMapping {
         }
     }
     fn read(&self, offset: u64) -> PyResult<u64> {
-        Ok(self.shared.with(|h| h.map_access(self.id, offset, HostOp::Read))?)
+        Ok(self
+            .shared
+            .with(|h| h.map_access(self.id, offset, HostOp::Read))?)
     }
     fn write(&self, offset: u64, value: u64) -> PyResult<()> {
-        self.shared.with(|h| h.map_access(self.id, offset, HostOp::Write(value)))?;
+        self.shared
+            .with(|h| h.map_access(self.id, offset, HostOp::Write(value)))?;
         Ok(())
     }
     fn pin(&self, offset: u64) -> PyResult<()> {
-        self.shared.with(|h| h.map_access(self.id, offset, HostOp::Pin))?;
+        self.shared
+            .with(|h| h.map_access(self.id, offset, HostOp::Pin))?;
         Ok(())
     }
     fn unpin(&self, offset: u64) -> PyResult<()> {
-        self.shared.with(|h| h.map_access(self.id, offset, HostOp::Unpin))?;
+        self.shared
+            .with(|h| h.map_access(self.id, offset, HostOp::Unpin))?;
         Ok(())
     }
     /// discard(offset, length): madvise(MADV_DONTNEED).
     fn discard(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
-        Ok(self.shared.detached(py, |h| h.map_discard(self.id, offset, length))?)
+        Ok(self
+            .shared
+            .detached(py, |h| h.map_discard(self.id, offset, length))?)
     }
     fn unmap(&self, py: Python<'_>) -> PyResult<()> {
         Ok(self.shared.detached(py, |h| h.map_unmap(self.id))?)
     }
     fn __repr__(&self) -> String {
-        format!("<gmem.Mapping addr={:#x} length={:#x} kind={}>", self.addr(), self.length(), self.kind())
+        format!(
+            "<gmem.Mapping addr={:#x} length={:#x} kind={}>",
+            self.addr(),
+            self.length(),
+            self.kind()
+        )
     }
 }
 
 #[pymodule(gil_used = false)]
 mod _gmem {
     #[pymodule_export]
-    use super::{ConversionBusy, GmemError, HostFault, InvariantError, MemoryFault, PyGuestMemfd, PyHost, PyMapping, PyVm};
+    use super::{
+        ConversionBusy, GmemError, HostFault, InvariantError, MemoryFault, PyGuestMemfd, PyHost,
+        PyMapping, PyVm, load,
+    };
 
     use pyo3::prelude::*;
 

@@ -26,7 +26,7 @@ pub enum SharedSide {
     SecondRange,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum StrategyKind {
     Dual,
     Inplace,

@@ -1,0 +1,220 @@
+//! Snapshots: the whole host in a versioned, checksummed binary file.
+//!
+//! Layout: magic `GMEMSNAP`, format version (u32 LE), payload length (u64 LE), CRC-32 of the
+//! payload (u32 LE), payload (postcard encoding of the host). Written to a temporary file
+//! in the same directory and renamed over the target, so a crash never leaves a torn file.
+//! Loading checks magic, version, length and checksum, decodes, then runs every invariant
+//! check: a file that fails any step loads nothing.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result, einval, err, errno};
+use crate::host::Host;
+
+const MAGIC: &[u8; 8] = b"GMEMSNAP";
+/// Bumped whenever the encoded layout changes.
+pub const FORMAT_VERSION: u32 = 1;
+const HEADER: usize = 8 + 4 + 8 + 4;
+
+impl Host {
+    /// Encode the host as snapshot bytes.
+    pub fn to_snapshot(&self) -> Result<Vec<u8>> {
+        let payload = postcard::to_stdvec(self)
+            .map_err(|e| einval(format!("snapshot encoding failed: {e}")))?;
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        Ok(out)
+    }
+
+    /// Decode snapshot bytes, refusing anything truncated, corrupted, of another version or
+    /// inconsistent.
+    pub fn from_snapshot(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < HEADER || &bytes[..8] != MAGIC {
+            return Err(einval(
+                "not a gmem snapshot (bad magic or truncated header)",
+            ));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != FORMAT_VERSION {
+            return Err(einval(format!(
+                "snapshot format version {version} is not supported (this gmem reads version {FORMAT_VERSION})"
+            )));
+        }
+        let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+        let payload = &bytes[HEADER..];
+        if payload.len() as u64 != len {
+            return Err(einval(format!(
+                "snapshot truncated: payload {} of {len} bytes",
+                payload.len()
+            )));
+        }
+        if crc32fast::hash(payload) != crc {
+            return Err(einval("snapshot corrupted: checksum mismatch"));
+        }
+        let host: Host = postcard::from_bytes(payload)
+            .map_err(|e| einval(format!("snapshot payload invalid: {e}")))?;
+        host.validate_shape()?;
+        host.check().map_err(|e| match e {
+            Error::Invariant(m) => einval(format!("snapshot inconsistent: {m}")),
+            other => other,
+        })?;
+        Ok(host)
+    }
+
+    /// Index bounds that `check()` relies on before it can run.
+    fn validate_shape(&self) -> Result<()> {
+        let bad = |what: &str| einval(format!("snapshot inconsistent: {what}"));
+        let (nv, nf, nm) = (self.vms.len(), self.files.len(), self.maps.len());
+        for f in &self.files {
+            if f.vm >= nv
+                || f.mappings.iter().any(|&m| m >= nm)
+                || f.vmm_map.is_some_and(|m| m >= nm)
+            {
+                return Err(bad("guest_memfd refers to a missing VM or mapping"));
+            }
+            if f.bindings
+                .values()
+                .any(|b| b.vm >= nv || !self.vms[b.vm].slots.contains_key(&b.slot))
+            {
+                return Err(bad("binding refers to a missing memslot"));
+            }
+        }
+        for v in &self.vms {
+            for s in v.slots.values() {
+                if [s.gmem, s.shared].iter().flatten().any(|b| b.file >= nf) {
+                    return Err(bad("memslot refers to a missing guest_memfd"));
+                }
+            }
+            if v.by_gfn.values().any(|id| !v.slots.contains_key(id)) {
+                return Err(bad("gfn index refers to a missing memslot"));
+            }
+        }
+        for m in &self.maps {
+            if m.vm.is_some_and(|v| v >= nv) {
+                return Err(bad("mapping refers to a missing VM"));
+            }
+            if let crate::mapping::MapKind::Gmem { file, .. } = m.kind
+                && file >= nf
+            {
+                return Err(bad("mapping refers to a missing guest_memfd"));
+            }
+        }
+        if self.va.values().any(|&m| m >= nm) || self.rmp.values().any(|&(v, _)| v >= nv) {
+            return Err(bad("address space or RMP refers to a missing object"));
+        }
+        Ok(())
+    }
+
+    /// Write a snapshot to `path` atomically (temporary file, fsync, rename).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.to_snapshot()?;
+        let io = |e: std::io::Error| {
+            err(
+                e.raw_os_error().unwrap_or(errno::EINVAL),
+                format!("{}: {e}", path.display()),
+            )
+        };
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| einval(format!("{} is not a file path", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let mut f = fs::File::create(&tmp).map_err(io)?;
+        let written = f.write_all(&bytes).and_then(|()| f.sync_all());
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        fs::rename(&tmp, path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+
+    /// Read a snapshot written by [`save`](Self::save).
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(|e| {
+            err(
+                e.raw_os_error().unwrap_or(errno::EINVAL),
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        Self::from_snapshot(&bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GmemArg, MemRegion, StrategyKind, VmType, uapi};
+
+    fn sample() -> Host {
+        let mut h = Host::new(64 << 20).unwrap();
+        let vm = h.create_vm(VmType::Snp, StrategyKind::Dual);
+        let f = h.create_guest_memfd(vm, 4 << 20, 0, 0).unwrap();
+        let m = h.mmap_anonymous(4 << 20).unwrap();
+        let fd = i64::from(h.file(f).fd.unwrap());
+        let addr = h.mapping(m).addr;
+        h.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 0,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 0,
+                memory_size: 4 << 20,
+                userspace_addr: addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 0,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .unwrap();
+        h.set_memory_attributes(vm, 0, 1 << 20, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+            .unwrap();
+        h.guest_access(vm, 0x1000, true, Some(7)).unwrap();
+        h.guest_access(vm, 0x20_0000, false, Some(9)).unwrap();
+        h
+    }
+
+    #[test]
+    fn round_trip_and_rejections() {
+        let h = sample();
+        let bytes = h.to_snapshot().unwrap();
+        let mut g = Host::from_snapshot(&bytes).unwrap();
+        assert_eq!(g.guest_access(0, 0x1000, true, None).unwrap(), 7);
+        assert_eq!(g.stats(0), h.stats(0));
+        assert!(Host::from_snapshot(&bytes[..bytes.len() - 1]).is_err());
+        let mut bad = bytes.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(
+            Host::from_snapshot(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
+        let mut newer = bytes;
+        newer[8] = 99;
+        assert!(
+            Host::from_snapshot(&newer)
+                .unwrap_err()
+                .to_string()
+                .contains("version")
+        );
+    }
+}
