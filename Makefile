@@ -19,7 +19,10 @@ py-install:
 	$(PY) -m ruff check $(PYDIRS)
 	$(PY) -m ruff format --check $(PYDIRS)
 
-py-test:
+stubtest:
+	$(PY) -m mypy.stubtest gmem._gmem
+
+py-test: stubtest
 	$(PY) -m pytest tests -q
 
 bench-smoke:
