@@ -122,7 +122,8 @@ impl Host {
         let Some(op) = Op::from_u8(op) else {
             return Err(einval(format!("unknown op {op}")));
         };
-        if npages == 0 || gfn >= GFN_LIMIT || npages > GFN_LIMIT - gfn {
+        // The end address must fit in u64, as `address + size` must for the ioctls.
+        if npages == 0 || gfn >= GFN_LIMIT || npages >= GFN_LIMIT - gfn {
             return Err(einval(format!(
                 "event range gfn {gfn:#x} + {npages} pages invalid"
             )));
