@@ -48,8 +48,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from gmem._events import CONVERSION_OPS, EVENT_DTYPE, Op
-from gmem.setup import GuestVm
 
 __all__ = [
     "TWO_SIDED_STRATEGIES",
@@ -167,6 +167,36 @@ def _strategy_of(vm) -> str:
     return str(getattr(vm, "strategy", ""))
 
 
+def _huge_discard_ops(vm) -> np.ndarray:
+    """Discard ops that must cover whole huge pages: HugeTLB guest_memfd punches only
+    huge-aligned ranges (``EINVAL`` otherwise), so on a VM built with ``huge_order`` the
+    private-side punch — and for `two_offsets` the shared-side one — is cut to whole
+    huge pages, as a VMM discarding a HugeTLB-backed RAM block must."""
+    if not getattr(vm, "huge_order", 0):
+        return np.empty(0, np.uint8)
+    if _strategy_of(vm) == "two_offsets":
+        return np.array([Op.PUNCH_HOLE, Op.DISCARD_SHARED], np.uint8)
+    return np.array([Op.PUNCH_HOLE], np.uint8)
+
+
+def _align_to_huge(events: np.ndarray, ops: np.ndarray, order: int) -> np.ndarray:
+    """Shrink the events with an op in ``ops`` to the whole huge pages they cover;
+    drop those that cover none."""
+    if not len(ops) or not len(events):
+        return events
+    sel = np.isin(events["op"], ops)
+    if not sel.any():
+        return events
+    unit = np.uint64(1 << order)
+    start = events["gfn"][sel]
+    lo = (start + unit - np.uint64(1)) // unit * unit
+    hi = (start + events["npages"][sel]) // unit * unit
+    events = events.copy()
+    events["gfn"][sel] = lo
+    events["npages"][sel] = np.where(hi > lo, hi - lo, 0)
+    return events[events["npages"] > 0]
+
+
 class DiscardEager(Policy):
     """Discard the unused side right after each conversion, as QEMU does.
 
@@ -179,16 +209,22 @@ class DiscardEager(Policy):
     `two_offsets`): elsewhere the shared view is the private page itself. Unlike QEMU the
     discard is queued with the conversion, so it also runs if the conversion fails; on
     two-sided strategies a conversion fails only for input outside the guest or when the
-    host is out of memory.
+    host is out of memory. Conversions the core makes implicitly on a memory-fault exit
+    (``fault_policy="convert"``) are not followed by a discard: the per-event details do
+    not say which accesses converted.
     """
 
     name = "discard=eager"
 
     def __init__(self) -> None:
         self.active = True
+        self.huge_ops = np.empty(0, np.uint8)
+        self.huge_order = 0
 
     def configure(self, vm) -> None:
         self.active = _strategy_of(vm) in TWO_SIDED_STRATEGIES
+        self.huge_ops = _huge_discard_ops(vm)
+        self.huge_order = int(getattr(vm, "huge_order", 0))
 
     def transform(self, events: np.ndarray) -> np.ndarray:
         if not self.active or not len(events):
@@ -200,7 +236,7 @@ class DiscardEager(Policy):
         at = np.cumsum(1 + conv)[conv] - 1
         out["op"][at] = _discard_ops(events["op"][conv])
         out["value"][at] = 0
-        return out
+        return _align_to_huge(out, self.huge_ops, self.huge_order)
 
 
 class DiscardNever(Policy):
@@ -245,6 +281,18 @@ def _last_writer(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.nda
     return bounds, tree[size : size + len(bounds) - 1]
 
 
+def _segment_runs(bounds: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Merge consecutive segments with equal ``key`` (>= 0; -1 = leave out) into runs:
+    ``(gfn, npages, key)`` per run."""
+    brk = np.ones(len(key), bool)
+    brk[1:] = key[1:] != key[:-1]
+    starts = np.flatnonzero(brk)
+    ends = np.append(starts[1:], len(key))
+    keep = key[starts] >= 0
+    starts, ends = starts[keep], ends[keep]
+    return bounds[starts], bounds[ends] - bounds[starts], key[starts]
+
+
 def final_discards(conversions: np.ndarray) -> np.ndarray:
     """The discards a deferred pass issues for a sequence of applied conversions.
 
@@ -255,23 +303,14 @@ def final_discards(conversions: np.ndarray) -> np.ndarray:
     if not len(conversions):
         return _EMPTY
     start = conversions["gfn"]
-    end = start + conversions["npages"]
-    bounds, last = _last_writer(start, end)
+    bounds, last = _last_writer(start, start + conversions["npages"])
+    key = np.full(len(last), -1, np.int64)
     covered = last >= 0
-    private = np.zeros(len(last), bool)
-    private[covered] = conversions["op"][last[covered]] == Op.CONVERT_PRIVATE
-    # runs of covered segments with one direction (segments are contiguous by design)
-    kind = np.where(covered, private.astype(np.int8), -1)
-    brk = np.ones(len(kind), bool)
-    brk[1:] = kind[1:] != kind[:-1]
-    starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], len(kind))
-    keep = kind[starts] >= 0
-    starts, ends = starts[keep], ends[keep]
-    out = np.zeros(len(starts), EVENT_DTYPE)
-    out["op"] = np.where(kind[starts] == 1, Op.DISCARD_SHARED, Op.PUNCH_HOLE)
-    out["gfn"] = bounds[starts]
-    out["npages"] = bounds[ends] - bounds[starts]
+    key[covered] = conversions["op"][last[covered]] == Op.CONVERT_PRIVATE
+    gfn, npages, private = _segment_runs(bounds, key)
+    out = np.zeros(len(gfn), EVENT_DTYPE)
+    out["op"] = np.where(private == 1, Op.DISCARD_SHARED, Op.PUNCH_HOLE)
+    out["gfn"], out["npages"] = gfn, npages
     return out
 
 
@@ -295,12 +334,16 @@ class DiscardDeferred(Policy):
         self.pending: list[np.ndarray] = []
         self.npending = 0
         self.passes = 0
+        self.huge_ops = np.empty(0, np.uint8)
+        self.huge_order = 0
 
     def describe(self) -> str:
         return f"{self.name}(every={self.every})" if self.every else f"{self.name}(batch)"
 
     def configure(self, vm) -> None:
         self.active = _strategy_of(vm) in TWO_SIDED_STRATEGIES
+        self.huge_ops = _huge_discard_ops(vm)
+        self.huge_order = int(getattr(vm, "huge_order", 0))
         self.pending, self.npending, self.passes = [], 0, 0
 
     def _flush(self) -> np.ndarray | None:
@@ -309,7 +352,7 @@ class DiscardDeferred(Policy):
         conv = np.concatenate(self.pending)
         self.pending, self.npending = [], 0
         self.passes += 1
-        return final_discards(conv)
+        return _align_to_huge(final_discards(conv), self.huge_ops, self.huge_order)
 
     def after_batch(self, vm, events, status, round):
         if not self.active:
@@ -360,9 +403,12 @@ class RetryEagain(Policy):
     ``max_rounds`` times.
 
     The in-place series refuses a to-private conversion while the host holds a reference
-    (a pin) and tells userspace to retry once the reference is gone; a VMM waits for the
-    device to unpin and tries again. Events still refused after the last round are
-    dropped and counted (``eagain_dropped``).
+    (a pin) and leaves it to userspace to retry once the reference is gone; a VMM waits
+    for the device to unpin and tries again. Retrying at the end of the batch must not
+    undo what the guest did since: a page that a later conversion in the batch changed
+    is not retried (``eagain_superseded``); the rest of each refused range is. Pages
+    still refused after the last round are dropped and counted (``eagain_dropped``, in
+    events).
     """
 
     def __init__(self, max_rounds: int = 3) -> None:
@@ -370,11 +416,10 @@ class RetryEagain(Policy):
             raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
         self.max_rounds = max_rounds
         self.name = f"retry={max_rounds}"
-        self.retried = 0
-        self.dropped = 0
+        self.retried = self.dropped = self.superseded = 0
 
     def configure(self, vm) -> None:
-        self.retried = self.dropped = 0
+        self.retried = self.dropped = self.superseded = 0
 
     def after_batch(self, vm, events, status, round):
         refused = status == _EAGAIN
@@ -384,11 +429,27 @@ class RetryEagain(Policy):
         if round >= self.max_rounds:
             self.dropped += n
             return None
-        self.retried += n
-        return events[refused]
+        conv = np.isin(events["op"], CONVERSION_OPS) & ((status == 0) | refused)
+        cev, crefused = events[conv], refused[conv]
+        bounds, last = _last_writer(cev["gfn"], cev["gfn"] + cev["npages"])
+        key = np.full(len(last), -1, np.int64)
+        retry = last >= 0
+        retry[retry] = crefused[last[retry]]
+        key[retry] = cev["op"][last[retry]]
+        gfn, npages, op = _segment_runs(bounds, key)
+        still = np.unique(last[retry])
+        self.superseded += n - len(still)
+        self.retried += len(still)
+        out = np.zeros(len(gfn), EVENT_DTYPE)
+        out["op"], out["gfn"], out["npages"] = op, gfn, npages
+        return out
 
     def counters(self) -> dict[str, int]:
-        return {"eagain_retried": self.retried, "eagain_dropped": self.dropped}
+        return {
+            "eagain_retried": self.retried,
+            "eagain_superseded": self.superseded,
+            "eagain_dropped": self.dropped,
+        }
 
 
 class MergePolicy(Policy):
@@ -523,7 +584,8 @@ def make_policy(
 @dataclass
 class RunResult:
     """What a run produced: ``summary`` (a flat dict), ``series`` (a DataFrame with one
-    row per sample: ``applied_events`` so far, ``elapsed_s`` and every `vm.stats()`
+    row per sample: ``applied_events`` and ``workload_events`` so far, ``elapsed_s`` and
+    every `vm.stats()`
     counter) and ``status_counts`` (events per status code)."""
 
     summary: dict[str, Any]
@@ -612,15 +674,15 @@ class _Samples:
         self.elapsed = np.zeros(0, np.float64)
         self.n = 0
 
-    def add(self, applied: int, elapsed: float, stats: dict[str, Any]) -> None:
+    def add(self, applied: int, workload: int, elapsed: float, stats: dict[str, Any]) -> None:
         if self.columns is None:
-            self.columns = ["applied_events", *stats]
+            self.columns = ["applied_events", "workload_events", *stats]
             self.counts = np.zeros((64, len(self.columns)), np.int64)
             self.elapsed = np.zeros(64, np.float64)
         if self.n == len(self.counts):
             self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
             self.elapsed = np.concatenate([self.elapsed, np.zeros_like(self.elapsed)])
-        self.counts[self.n] = [applied, *(stats[c] for c in self.columns[1:])]
+        self.counts[self.n] = [applied, workload, *(stats[c] for c in self.columns[2:])]
         self.elapsed[self.n] = elapsed
         self.n += 1
 
@@ -631,7 +693,7 @@ class _Samples:
         if self.columns is None:
             return pd.DataFrame()
         df = pd.DataFrame(self.counts[: self.n], columns=self.columns)
-        df.insert(1, "elapsed_s", self.elapsed[: self.n])
+        df.insert(2, "elapsed_s", self.elapsed[: self.n])
         return df
 
 
@@ -644,8 +706,11 @@ def _as_batches(workload) -> Iterable[np.ndarray]:
 class Runner:
     """Applies a workload to a VM under a policy, sampling `vm.stats()`.
 
-    ``sample_every`` events (workload events plus those the policy adds), a row of the
-    time series is taken; batches are cut at those points so samples land exactly.
+    Every ``sample_every`` events (workload events plus those the policy adds), a row of
+    the time series is taken; batches are cut at those points so samples land exactly.
+    Each row also says how far through the workload the run is (``workload_events``,
+    interpolated within a batch that the policy rewrote), so that strategies whose
+    policies add different numbers of events can be plotted against one axis.
     Follow-up rounds per batch are bounded by ``max_rounds`` (a policy that keeps
     returning events cannot loop forever).
     """
@@ -662,8 +727,8 @@ class Runner:
     ) -> None:
         if sample_every <= 0:
             raise ValueError(f"sample_every must be positive, got {sample_every}")
-        self.guest = vm if isinstance(vm, GuestVm) else None
-        self.vm = vm.vm if isinstance(vm, GuestVm) else vm
+        # a GuestVm stands in for its Vm and also tells policies its `huge_order`
+        self.vm = vm
         self.policy = policy if policy is not None else make_policy()
         self.sample_every = sample_every
         self.progress = progress
@@ -672,12 +737,25 @@ class Runner:
         self._samples = _Samples()
         self._applied = 0
         self._next_sample = sample_every
-        self._status = np.zeros(0, np.int64)
+        self._wl_done = 0  # workload events of the batches finished
+        self._wl_len = 0  # workload events of the batch being applied
+        self._tx_len = 0  # events of that batch after the policy's transform
+        self._tx_applied = 0
         self._status_codes: dict[int, int] = {}
         self._t0 = 0.0
 
+    def _workload_position(self) -> int:
+        if self._tx_len == 0:
+            return self._wl_done + self._wl_len
+        return self._wl_done + self._wl_len * min(self._tx_applied, self._tx_len) // self._tx_len
+
     def _sample(self) -> None:
-        self._samples.add(self._applied, time.perf_counter() - self._t0, self.vm.stats())
+        self._samples.add(
+            self._applied,
+            self._workload_position(),
+            time.perf_counter() - self._t0,
+            self.vm.stats(),
+        )
 
     def _count_status(self, status: np.ndarray) -> None:
         codes, counts = np.unique(status, return_counts=True)
@@ -697,6 +775,7 @@ class Runner:
             parts.append(np.asarray(self.vm.apply(events[pos : pos + take])))
             pos += take
             self._applied += take
+            self._tx_applied += take
             if self._applied >= self._next_sample:
                 self._sample()
                 self._next_sample += self.sample_every
@@ -704,14 +783,18 @@ class Runner:
         self._count_status(status)
         return status
 
-    def _apply_with_followups(self, events: np.ndarray) -> None:
+    def _apply_with_followups(self, events: np.ndarray, workload_len: int) -> None:
+        self._wl_len, self._tx_len, self._tx_applied = workload_len, len(events), 0
         status = self.apply(events)
+        self._tx_len = 0
         follow = self.policy.after_batch(self.vm, events, status, 0)
         rounds = 1
         while follow is not None and len(follow) and rounds <= self.max_rounds:
             status = self.apply(follow)
             follow = self.policy.after_batch(self.vm, follow, status, rounds)
             rounds += 1
+        self._wl_done += workload_len
+        self._wl_len = 0
 
     def run(self, workload, *, meta: dict[str, Any] | None = None) -> RunResult:
         """Run ``workload`` (an `EventStream`, an iterable of event arrays or one array)."""
@@ -731,12 +814,12 @@ class Runner:
             for batch in _as_batches(workload):
                 n_workload += len(batch)
                 batches += 1
-                self._apply_with_followups(self.policy.transform(batch))
+                self._apply_with_followups(self.policy.transform(batch), len(batch))
                 if bar is not None:
                     bar.advance(len(batch))
             last = self.policy.finish(self.vm)
             if last is not None and len(last):
-                self._apply_with_followups(last)
+                self._apply_with_followups(last, 0)
         finally:
             if bar is not None:
                 bar.__exit__(None, None, None)

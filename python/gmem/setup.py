@@ -34,13 +34,12 @@ class GuestVm:
     pages: int
     huge_order: int
 
-    @property
-    def strategy(self) -> str:
-        return self.vm.strategy
-
-    @property
-    def vm_type(self) -> str:
-        return self.vm.vm_type
+    def __getattr__(self, name: str) -> Any:
+        # a GuestVm stands in for its Vm: policies call vm.set_options(), vm.apply(), …
+        # and also read `huge_order`
+        if name == "vm":
+            raise AttributeError(name)
+        return getattr(self.vm, name)
 
 
 def host_pages_for(pages: int, huge_order: int = 0) -> int:

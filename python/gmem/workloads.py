@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
+
 from gmem._events import EVENT_DTYPE, Op
 
 __all__ = [
@@ -295,6 +296,7 @@ def dma_churn(
     window: int = 2048,
     reuse: float = 0.75,
     touch_private: float = 0.5,
+    pin: float = 0.02,
 ) -> EventStream:
     """Coherent DMA buffers of 1-16 pages converted back and forth, with locality.
 
@@ -311,8 +313,13 @@ def dma_churn(
     ``reuse`` (the per-CPU page lists hand back the page just freed) or at a random
     size-aligned place in its window; the guest writes the buffer and the device (host)
     reads it; with probability ``touch_private`` the guest reuses the freed pages as
-    ordinary private memory. Channels interleave in a random order each round. At the end
-    every outstanding buffer is freed. ``rounds`` defaults to about a million events.
+    ordinary private memory. With probability ``pin`` the host pins the buffer for the
+    device (``PIN``, as vhost zero-copy or VFIO take page references with GUP) and the
+    device completes late: the pin is dropped only after the guest has freed the buffer,
+    so that conversion meets a referenced page (``inplace`` refuses it with ``EAGAIN``,
+    ``attr_hook`` lets it through — a violation). Channels interleave in a random order
+    each round. At the end every outstanding buffer is freed (and unpinned). ``rounds``
+    defaults to about a million events.
     """
     pages = _check_pages(pages)
     window = int(min(window, pages)) // 16 * 16
@@ -327,8 +334,10 @@ def dma_churn(
     sizes = np.array([1, 2, 4, 8, 16], dtype=np.uint64)
     probs = np.array([0.40, 0.25, 0.15, 0.12, 0.08])
     block = max(1, DEFAULT_CHUNK // (channels * 5))
+    if not 0.0 <= pin <= 1.0:
+        raise ValueError(f"pin must be in [0, 1], got {pin}")
     # estimate: the private touches are drawn at random
-    total = 2 + int(rounds * channels * (4 + touch_private))
+    total = 2 + int(rounds * channels * (4 + touch_private + 2 * pin))
 
     def gen() -> Iterator[np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -338,6 +347,7 @@ def dma_churn(
         yield events(Op.GUEST_WRITE_PRIVATE, win_base, window, win_base + np.uint64(1))
         prev_gfn = np.zeros(channels, np.uint64)
         prev_npg = np.zeros(channels, np.uint64)
+        prev_pin = np.zeros(channels, bool)
         last_new = win_base.copy()  # offset source for "reuse"
         first_round = True
         for start, n in _blocks(rounds, block):
@@ -354,31 +364,46 @@ def dma_churn(
             gfn = (place // npg) * npg  # buddy alignment to the buffer's own size
             old_gfn = np.vstack([prev_gfn, gfn[:-1]])
             old_npg = np.vstack([prev_npg, npg[:-1]])
-            prev_gfn, prev_npg = gfn[-1].copy(), npg[-1].copy()
+            pinned = rng.random((n, channels)) < pin
+            old_pinned = np.vstack([prev_pin, pinned[:-1]])
+            prev_gfn, prev_npg, prev_pin = gfn[-1].copy(), npg[-1].copy(), pinned[-1].copy()
             value = np.arange(start * channels, (start + n) * channels, dtype=np.uint64).reshape(
                 n, channels
             ) + np.uint64(1)
             order = np.argsort(rng.random((n, channels)), axis=1)
             take = np.take_along_axis
-            gfn, npg, old_gfn, old_npg, value = (
-                take(a, order, axis=1) for a in (gfn, npg, old_gfn, old_npg, value)
+            gfn, npg, old_gfn, old_npg, value, pinned, old_pinned = (
+                take(a, order, axis=1)
+                for a in (gfn, npg, old_gfn, old_npg, value, pinned, old_pinned)
             )
             touch = rng.random((n, channels)) < touch_private
             has_old = old_npg > 0
             cols = (
                 events(Op.CONVERT_PRIVATE, old_gfn, old_npg),
+                events(Op.UNPIN, old_gfn, old_npg),
                 events(Op.GUEST_WRITE_PRIVATE, old_gfn, old_npg, value),
                 events(Op.CONVERT_SHARED, gfn, npg),
                 events(Op.GUEST_WRITE_SHARED, gfn, npg, value),
+                events(Op.PIN, gfn, npg),
                 events(Op.HOST_READ, gfn, npg),
             )
             always = np.ones(n * channels, bool)
             keep = np.stack(
-                [has_old.ravel(), (has_old & touch).ravel(), always, always, always], axis=1
+                [
+                    has_old.ravel(),
+                    (has_old & old_pinned).ravel(),
+                    (has_old & touch).ravel(),
+                    always,
+                    always,
+                    pinned.ravel(),
+                    always,
+                ],
+                axis=1,
             )
             yield _rowwise(*cols, keep=keep)
             first_round = False
         yield events(Op.CONVERT_PRIVATE, prev_gfn, prev_npg)
+        yield events(Op.UNPIN, prev_gfn[prev_pin], prev_npg[prev_pin])
 
     return EventStream(gen, name="dma-churn", pages=pages, chunk=chunk, total_events=total)
 
@@ -466,7 +491,7 @@ def random_ranges(
     *,
     seed: int = 0,
     chunk: int = DEFAULT_CHUNK,
-    ops: int = 1_000_000,
+    ops: int = 200_000,
     max_npages: int = 64,
 ) -> EventStream:
     """Uniform random ranges: a stress test, not an imitation of a real guest.
