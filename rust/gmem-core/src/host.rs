@@ -376,10 +376,22 @@ impl Host {
 
     /// Allocate the folio holding file page `off` (not zeroed: not uptodate).
     pub(crate) fn gmem_alloc_folio(&mut self, file: usize, off: u64) -> Result<()> {
-        let (vm, order) = (self.files[file].vm, self.files[file].order);
+        let (vm, mut order) = (self.files[file].vm, self.files[file].order);
+        if order > 0 {
+            // A huge range left partly populated by a split and a partial free is refilled
+            // page by page: a folio cannot be laid over the remaining pages.
+            let h = off & !((1u64 << order) - 1);
+            if !self.files[file]
+                .pages
+                .entries(h, h + (1u64 << order))
+                .is_empty()
+            {
+                order = 0;
+            }
+        }
         let pfn = self.take_frames(Some(vm), order)?;
         let f = &mut self.files[file];
-        let n = f.folio_pages();
+        let n = 1u64 << order;
         let head = off & !(n - 1);
         if order == 0 {
             f.set_page(off, pfn, false);
