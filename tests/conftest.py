@@ -18,6 +18,7 @@ settings.register_profile(
     stateful_step_count=30,
     deadline=None,
     database=None,
+    report_multiple_bugs=False,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
@@ -25,11 +26,21 @@ settings.register_profile(
     max_examples=2000,
     stateful_step_count=100,
     deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 MiB = 1 << 20
+
+
+def pytest_configure(config):
+    # When a hypothesis test fails, its reporting touches every loaded module's
+    # attributes; mypy_extensions (installed with mypy) warns on its deprecated TypedDict,
+    # which filterwarnings=error turns into a pytest INTERNALERROR hiding the real failure.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning"
+    )
 
 
 @pytest.fixture(params=["gmem", "refmodel"])

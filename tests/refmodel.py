@@ -21,8 +21,11 @@ Semantics modelled (``dual``):
 * guest_memfd pages are allocated on first private guest access or on fallocate, and
   read 0 when new.  ``PUNCH_HOLE`` frees them (a later access reads 0 again).
 * Anonymous (VMM) memory: a page is allocated on first write or pin; a host read of an
-  untouched page returns 0 and allocates nothing.  A guest *shared* access to gfn reads
-  or writes the anonymous page at ``userspace_addr + (gfn - base_gfn) * PAGE_SIZE``.
+  untouched page returns 0 and allocates nothing.  ``discard`` (MADV_DONTNEED) takes
+  pages out of the mapping; unpinned ones are freed, pinned ones stay allocated (not
+  visible through the mapping any more) until their last unpin.
+  A guest *shared* access to gfn reads or writes the anonymous page at
+  ``userspace_addr + (gfn - base_gfn) * PAGE_SIZE``.
   A guest shared *read* of an untouched anonymous page allocates it: the guest's
   stage-2 fault goes through ``hva_to_pfn()`` which faults the host page in (for a
   ``MAP_SHARED`` anonymous mapping that populates a zeroed shmem page).
@@ -32,18 +35,20 @@ Semantics modelled (``dual``):
   one, a closed file) -> ``MemoryFault``; a shared access without a memslot ->
   ``GmemError(EFAULT)`` (emulated MMIO is out of scope).
 * Statistics: ``pages_allocated`` = the VM's guest_memfd pages + the allocated anonymous
-  pages that lie inside the ``userspace_addr`` range of at least one of the VM's
-  memslots (each counted once).  ``double_backed_pages`` = gfns whose private
-  guest_memfd page and shared anonymous page are both allocated.  ``allocations`` /
-  ``frees`` count 4 KiB page allocations and frees: guest_memfd pages of the VM's files,
-  and anonymous pages that lie inside one of the VM's memslots at the moment they are
-  allocated or freed.
+  pages (and pinned pages discarded from them) inside one of the VM's memslots'
+  ``[userspace_addr, +memory_size)`` ranges, each counted once.
+  ``double_backed_pages`` = gfns whose private guest_memfd page and shared anonymous
+  page are both allocated.  ``allocations`` / ``frees`` count 4 KiB page allocations
+  and frees: guest_memfd pages of the VM's files, and anonymous pages inside one of the
+  VM's memslots' ranges at the moment they are allocated or freed (a page that a memslot
+  covers later comes into ``pages_allocated`` but not into ``allocations``).
 * A failed call changes nothing.
 """
 
 from __future__ import annotations
 
 import errno as E
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -73,6 +78,8 @@ KVM_USER_MEM_SLOTS = 32764
 # else is EOPNOTSUPP before the filesystem is asked.
 _FALLOC_VFS_MASK = 0x7F
 _MAX_LFS_FILESIZE = (1 << 63) - 1
+# x86-64 TASK_SIZE_MAX with 4-level paging: access_ok() limit for userspace_addr.
+_TASK_SIZE = (1 << 47) - PAGE_SIZE
 
 # REGION2 flags KVM knows on x86; REGION v1 does not accept GUEST_MEMFD.
 _MEMSLOT_V1_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
@@ -231,7 +238,14 @@ _ALL_STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
 
 
 class Host:
-    def __init__(self, memory: int, *, costs: dict | None = None, kvm_fd: int | None = None):
+    def __init__(
+        self,
+        memory: int,
+        *,
+        costs: dict | None = None,
+        kvm_fd: int | None = None,
+        sticky_mappings: bool = False,
+    ):
         memory = _int(memory)
         if memory == 0 or not _aligned(memory) or memory // PAGE_SIZE > (1 << 31):
             raise ValueError(f"host memory {memory:#x} must be page aligned, 1..2^31 pages")
@@ -244,6 +258,10 @@ class Host:
         self._next_inode = 1
         self.fd = kvm_fd if kvm_fd is not None else self._new_fd()
         self.files: dict[int, GuestMemfd] = {}  # open guest_memfd fds
+        # Accounting variant: False = a mapping counts into a VM while one of its memslots
+        # points into it (the documented rule); True = it belongs for good to the first VM
+        # whose memslot pointed into it.
+        self.sticky_mappings = sticky_mappings
 
     def _new_fd(self) -> int:
         fd = self._next_fd
@@ -279,14 +297,14 @@ class Host:
         return None, 0
 
     def _anon_event(self, m: Mapping, idx: int, key: str) -> None:
-        hva = m.addr + idx * PAGE_SIZE
         for vm in self.vms:
-            if vm._covers_hva(hva):
+            if vm._covers(m, idx):
                 vm.counters[key] += 1
 
     # -- VMs
-    def create_vm(self, vm_type: str = "sw_protected", strategy: str = "dual", *,
-                  fd: int | None = None) -> Vm:
+    def create_vm(
+        self, vm_type: str = "sw_protected", strategy: str = "dual", *, fd: int | None = None
+    ) -> Vm:
         if vm_type not in _ALL_VM_TYPES:
             raise ValueError(f"unknown vm_type {vm_type!r}")
         if strategy not in _ALL_STRATEGIES:
@@ -305,7 +323,7 @@ class Host:
         }
 
     def check(self) -> None:
-        anon = sum(len(m.pages) for m in self.mappings)
+        anon = sum(len(m.pages) + len(m.orphans) for m in self.mappings)
         gm = sum(len(f.pages) for vm in self.vms for f in vm.files)
         if anon + gm != self.used_pages:
             raise InvariantError(f"host accounting: {anon}+{gm} != {self.used_pages}")
@@ -357,8 +375,15 @@ class Vm:
         }.get(cap, 0)
 
     # -- guest_memfd
-    def create_guest_memfd(self, size: int, flags: int = 0, page_order: int = 0, *,
-                           fd: int | None = None, inode: int | None = None) -> GuestMemfd:
+    def create_guest_memfd(
+        self,
+        size: int,
+        flags: int = 0,
+        page_order: int = 0,
+        *,
+        fd: int | None = None,
+        inode: int | None = None,
+    ) -> GuestMemfd:
         size, flags, page_order = _int(size), _int(flags), _int(page_order)
         if flags & ~self.strat.gmem_flags(self):
             raise _err(E.EINVAL, f"unsupported guest_memfd flags {flags:#x}")
@@ -385,6 +410,8 @@ class Vm:
             f = obj
         elif isinstance(obj, (Vm, Host)):
             raise _err(E.EINVAL, "not a guest_memfd")
+        elif obj is None:
+            raise _err(E.EBADF, "no guest_memfd given")
         elif isinstance(obj, int) and not isinstance(obj, bool):
             if obj == self.host.fd or any(v.fd == obj for v in self.host.vms):
                 raise _err(E.EINVAL, f"fd {obj} is not a guest_memfd")
@@ -397,18 +424,27 @@ class Vm:
             raise _err(E.EINVAL, "guest_memfd belongs to another VM")
         return f
 
-    def set_user_memory_region(self, slot: int, flags: int, guest_phys_addr: int,
-                               memory_size: int, userspace_addr: int) -> None:
+    def set_user_memory_region(
+        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, userspace_addr: int
+    ) -> None:
         flags = _int(flags, 32)
         if flags & ~_MEMSLOT_V1_FLAGS:
             raise _err(E.EINVAL, f"flags {flags:#x} not valid for KVM_SET_USER_MEMORY_REGION")
         self.set_user_memory_region2(slot, flags, guest_phys_addr, memory_size, userspace_addr)
 
-    def set_user_memory_region2(self, slot: int, flags: int, guest_phys_addr: int,
-                                memory_size: int, userspace_addr: int = 0,
-                                guest_memfd: object = None, guest_memfd_offset: int = 0, *,
-                                shared_guest_memfd: object = None,
-                                shared_offset: int = 0) -> None:
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        userspace_addr: int = 0,
+        guest_memfd: object = None,
+        guest_memfd_offset: int = 0,
+        *,
+        shared_guest_memfd: object = None,
+        shared_offset: int = 0,
+    ) -> None:
         slot, flags = _int(slot, 32), _int(flags, 32)
         gpa, size, uaddr = _int(guest_phys_addr), _int(memory_size), _int(userspace_addr)
         offset = _int(guest_memfd_offset)
@@ -426,6 +462,8 @@ class Vm:
         # general sanity checks
         if not _aligned(size) or not _aligned(gpa) or not _aligned(uaddr):
             raise _err(E.EINVAL, "size, gpa and userspace_addr must be page aligned")
+        if uaddr + size > _TASK_SIZE:
+            raise _err(E.EINVAL, "userspace_addr range fails access_ok()")
         if flags & KVM_MEM_GUEST_MEMFD and (not _aligned(offset) or offset + size > U64_MAX):
             raise _err(E.EINVAL, f"guest_memfd_offset {offset:#x} unaligned or overflowing")
         if slot >> 16:  # as_id: one address space for VMs with private memory
@@ -442,8 +480,10 @@ class Vm:
         if old is not None:
             if flags & KVM_MEM_GUEST_MEMFD:
                 raise _err(E.EINVAL, "guest_memfd memslots can only be deleted")
-            if uaddr != old.userspace_addr or npages != old.npages or (
-                (flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD)
+            if (
+                uaddr != old.userspace_addr
+                or npages != old.npages
+                or ((flags ^ old.flags) & (KVM_MEM_READONLY | KVM_MEM_GUEST_MEMFD))
             ):
                 raise _err(E.EINVAL, "only the gpa or LOG_DIRTY_PAGES of a memslot may change")
             if base == old.base_gfn and flags == old.flags:
@@ -460,12 +500,14 @@ class Vm:
                 raise _err(E.EINVAL, "guest_memfd range already bound")
         if old is not None:  # MOVE / FLAGS_ONLY of a non-guest_memfd memslot
             old.base_gfn, old.flags = base, flags
+            self._claim_mappings()
             return
         new = Slot(slot, flags, base, npages, uaddr, f, offset >> PAGE_SHIFT)
         if f is not None:
             for i in range(new.pgoff, new.pgoff + npages):
                 f.bindings[i] = slot
         self.slots[slot] = new
+        self._claim_mappings()
         self._update_peak()
 
     def _overlaps(self, slot_id: int, base: int, npages: int) -> bool:
@@ -486,15 +528,38 @@ class Vm:
                 return s
         return None
 
-    def _covers_hva(self, hva: int) -> bool:
-        return any(
+    def _points_into(self, m: Mapping) -> bool:
+        return m.kind == "anonymous" and any(
+            s.userspace_addr < m.addr + m.length
+            and m.addr < s.userspace_addr + s.npages * PAGE_SIZE
+            for s in self.slots.values()
+        )
+
+    def _claim_mappings(self) -> None:
+        for m in self.host.mappings:
+            if m.owner is None and self._points_into(m):
+                m.owner = self
+
+    def _owns_mapping(self, m: Mapping) -> bool:
+        """Whether anonymous mapping ``m`` counts into this VM's footprint (sticky mode)."""
+        return m.owner is self
+
+    def _covers(self, m: Mapping, idx: int) -> bool:
+        """Whether anonymous page ``idx`` of ``m`` counts into this VM's footprint: it lies
+        inside one of the VM's memslots' userspace ranges (sticky mode: the whole mapping
+        of its first VM)."""
+        if self.host.sticky_mappings:
+            return m.owner is self
+        hva = m.addr + idx * PAGE_SIZE
+        return m.kind == "anonymous" and any(
             s.userspace_addr <= hva < s.userspace_addr + s.npages * PAGE_SIZE
             for s in self.slots.values()
         )
 
     # -- attributes
-    def set_memory_attributes(self, address: int, size: int, attributes: int,
-                              flags: int = 0) -> None:
+    def set_memory_attributes(
+        self, address: int, size: int, attributes: int, flags: int = 0
+    ) -> None:
         address, size, attributes, flags = _int(address), _int(size), _int(attributes), _int(flags)
         if flags:
             raise _err(E.EINVAL, f"flags {flags:#x} must be 0")
@@ -552,18 +617,13 @@ class Vm:
         self._update_peak()
 
     # -- statistics
-    def _anon_pages(self) -> set[tuple[int, int]]:
-        out = set()
-        for m in self.host.mappings:
-            if m.kind != "anonymous":
-                continue
-            for idx in m.pages:
-                if self._covers_hva(m.addr + idx * PAGE_SIZE):
-                    out.add((id(m), idx))
-        return out
-
     def _pages_allocated(self) -> int:
-        return sum(len(f.pages) for f in self.files) + len(self._anon_pages())
+        gmem_pages = sum(len(f.pages) for f in self.files)
+        anon = 0
+        for m in self.host.mappings:
+            anon += sum(1 for i in m.pages if self._covers(m, i))
+            anon += sum(1 for i, _ in m.orphans if self._covers(m, i))
+        return gmem_pages + anon
 
     def _double_backed(self) -> int:
         n = 0
@@ -592,7 +652,7 @@ class Vm:
 
     def check(self) -> None:
         slots = sorted(self.slots.values(), key=lambda s: s.base_gfn)
-        for a, b in zip(slots, slots[1:]):
+        for a, b in itertools.pairwise(slots):
             if a.base_gfn + a.npages > b.base_gfn:
                 raise InvariantError(f"memslots {a.id} and {b.id} overlap")
         for f in self.files:
@@ -608,8 +668,7 @@ class Vm:
 
 
 class GuestMemfd:
-    def __init__(self, vm: Vm, fd: int, size: int, flags: int, page_order: int,
-                 inode: int) -> None:
+    def __init__(self, vm: Vm, fd: int, size: int, flags: int, page_order: int, inode: int) -> None:
         self.vm = vm
         self.fd = fd
         self.size = size
@@ -651,7 +710,9 @@ class GuestMemfd:
             raise _err(E.EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE")
         if offset + length > _MAX_LFS_FILESIZE:
             raise _err(E.EFBIG, "range beyond the largest file")
-        # kvm_gmem_fallocate(); per docs/api.md mode 0 allocates like KEEP_SIZE.
+        # kvm_gmem_fallocate(): guest_memfd cannot grow, so KEEP_SIZE is mandatory.
+        if not mode & FALLOC_FL_KEEP_SIZE:
+            raise _err(E.EOPNOTSUPP, "FALLOC_FL_KEEP_SIZE is required")
         if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE):
             raise _err(E.EOPNOTSUPP, f"mode {mode:#x}")
         if not _aligned(offset) or not _aligned(length):
@@ -669,13 +730,20 @@ class GuestMemfd:
             self._get_page(i)
         self.vm._update_peak()
 
+    def _open(self) -> None:
+        if self.fd_closed:
+            raise _err(E.EBADF, "guest_memfd is closed")
+
     def read(self, n: int) -> bytes:
+        self._open()
         raise _err(E.EINVAL, "guest_memfd has no read")
 
     def write(self, data: bytes) -> int:
+        self._open()
         raise _err(E.EINVAL, "guest_memfd has no write")
 
     def truncate(self, size: int) -> None:
+        self._open()
         raise _err(E.EINVAL, "guest_memfd cannot be resized")
 
     def mmap(self, offset: int = 0, length: int | None = None, *, shared: bool = True) -> Mapping:
@@ -695,8 +763,9 @@ class GuestMemfd:
         self.mmaps += 1
         return m
 
-    def set_memory_attributes2(self, offset: int, size: int, attributes: int,
-                               flags: int = 0) -> None:
+    def set_memory_attributes2(
+        self, offset: int, size: int, attributes: int, flags: int = 0
+    ) -> None:
         raise _err(E.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES2 needs the inplace strategy")
 
     def get_memory_attributes2(self, offset: int) -> int:
@@ -721,8 +790,15 @@ class GuestMemfd:
 
 
 class Mapping:
-    def __init__(self, host: Host, addr: int, length: int, *, gmem: GuestMemfd | None = None,
-                 gmem_offset: int = 0) -> None:
+    def __init__(
+        self,
+        host: Host,
+        addr: int,
+        length: int,
+        *,
+        gmem: GuestMemfd | None = None,
+        gmem_offset: int = 0,
+    ) -> None:
         self.host = host
         self.addr = addr
         self.length = length
@@ -731,6 +807,11 @@ class Mapping:
         self.gmem_offset = gmem_offset
         self.pages: dict[int, int] = {}
         self.pins: dict[int, int] = {}
+        # Pinned pages discarded from the mapping.  MADV_DONTNEED zaps the
+        # page table entry (the next access faults in a new zeroed page) but the GUP
+        # reference keeps the frame allocated until the last unpin.
+        self.orphans: list[list[int]] = []  # [index, pins], one entry per orphaned frame
+        self.owner: Vm | None = None  # see Host.sticky_mappings
         self.unmapped = False
 
     def _index(self, offset: int) -> int:
@@ -752,11 +833,15 @@ class Mapping:
                 vm._update_peak()
 
     def _drop(self, idxs: list[int]) -> None:
-        for i in idxs:
+        """Take pages out of the mapping: free them, or orphan them while pinned."""
+        freed = [i for i in idxs if i not in self.pins]
+        for i in freed:
             self.host._anon_event(self, i, "frees")
         for i in idxs:
             del self.pages[i]
-        self.host._free(len(idxs))
+            if i in self.pins:
+                self.orphans.append([i, self.pins.pop(i)])
+        self.host._free(len(freed))
 
     def read(self, offset: int) -> int:
         return self.pages.get(self._index(offset), 0)
@@ -773,12 +858,23 @@ class Mapping:
         self.pins[idx] = self.pins.get(idx, 0) + 1
 
     def unpin(self, offset: int) -> None:
+        """Drop a pin: of the page mapped at ``offset`` if it is pinned, else of the oldest
+        orphaned frame that was discarded from ``offset``."""
         idx = self._index(offset)
-        if not self.pins.get(idx):
-            raise _err(E.EINVAL, f"page at offset {offset:#x} is not pinned")
-        self.pins[idx] -= 1
-        if not self.pins[idx]:
-            del self.pins[idx]
+        if self.pins.get(idx):
+            self.pins[idx] -= 1
+            if not self.pins[idx]:
+                del self.pins[idx]
+            return
+        for entry in self.orphans:
+            if entry[0] == idx:
+                entry[1] -= 1
+                if not entry[1]:
+                    self.orphans.remove(entry)
+                    self.host._anon_event(self, idx, "frees")
+                    self.host._free()
+                return
+        raise _err(E.EINVAL, f"page at offset {offset:#x} is not pinned")
 
     def discard(self, offset: int, length: int) -> None:
         offset, length = _int(offset), _int(length)
@@ -787,13 +883,12 @@ class Mapping:
         if self.gmem is not None:
             return  # guest_memfd pages are only unmapped
         first, last = offset // PAGE_SIZE, -(-(offset + length) // PAGE_SIZE)
-        self._drop([i for i in self.pages if first <= i < last and i not in self.pins])
+        self._drop([i for i in self.pages if first <= i < last])
 
     def unmap(self) -> None:
         if self.unmapped:
             return
         self._drop(list(self.pages))
-        self.pins.clear()
         self.unmapped = True
         if self.gmem is not None:
             self.gmem.mmaps -= 1

@@ -257,6 +257,40 @@ def test_anonymous_pages_outside_memslots_are_not_the_vms(api, vm, host):
     assert vm.stats()["pages_allocated"] == 1
 
 
+def test_mapping_counts_only_while_a_memslot_points_into_it(api, vm, host):
+    """pages_allocated counts the anonymous pages inside the VM's memslots' userspace
+    ranges: once the last memslot covering a page is deleted, the page is no longer the
+    VM's; when a memslot covers it again, it is again (pages outside every range never
+    count)."""
+    mem = host.mmap_anonymous(8 * PAGE)
+    vm.set_user_memory_region2(0, 0, 0, 8 * PAGE, mem.addr)
+    vm.guest_write(0, 1, private=False)
+    mem.write(7 * PAGE, 2)
+    assert vm.stats()["pages_allocated"] == 2
+    vm.set_user_memory_region2(0, 0, 0, 0)
+    assert vm.stats()["pages_allocated"] == 0
+    mem.write(6 * PAGE, 3)  # not the VM's: no memslot points here
+    assert vm.stats()["allocations"] == 2
+    vm.set_user_memory_region2(1, 0, 1 << 30, 2 * PAGE, mem.addr + 6 * PAGE)
+    assert vm.stats()["pages_allocated"] == 2  # pages 6 and 7; page 0 lies outside
+    vm.check()
+    host.check()
+
+
+def test_mapping_pointed_into_by_two_vms(api, host):
+    """Each VM counts the mapping its memslots point into."""
+    mem = host.mmap_anonymous(4 * PAGE)
+    a = host.create_vm("sw_protected", "dual")
+    b = host.create_vm("sw_protected", "dual")
+    a.set_user_memory_region2(0, 0, 0, 4 * PAGE, mem.addr)
+    b.set_user_memory_region2(0, 0, 0, 4 * PAGE, mem.addr)
+    a.guest_write(0, 1, private=False)
+    assert b.guest_read(0, private=False) == 1
+    assert a.stats()["pages_allocated"] == 1
+    assert b.stats()["pages_allocated"] == 1
+    host.check()
+
+
 def test_two_vms_are_accounted_separately(api, host):
     a = Guest(api, host, host.create_vm("sw_protected", "dual"), npages=8)
     b = Guest(api, host, host.create_vm("sw_protected", "dual"), npages=8)

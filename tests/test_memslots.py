@@ -90,6 +90,22 @@ def test_unaligned_region(api, vm, host, gpa, size, uaddr_off, gm_off):
             vm.set_user_memory_region2(0, 0, gpa, size, mem.addr + uaddr_off)
 
 
+def test_userspace_addr_must_pass_access_ok(api, vm, host):
+    """x86-64 TASK_SIZE_MAX (4-level paging) bounds [userspace_addr, +memory_size)."""
+    task_size = (1 << 47) - PAGE
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(0, 0, 0, 4 * PAGE, task_size - 2 * PAGE)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(0, 0, 0, 4 * PAGE, (1 << 64) - 4 * PAGE)
+    vm.set_user_memory_region2(0, 0, 0, 4 * PAGE, task_size - 4 * PAGE)
+
+
+def test_guest_memfd_flag_without_fd(api, vm, host):
+    mem = host.mmap_anonymous(4 * PAGE)
+    with raises_errno(errno.EBADF):
+        vm.set_user_memory_region2(0, _gm(api), 0, 4 * PAGE, mem.addr, None, 0)
+
+
 def test_gpa_wrap(api, vm, host):
     mem = host.mmap_anonymous(4 * PAGE)
     with raises_errno(errno.EINVAL):
@@ -112,9 +128,7 @@ def test_add_private_bad_guest_memfd(api, vm, host):
     other = other_vm.create_guest_memfd(REGION_SIZE)
     for bad in (host.fd, vm.fd, other_vm.fd, host, vm, other_vm, other, other.fd):
         with raises_errno(errno.EINVAL):
-            vm.set_user_memory_region2(
-                0, _gm(api), REGION_GPA, REGION_SIZE, mem.addr, bad, 0
-            )
+            vm.set_user_memory_region2(0, _gm(api), REGION_GPA, REGION_SIZE, mem.addr, bad, 0)
     f = vm.create_guest_memfd(REGION_SIZE)
     for off in range(1, PAGE):
         with raises_errno(errno.EINVAL):

@@ -8,12 +8,11 @@ flags), and after every step on the VM's attributes and its memory accounting.
 
 from __future__ import annotations
 
+import gmem
 import refmodel
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from util import PAGE, outcome
-
-import gmem
 
 HOST_MEM = 16 << 20
 GFNS = 64  # the guest physical space the machine plays in (a few more are probed)
@@ -31,8 +30,22 @@ KEEP = gmem.FALLOC_FL_KEEP_SIZE
 PUNCH = gmem.FALLOC_FL_PUNCH_HOLE
 
 CREATE_FLAGS = [GM, GM, GM, GM, 0, 0, LOG, GM | LOG, GM | RO, 1 << 3, 1 << 31]
-TARGETS = ["file0", "file1", "file0", "file1", "file0_fd", "file1_fd", "other", "other_fd",
-           "vm", "vm_fd", "host", "host_fd", "bogus_fd"]
+TARGETS = [
+    "file0",
+    "file1",
+    "file0",
+    "file1",
+    "file0_fd",
+    "file1_fd",
+    "other",
+    "other_fd",
+    "vm",
+    "vm_fd",
+    "host",
+    "host_fd",
+    "bogus_fd",
+    "none",
+]
 SKEWS = [None] * 12 + ["gpa", "size", "uaddr", "offset"]
 
 
@@ -63,9 +76,11 @@ class GmemMachine(RuleBasedStateMachine):
         self.log = []
 
     # -- helpers
-    def same(self, name, real, model):
+    def same(self, name, real, model, *, returns=False):
         r = outcome(gmem, real)
         m = outcome(refmodel, model)
+        if not returns and r[0] == "ok":
+            r = ("ok", None)  # only reads return something worth comparing
         self.log.append((name, r))
         assert r == m, f"{name}: gmem {r} != model {m}"
         return r
@@ -84,6 +99,7 @@ class GmemMachine(RuleBasedStateMachine):
             "host": (self.host, self.mhost),
             "host_fd": (self.host.fd, self.host.fd),
             "bogus_fd": (1_000_003, 1_000_003),
+            "none": (None, None),
         }[name]
 
     # -- memslots
@@ -184,6 +200,7 @@ class GmemMachine(RuleBasedStateMachine):
                 "guest_read",
                 lambda: self.vm.guest_read(gpa, private=private),
                 lambda: self.mvm.guest_read(gpa, private=private),
+                returns=True,
             )
 
     # -- guest_memfd
@@ -222,22 +239,39 @@ class GmemMachine(RuleBasedStateMachine):
     @rule(map_idx=st.integers(0, 1), page=st.integers(0, MAP_PAGES))
     def host_read(self, map_idx, page):
         m, mm = self.maps[map_idx]
-        self.same("host_read", lambda: m.read(page * PAGE), lambda: mm.read(page * PAGE))
+        self.same(
+            "host_read",
+            lambda: m.read(page * PAGE),
+            lambda: mm.read(page * PAGE),
+            returns=True,
+        )
 
-    @rule(map_idx=st.integers(0, 1), page=st.integers(0, MAP_PAGES - 1),
-          npages=st.integers(1, MAX_SLOT_PAGES))
+    @rule(
+        map_idx=st.integers(0, 1),
+        page=st.integers(0, MAP_PAGES - 1),
+        npages=st.integers(1, MAX_SLOT_PAGES),
+    )
     def discard(self, map_idx, page, npages):
         m, mm = self.maps[map_idx]
         args = (page * PAGE, npages * PAGE)
         self.same("discard", lambda: m.discard(*args), lambda: mm.discard(*args))
 
+    @rule(map_idx=st.integers(0, 1), page=st.integers(0, MAP_PAGES), unpin=st.booleans())
+    def pin(self, map_idx, page, unpin):
+        m, mm = self.maps[map_idx]
+        name = "unpin" if unpin else "pin"
+        self.same(
+            name, lambda: getattr(m, name)(page * PAGE), lambda: getattr(mm, name)(page * PAGE)
+        )
+
     # -- after every step
     @invariant()
     def agree(self):
         self.vm.check()
+        self.host.check()
         real, model = self.vm.stats(), self.mvm.stats()
         for key in COMPARED:
-            assert real[key] == model[key], f"stats[{key!r}]: gmem {real[key]} != model {model[key]}"
+            assert real[key] == model[key], f"{key}: gmem {real[key]} != model {model[key]}"
         attrs = [self.vm.get_memory_attributes(g) for g in range(GFNS + 10)]
         assert attrs == [self.mvm.get_memory_attributes(g) for g in range(GFNS + 10)]
         hs = self.host.stats()

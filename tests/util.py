@@ -13,14 +13,25 @@ PAGE = 4096
 IGNORED_ON_FAILURE: frozenset[str] = frozenset()
 
 
+class Raised:
+    value: BaseException | None = None
+
+
 @contextlib.contextmanager
-def raises_errno(err: int, exc_type: type[BaseException] = OSError):
-    """Expect an OSError (or subclass) carrying ``err``."""
-    with pytest.raises(exc_type) as info:
-        yield info
-    assert info.value.errno == err, (
-        f"expected {errno.errorcode[err]}, got "
-        f"{errno.errorcode.get(info.value.errno, info.value.errno)}: {info.value}"
+def raises_errno(err: int, exc_type: type[BaseException] = OSError, msg: str = ""):
+    """Expect an OSError (or subclass) carrying ``err``; ``msg`` says what was tried."""
+    raised = Raised()
+    where = f" ({msg})" if msg else ""
+    try:
+        yield raised
+    except exc_type as e:
+        raised.value = e
+    else:
+        pytest.fail(f"DID NOT RAISE {errno.errorcode[err]}{where}")
+    got = raised.value.errno
+    assert got == err, (
+        f"expected {errno.errorcode[err]}, got {errno.errorcode.get(got, got)}{where}: "
+        f"{raised.value}"
     )
 
 

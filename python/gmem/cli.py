@@ -181,6 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="ftrace: replay bare conversions, without the guest's touch of each range",
     )
 
+    p = sub.add_parser(
+        "sweep",
+        help="run a grid of parameters, one task per cell, locally or on Dask",
+        description="Run the cartesian product of the axes in GRID.toml (docs/sweep.md), one "
+        "cell per task, and aggregate one row per cell into DIR/results.csv (and .parquet). "
+        "Cells already in DIR are skipped.",
+    )
+    p.add_argument("grid", help="grid file (TOML with a [grid] table of axes)")
+    p.add_argument(
+        "--executor",
+        "-e",
+        default="local",
+        metavar="local|dask[=ADDRESS]",
+        help="local process pool (default); dask: a LocalCluster; dask=tcp://HOST:PORT: "
+        "an existing scheduler",
+    )
+    p.add_argument(
+        "--workers", "-j", type=_positive_int, default=None, help="processes (default: CPUs)"
+    )
+    p.add_argument("--out", "-o", default="gmem-sweep", help="directory (default gmem-sweep)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+
     sub.add_parser(
         "workloads",
         help="list the workloads",
@@ -241,7 +263,8 @@ def _run_strategies(args, stream, strategies: Sequence[str], meta: dict[str, Any
     from gmem.policies import run
     from gmem.setup import build_vm, make_host
 
-    overrides = load_costs(args.costs) if args.costs else None
+    # a TOML path from the command line, or a mapping from `gmem sweep`
+    overrides = load_costs(args.costs) if isinstance(args.costs, (str, Path)) else args.costs
     sample_every = args.sample_every or max(1, (stream.total_events or 1 << 20) // 400)
     results = []
     for strategy in strategies:
@@ -334,10 +357,48 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from gmem.sweep import GridError, parse_executor, sweep
+
+    try:
+        parse_executor(args.executor)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        df = sweep(
+            args.grid,
+            executor=args.executor,
+            workers=args.workers,
+            out=args.out,
+            progress=not args.no_progress,
+        )
+    except GridError as e:
+        raise UsageError(str(e)) from None
+    except ImportError as e:
+        if "gmem[dask]" not in str(e):
+            raise
+        print(f"gmem sweep: error: {e}", file=sys.stderr)  # not "the compiled core"
+        return 1
+    info = df.attrs
+    print(
+        f"{len(df)} cells: {info['run']} run, {info['skipped']} already in {args.out}, "
+        f"{info['failed']} failed"
+    )
+    if info["failed"]:
+        errors = df[df["error"] != ""]
+        for index, error in zip(errors["index"][:5], errors["error"][:5], strict=True):
+            print(f"cell {index}: {error}", file=sys.stderr)
+        if len(errors) > 5:
+            print(f"... and {len(errors) - 5} more (column 'error')", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in info['paths'])}")
+    return 1 if info["failed"] else 0
+
+
 def cmd_workloads(args) -> int:
-    from gmem.workloads import WORKLOADS
     from rich.console import Console
     from rich.table import Table
+
+    from gmem.workloads import WORKLOADS
 
     table = Table(header_style="bold")
     table.add_column("workload")
@@ -353,6 +414,7 @@ COMMANDS = {
     "compare": cmd_compare,
     "run": cmd_run,
     "replay": cmd_replay,
+    "sweep": cmd_sweep,
     "workloads": cmd_workloads,
 }
 

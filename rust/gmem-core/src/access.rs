@@ -260,8 +260,8 @@ impl Host {
         if let Some(p) = self.maps[m].anon_pfn(idx) {
             return Ok(p);
         }
-        let vm = self.maps[m].vm;
-        let pfn = self.take_frames(vm, 0)?;
+        let pfn = self.take_frames(None, 0)?;
+        let vm = self.anon_pages_account(m, idx, true);
         self.zero_frames(vm, pfn, 0);
         if let Some(v) = vm {
             let c = self.costs.host_fault;
@@ -382,11 +382,15 @@ impl Host {
             }
             return Ok(());
         }
-        if let Some((pfn, c)) = file.orphans.get_mut(&off) {
-            *c -= 1;
-            if *c == 0 {
-                let pfn = *pfn;
-                file.orphans.remove(&off);
+        if let Some(list) = file.orphans.get_mut(&off) {
+            let last = list.last_mut().expect("orphan lists are never empty");
+            last.1 -= 1;
+            if last.1 == 0 {
+                let pfn = last.0;
+                list.pop();
+                if list.is_empty() {
+                    file.orphans.remove(&off);
+                }
                 let vm = file.vm;
                 self.give_frames(Some(vm), pfn, 0);
             }
@@ -417,7 +421,6 @@ impl Host {
                 Ok(0)
             }
             HostOp::Unpin => {
-                let vm = self.maps[m].vm;
                 let MapKind::Anon { pins, orphans, .. } = &mut self.maps[m].kind else {
                     unreachable!()
                 };
@@ -428,12 +431,17 @@ impl Host {
                     }
                     return Ok(0);
                 }
-                if let Some((pfn, c)) = orphans.get_mut(&idx) {
-                    *c -= 1;
-                    if *c == 0 {
-                        let pfn = *pfn;
-                        orphans.remove(&idx);
-                        self.give_frames(vm, pfn, 0);
+                if let Some(list) = orphans.get_mut(&idx) {
+                    let last = list.last_mut().expect("orphan lists are never empty");
+                    last.1 -= 1;
+                    if last.1 == 0 {
+                        let pfn = last.0;
+                        list.pop();
+                        if list.is_empty() {
+                            orphans.remove(&idx);
+                        }
+                        self.anon_pages_account(m, idx, false);
+                        self.give_frames(None, pfn, 0);
                     }
                     return Ok(0);
                 }
@@ -477,7 +485,6 @@ impl Host {
                     return;
                 }
                 self.anon_invalidate(m, i0, i1);
-                let vm = self.maps[m].vm;
                 for (idx, e) in victims {
                     self.double_update_anon(m, idx, false);
                     let MapKind::Anon {
@@ -489,11 +496,14 @@ impl Host {
                         unreachable!()
                     };
                     pages.set(idx, 0);
-                    if let Some(c) = pins.remove(&idx) {
-                        orphans.insert(idx, (e - 1, c));
+                    let vm = if let Some(c) = pins.remove(&idx) {
+                        orphans.entry(idx).or_default().push((e - 1, c));
+                        self.anon_vms(m, idx).first().copied()
                     } else {
-                        self.give_frames(vm, e - 1, 0);
-                    }
+                        let vm = self.anon_pages_account(m, idx, false);
+                        self.give_frames(None, e - 1, 0);
+                        vm
+                    };
                     if let Some(v) = vm {
                         let c = self.costs.host_unmap;
                         self.charge(v, c);

@@ -8,7 +8,7 @@
 //! xarray instead stores one entry per gfn.
 
 use std::collections::BTreeMap;
-use std::ops::Bound::{Excluded, Included, Unbounded};
+use std::ops::Bound::{Excluded, Unbounded};
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttrMap {
@@ -66,29 +66,53 @@ impl AttrMap {
 
     /// Set `[start, end)` to `value`. Returns whether anything changed.
     pub fn set(&mut self, start: u64, end: u64, value: u64) -> bool {
+        self.set_count(start, end, value) > 0
+    }
+
+    /// Set `[start, end)` to `value`; returns how many indices changed value. One ordered
+    /// walk from `end` down to `start` finds the value after the range, the breakpoints
+    /// inside it and the value before it; then only those breakpoints are touched.
+    pub fn set_count(&mut self, start: u64, end: u64, value: u64) -> u64 {
         if start >= end {
-            return false;
+            return 0;
         }
-        if self.uniform(start, end) == Some(value) {
-            return false;
+        let mut iter = self.starts.range(..=end).rev();
+        let (&k0, &v0) = iter.next().expect("key 0 always present");
+        let after = (end != u64::MAX).then_some(v0);
+        let mut doomed: Vec<u64> = Vec::new();
+        let mut cur = (k0, v0);
+        if k0 == end {
+            doomed.push(k0);
+            let (&k, &v) = iter.next().expect("start < end, so a run covers end - 1");
+            cur = (k, v);
         }
-        // Value just after the range, which must survive the store.
-        let after = if end == u64::MAX {
-            None
-        } else {
-            Some(self.get(end))
+        let mut hi = end;
+        let mut changed = 0u64;
+        let before = loop {
+            let (k, v) = cur;
+            if v != value {
+                changed += hi - k.max(start);
+            }
+            if k > start {
+                doomed.push(k);
+                hi = k;
+                let (&nk, &nv) = iter.next().expect("key 0 always present");
+                cur = (nk, nv);
+                continue;
+            }
+            if k == start {
+                doomed.push(k);
+                break if start == 0 {
+                    None
+                } else {
+                    iter.next().map(|(_, &pv)| pv)
+                };
+            }
+            break Some(v);
         };
-        let before = if start == 0 {
-            None
-        } else {
-            Some(self.get(start - 1))
-        };
-        // Remove every breakpoint inside [start, end].
-        let doomed: Vec<u64> = self
-            .starts
-            .range((Included(start), Included(end)))
-            .map(|(&k, _)| k)
-            .collect();
+        if changed == 0 {
+            return 0;
+        }
         for k in doomed {
             self.starts.remove(&k);
         }
@@ -100,7 +124,7 @@ impl AttrMap {
         {
             self.starts.insert(end, a);
         }
-        true
+        changed
     }
 
     /// The runs intersecting `[start, end)`, clipped to it: `(start, end, value)`.

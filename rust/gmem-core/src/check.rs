@@ -101,7 +101,6 @@ impl Host {
             }
         }
         // Accounting.
-        let mut pages = 0;
         for f in self.files.iter().filter(|f| f.vm == vm) {
             let recount = f.pages.len() + f.folios.len() as u64 * f.folio_pages();
             if recount != f.nr_pages {
@@ -122,16 +121,8 @@ impl Host {
                 a.check()
                     .map_err(|e| broken(format!("inode {} attributes: {e}", f.inode)))?;
             }
-            pages += f.nr_pages + f.orphans.len() as u64;
         }
-        for m in self.maps.iter().filter(|m| m.vm == Some(vm)) {
-            if let MapKind::Anon {
-                pages: p, orphans, ..
-            } = &m.kind
-            {
-                pages += p.len() + orphans.len() as u64;
-            }
-        }
+        let pages = self.count_pages(vm);
         if pages != v.stats.pages_allocated {
             return Err(broken(format!(
                 "pages_allocated {} != recount {pages}",
@@ -161,17 +152,18 @@ impl Host {
         let fp = match side {
             SharedSide::SameFile => slot.offset_of(gfn),
             SharedSide::SecondRange => slot.shared_offset_of(gfn),
-            SharedSide::Userspace => {
-                let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
-                return match &self.maps[m].kind {
-                    MapKind::Anon { .. } => self.maps[m].anon_pfn(idx),
-                    MapKind::Gmem { file, pgoff, .. } => {
-                        self.files[*file].page(pgoff + idx).map(|r| r.pfn)
-                    }
-                };
-            }
+            SharedSide::Userspace => None,
         };
-        let (f, o, live) = fp?;
+        // A slot without guest_memfd is served from userspace memory whatever the strategy.
+        let Some((f, o, live)) = fp else {
+            let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
+            return match &self.maps[m].kind {
+                MapKind::Anon { .. } => self.maps[m].anon_pfn(idx),
+                MapKind::Gmem { file, pgoff, .. } => {
+                    self.files[*file].page(pgoff + idx).map(|r| r.pfn)
+                }
+            };
+        };
         if !live {
             return None;
         }
@@ -189,12 +181,12 @@ impl Host {
             for &(pfn, _) in f.folios.values() {
                 owned.push((pfn, 1 << f.order));
             }
-            owned.extend(f.orphans.values().map(|&(p, _)| (p, 1)));
+            owned.extend(f.orphans.values().flatten().map(|&(p, _)| (p, 1)));
         }
         for m in &self.maps {
             if let MapKind::Anon { pages, orphans, .. } = &m.kind {
                 owned.extend(pages.all().into_iter().map(|(_, e)| (e - 1, 1)));
-                owned.extend(orphans.values().map(|&(p, _)| (p, 1)));
+                owned.extend(orphans.values().flatten().map(|&(p, _)| (p, 1)));
             }
         }
         owned.sort_unstable();

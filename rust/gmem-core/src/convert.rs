@@ -89,25 +89,29 @@ impl Host {
         } else {
             Vec::new()
         };
-        // Pages that change: the VM map outside bound parts, the file maps inside them.
-        let mut changed = end - start - self.vms[vm].attrs.count(start, end, value);
-        for p in &parts {
-            let a = self.files[p.file].attrs.as_ref().expect("file attrs");
-            changed -= p.g1 - p.g0 - self.vms[vm].attrs.count(p.g0, p.g1, value);
-            changed += p.g1 - p.g0 - a.count(p.o0, p.o1(), value);
-        }
-        if changed == 0 {
-            // kvm_range_has_memory_attributes(): nothing to do.
+        // kvm_range_has_memory_attributes(): nothing to do when the range already holds the
+        // value (the VM map outside bound parts, the file maps inside them).
+        let unchanged = if parts.is_empty() {
+            self.vms[vm].attrs.uniform(start, end) == Some(value)
+        } else {
+            let mut outside = end - start - self.vms[vm].attrs.count(start, end, value);
+            let mut inside = 0;
+            for p in &parts {
+                let a = self.files[p.file].attrs.as_ref().expect("file attrs");
+                outside -= p.g1 - p.g0 - self.vms[vm].attrs.count(p.g0, p.g1, value);
+                inside += p.g1 - p.g0 - a.count(p.o0, p.o1(), value);
+            }
+            outside + inside == 0
+        };
+        if unchanged {
             return Ok(());
         }
         strategy.imp().gate(self, vm, start, end, private)?;
-        self.vms[vm].attrs.set(start, end, value);
+        let mut changed = self.vms[vm].attrs.set_count(start, end, value);
         for p in &parts {
-            self.files[p.file]
-                .attrs
-                .as_mut()
-                .expect("file attrs")
-                .set(p.o0, p.o1(), value);
+            changed -= self.vms[vm].attrs.count(p.g0, p.g1, value).min(changed);
+            let f = self.files[p.file].attrs.as_mut().expect("file attrs");
+            changed += f.set_count(p.o0, p.o1(), value);
         }
         self.zap(vm, start, end, Some(!private));
         strategy.imp().after_convert(self, vm, start, end, private);

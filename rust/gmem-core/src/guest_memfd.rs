@@ -56,7 +56,7 @@ pub struct Gmem {
     /// Host pins (GUP references) per file page.
     pub pins: FxHashMap<u64, u32>,
     /// Pinned pages removed from the page cache: alive until unpinned.
-    pub orphans: FxHashMap<u64, (u32, u32)>,
+    pub orphans: FxHashMap<u64, Vec<(u32, u32)>>,
     /// Live mmaps of this file (host-wide mapping ids).
     pub mappings: Vec<usize>,
     /// The VMM's own mapping of the file, made on first use by event-driven host access.

@@ -508,7 +508,11 @@ impl Host {
         for i in 0..n {
             let p = pfn + i as u32;
             if let Some(c) = self.files[file].pins.remove(&(off + i)) {
-                self.files[file].orphans.insert(off + i, (p, c));
+                self.files[file]
+                    .orphans
+                    .entry(off + i)
+                    .or_default()
+                    .push((p, c));
             } else {
                 self.give_frames(Some(vm), p, 0);
             }
@@ -708,7 +712,6 @@ impl Host {
             addr,
             pages,
             kind,
-            vm: None,
             unmapped: false,
         });
         self.va.insert(addr, id);
@@ -968,37 +971,98 @@ impl Host {
                 );
             }
         }
-        // The mapping userspace_addr points into counts into this VM's footprint.
-        if slot.gmem.is_none() || self.vms[vm].strategy.shared_side() == SharedSide::Userspace {
-            self.attach_mappings(vm, slot.userspace_addr, n);
-        }
         let v = &mut self.vms[vm];
         v.by_gfn.insert(base, id);
         v.slots.insert(id, slot);
+        self.recount_pages(vm);
         self.recount_double(vm);
     }
 
-    fn attach_mappings(&mut self, vm: usize, addr: u64, npages: u64) {
-        let end = addr + (npages << PAGE_SHIFT);
-        let ids: Vec<usize> = self
-            .va
-            .range(..end)
-            .map(|(_, &i)| i)
-            .filter(|&i| self.maps[i].end() > addr)
-            .collect();
-        for id in ids {
-            let m = &mut self.maps[id];
-            if m.vm.is_some() {
-                continue;
-            }
-            if let MapKind::Anon { pages, .. } = &m.kind {
-                m.vm = Some(vm);
-                let n = pages.len();
-                let s = &mut self.vms[vm].stats;
-                s.pages_allocated += n;
+    /// VMs whose memslots point at anonymous page `idx` of mapping `m` (each VM once): the
+    /// page counts into their footprint. Slots of same-page strategies point nowhere that
+    /// the guest uses, so they do not count.
+    pub(crate) fn anon_vms(&self, m: usize, idx: u64) -> Vec<usize> {
+        let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
+        (0..self.vms.len())
+            .filter(|&v| {
+                let vm = &self.vms[v];
+                vm.slots.values().any(|s| {
+                    (s.gmem.is_none() || vm.strategy.shared_side() == SharedSide::Userspace)
+                        && hva >= s.userspace_addr
+                        && hva - s.userspace_addr < s.npages << PAGE_SHIFT
+                })
+            })
+            .collect()
+    }
+
+    /// Count an anonymous page allocated (or freed) into every VM it backs; returns the
+    /// first such VM (which pays the fault and the zeroing).
+    pub(crate) fn anon_pages_account(&mut self, m: usize, idx: u64, alloc: bool) -> Option<usize> {
+        let vms = self.anon_vms(m, idx);
+        for &v in &vms {
+            let (ca, cf) = (self.costs.alloc_4k, self.costs.free_4k);
+            let s = &mut self.vms[v].stats;
+            if alloc {
+                s.allocations += 1;
+                s.pages_allocated += 1;
                 s.peak_pages_allocated = s.peak_pages_allocated.max(s.pages_allocated);
+                s.modelled_ns += ca;
+            } else {
+                s.frees += 1;
+                s.pages_allocated -= 1;
+                s.modelled_ns += cf;
             }
         }
+        vms.first().copied()
+    }
+
+    /// Host pages backing `vm` now: its guest_memfd pages (pinned orphans included) and
+    /// the anonymous pages (and pinned orphans) its memslots point at, each once.
+    pub(crate) fn count_pages(&self, vm: usize) -> u64 {
+        let mut n = 0;
+        for f in self.files.iter().filter(|f| f.vm == vm) {
+            n += f.nr_pages + f.orphans.values().map(|l| l.len() as u64).sum::<u64>();
+        }
+        // (mapping, page index, pages): orphans get a tag bit so they never merge with the
+        // live page at the same index.
+        let mut anon: Vec<(usize, u64, u64)> = Vec::new();
+        let v = &self.vms[vm];
+        for s in v.slots.values() {
+            if s.gmem.is_some() && v.strategy.shared_side() != SharedSide::Userspace {
+                continue;
+            }
+            let (a0, a1) = (
+                s.userspace_addr,
+                s.userspace_addr + (s.npages << PAGE_SHIFT),
+            );
+            for (_, &m) in self.va.range(..a1) {
+                let map = &self.maps[m];
+                if map.end() <= a0 {
+                    continue;
+                }
+                if let MapKind::Anon { pages, orphans, .. } = &map.kind {
+                    let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                    let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                    anon.extend(pages.entries(i0, i1).into_iter().map(|(i, _)| (m, i, 1)));
+                    for (&i, l) in orphans {
+                        if i >= i0 && i < i1 {
+                            anon.push((m, i | (1 << 62), l.len() as u64));
+                        }
+                    }
+                }
+            }
+        }
+        anon.sort_unstable();
+        anon.dedup();
+        n + anon.iter().map(|a| a.2).sum::<u64>()
+    }
+
+    /// Re-derive a VM's footprint after its memslots changed what they point at.
+    fn recount_pages(&mut self, vm: usize) {
+        let n = self.count_pages(vm);
+        let s = &mut self.vms[vm].stats;
+        s.pages_allocated = n;
+        s.peak_pages_allocated = s.peak_pages_allocated.max(n);
     }
 
     fn delete_slot(&mut self, vm: usize, id: u32) {
@@ -1010,6 +1074,7 @@ impl Host {
             }
         }
         self.zap(vm, slot.base_gfn, slot.end_gfn(), None);
+        self.recount_pages(vm);
         self.recount_double(vm);
     }
 

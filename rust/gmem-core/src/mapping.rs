@@ -13,7 +13,7 @@ pub enum MapKind {
         pins: FxHashMap<u64, u32>,
         /// Pinned pages discarded from the mapping: index -> (pfn, pins). Alive until
         /// unpinned, as a GUP reference keeps a page after `MADV_DONTNEED`.
-        orphans: FxHashMap<u64, (u32, u32)>,
+        orphans: FxHashMap<u64, Vec<(u32, u32)>>,
     },
     /// `mmap(MAP_SHARED)` of a guest_memfd from file page `pgoff`; `present` holds the
     /// page indices currently mapped in the host page table.
@@ -29,9 +29,6 @@ pub struct Mapping {
     pub addr: u64,
     pub pages: u64,
     pub kind: MapKind,
-    /// The VM whose footprint anonymous pages count into (the first VM with a memslot
-    /// pointing into this mapping).
-    pub vm: Option<usize>,
     /// Unmapped: gone from the address space; kept only while pinned pages remain.
     pub unmapped: bool,
 }

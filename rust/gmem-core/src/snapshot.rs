@@ -97,9 +97,6 @@ impl Host {
             }
         }
         for m in &self.maps {
-            if m.vm.is_some_and(|v| v >= nv) {
-                return Err(bad("mapping refers to a missing VM"));
-            }
             if let crate::mapping::MapKind::Gmem { file, .. } = m.kind
                 && file >= nf
             {

@@ -113,7 +113,7 @@ impl<T: Copy + Default + PartialEq> SparseVec<T> {
             let c = &self.chunks[&key];
             let base = key * CHUNK;
             let lo = start.max(base) - base;
-            let hi = end.min(base + CHUNK) - base;
+            let hi = end.min(base.saturating_add(CHUNK)) - base;
             for i in lo..hi {
                 let v = c.data[i as usize];
                 if v != zero {
@@ -129,20 +129,32 @@ impl<T: Copy + Default + PartialEq> SparseVec<T> {
     pub fn clear_range(&mut self, start: u64, end: u64) {
         for key in self.chunk_keys(start, end) {
             let base = key * CHUNK;
-            if start <= base && end >= base + CHUNK {
+            if start <= base && end >= base.saturating_add(CHUNK) {
                 let c = self.chunks.remove(&key).expect("key from chunk_keys");
                 self.live -= u64::from(c.live);
             } else {
-                for i in start.max(base)..end.min(base + CHUNK) {
+                for i in start.max(base)..end.min(base.saturating_add(CHUNK)) {
                     self.set(i, T::default());
                 }
             }
         }
     }
 
-    /// Every non-default entry, in index order.
+    /// Every non-default entry, in index order (index `u64::MAX` included).
     pub fn all(&self) -> Vec<(u64, T)> {
-        self.entries(0, u64::MAX)
+        let mut keys: Vec<u64> = self.chunks.keys().copied().collect();
+        keys.sort_unstable();
+        let zero = T::default();
+        let mut out = Vec::with_capacity(self.live as usize);
+        for key in keys {
+            let base = key * CHUNK;
+            for (i, &v) in self.chunks[&key].data.iter().enumerate() {
+                if v != zero {
+                    out.push((base + i as u64, v));
+                }
+            }
+        }
+        out
     }
 
     /// Approximate heap bytes held.

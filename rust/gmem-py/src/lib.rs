@@ -234,6 +234,7 @@ impl PyHost {
 
     /// save(path): write a snapshot of the whole host (all VMs, files, mappings)
     /// atomically.
+    #[allow(clippy::needless_pass_by_value)] // PyO3 extracts paths as owned PathBuf
     fn save(&self, py: Python<'_>, path: std::path::PathBuf) -> PyResult<()> {
         Ok(self.shared.detached(py, |h| h.save(&path))?)
     }
@@ -286,6 +287,7 @@ impl PyHost {
 /// load(path) -> Host: read a snapshot written by Host.save. A truncated, corrupted,
 /// inconsistent or newer-version file raises GmemError(EINVAL) and loads nothing.
 #[pyfunction]
+#[allow(clippy::needless_pass_by_value)] // PyO3 extracts paths as owned PathBuf
 fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyHost> {
     let mut host = py.detach(|| Host::load(&path)).map_err(PyGmemErr)?;
     host.strict = std::env::var("GMEM_STRICT").is_ok_and(|v| v == "1");

@@ -1,0 +1,122 @@
+//! `SparseVec` against a `BTreeMap` holding only the non-default entries.
+//!
+//! Indices cluster in a few chunks (both edges of each, and chunks far apart up to the
+//! top of the u64 space) so that stores share chunks, chunks empty out and get released,
+//! and range clears cut chunks partially and cover others whole.
+//!
+//! The last chunk of the space (`u64::MAX / CHUNK`) is left out of the property: any
+//! entry there makes `entries`/`all`/`clear_range` overflow (see the ignored test at the
+//! end). The chunk just below it is in.
+
+use std::collections::BTreeMap;
+
+use gmem_core::sparse::{CHUNK, SparseVec};
+use proptest::prelude::*;
+
+const CHUNKS: [u64; 6] = [0, 1, 2, 3, 1 << 40, u64::MAX / CHUNK - 1];
+
+fn index() -> impl Strategy<Value = u64> {
+    let within = prop_oneof![0u64..4, CHUNK - 4..CHUNK, 0..CHUNK];
+    (prop::sample::select(CHUNKS.to_vec()), within).prop_map(|(c, i)| c * CHUNK + i)
+}
+
+/// A range bound: an index, or the very ends of the space.
+fn bound() -> impl Strategy<Value = u64> {
+    prop_oneof![8 => index(), 1 => Just(0u64), 1 => Just(u64::MAX)]
+}
+
+fn value() -> impl Strategy<Value = u32> {
+    prop_oneof![2 => Just(0u32), 3 => 1u32..4, 1 => Just(u32::MAX)]
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(u64, u32),
+    Clear(u64, u64),
+    Entries(u64, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => (index(), value()).prop_map(|(i, v)| Op::Set(i, v)),
+        1 => (bound(), bound()).prop_map(|(a, b)| Op::Clear(a, b)),
+        2 => (bound(), bound()).prop_map(|(a, b)| Op::Entries(a, b)),
+    ]
+}
+
+fn model_entries(model: &BTreeMap<u64, u32>, start: u64, end: u64) -> Vec<(u64, u32)> {
+    if start >= end {
+        return Vec::new();
+    }
+    model.range(start..end).map(|(&k, &v)| (k, v)).collect()
+}
+
+fn compare(v: &SparseVec<u32>, model: &BTreeMap<u64, u32>) -> Result<(), TestCaseError> {
+    prop_assert_eq!(v.len(), model.len() as u64);
+    prop_assert_eq!(v.is_empty(), model.is_empty());
+    for (&k, &val) in model {
+        prop_assert_eq!(v.get(k), val, "get({:#x})", k);
+    }
+    // Chunks are released when they return to all-default: memory follows live chunks.
+    let mut chunks: Vec<u64> = model.keys().map(|k| k / CHUNK).collect();
+    chunks.dedup();
+    prop_assert_eq!(v.heap_bytes(), chunks.len() * (CHUNK as usize * 4 + 32));
+    prop_assert_eq!(
+        v.all(),
+        model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn sparse_matches_btreemap(ops in prop::collection::vec(op(), 1..120), probes in prop::collection::vec(index(), 8)) {
+        let mut v: SparseVec<u32> = SparseVec::new();
+        let mut model: BTreeMap<u64, u32> = BTreeMap::new();
+        for op in ops {
+            match op {
+                Op::Set(i, val) => {
+                    let old = if val == 0 { model.remove(&i) } else { model.insert(i, val) };
+                    prop_assert_eq!(v.set(i, val), old.unwrap_or(0), "set({:#x}, {})", i, val);
+                }
+                Op::Clear(a, b) => {
+                    v.clear_range(a, b);
+                    if a < b {
+                        model.retain(|&k, _| k < a || k >= b);
+                    }
+                }
+                Op::Entries(a, b) => {
+                    prop_assert_eq!(v.entries(a, b), model_entries(&model, a, b), "entries({:#x}, {:#x})", a, b);
+                }
+            }
+            compare(&v, &model)?;
+            for &p in &probes {
+                prop_assert_eq!(v.get(p), model.get(&p).copied().unwrap_or(0));
+            }
+        }
+        v.clear_range(0, u64::MAX);
+        model.clear();
+        compare(&v, &model)?;
+    }
+}
+
+/// The last chunk starts at `u64::MAX - 511`; `entries` and `clear_range` compute its end
+/// as `base + CHUNK`, which overflows (a panic with overflow checks, a wrapped bound and
+/// wrong results without). `all()` is `entries(0, u64::MAX)`, so it can never return
+/// index `u64::MAX` either. Not reachable through `Host` (frames are < 2^31, file offsets
+/// < 2^51), but `SparseVec` promises the whole u64 index space.
+#[test]
+#[ignore = "bug: SparseVec::entries/all/clear_range overflow `base + CHUNK` in the last chunk (idx >= u64::MAX - 511)"]
+fn last_chunk_of_the_space() {
+    let mut v: SparseVec<u32> = SparseVec::new();
+    v.set(u64::MAX - 1, 7);
+    v.set(u64::MAX, 9);
+    assert_eq!(v.len(), 2);
+    assert_eq!(v.all(), vec![(u64::MAX - 1, 7), (u64::MAX, 9)]);
+    assert_eq!(v.entries(u64::MAX - 511, u64::MAX), vec![(u64::MAX - 1, 7)]);
+    v.clear_range(u64::MAX - 1, u64::MAX);
+    assert_eq!(v.get(u64::MAX - 1), 0);
+    assert_eq!(v.len(), 1);
+}
