@@ -50,6 +50,17 @@ KVM_USER_MEM_SLOTS = 32764
 VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
 STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
 
+
+
+def __getattr__(name: str):
+    # `gmem.sweep(...)` without importing the sweep machinery (and Dask) up front.
+    if name == "sweep":
+        import importlib
+
+        return importlib.import_module("gmem.sweep")
+    raise AttributeError(f"module 'gmem' has no attribute {name!r}")
+
+
 __all__ = [
     "DETAIL_DTYPE",
     "EVENT_DTYPE",

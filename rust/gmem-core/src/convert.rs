@@ -89,27 +89,36 @@ impl Host {
         } else {
             Vec::new()
         };
-        // kvm_range_has_memory_attributes(): nothing to do when the range already holds the
-        // value (the VM map outside bound parts, the file maps inside them).
-        let unchanged = if parts.is_empty() {
-            self.vms[vm].attrs.uniform(start, end) == Some(value)
-        } else {
-            let mut outside = end - start - self.vms[vm].attrs.count(start, end, value);
-            let mut inside = 0;
-            for p in &parts {
-                let a = self.files[p.file].attrs.as_ref().expect("file attrs");
-                outside -= p.g1 - p.g0 - self.vms[vm].attrs.count(p.g0, p.g1, value);
-                inside += p.g1 - p.g0 - a.count(p.o0, p.o1(), value);
+        // The VM map holds what no bound file holds: the gaps between bound parts.
+        let mut gaps: Vec<(u64, u64)> = Vec::new();
+        let mut at = start;
+        for p in &parts {
+            if p.g0 > at {
+                gaps.push((at, p.g0));
             }
-            outside + inside == 0
-        };
+            at = p.g1;
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        // kvm_range_has_memory_attributes(): nothing to do when the range already holds the
+        // value.
+        let unchanged = gaps
+            .iter()
+            .all(|&(a, b)| self.vms[vm].attrs.uniform(a, b) == Some(value))
+            && parts.iter().all(|p| {
+                let a = self.files[p.file].attrs.as_ref().expect("file attrs");
+                a.uniform(p.o0, p.o1()) == Some(value)
+            });
         if unchanged {
             return Ok(());
         }
         strategy.imp().gate(self, vm, start, end, private)?;
-        let mut changed = self.vms[vm].attrs.set_count(start, end, value);
+        let mut changed = 0;
+        for &(a, b) in &gaps {
+            changed += self.vms[vm].attrs.set_count(a, b, value);
+        }
         for p in &parts {
-            changed -= self.vms[vm].attrs.count(p.g0, p.g1, value).min(changed);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }

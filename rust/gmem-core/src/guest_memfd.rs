@@ -54,7 +54,7 @@ pub struct Gmem {
     /// Per-offset attributes (`inplace`, `attr_hook`): the in-place series' maple tree.
     pub attrs: Option<AttrMap>,
     /// Host pins (GUP references) per file page.
-    pub pins: FxHashMap<u64, u32>,
+    pub pins: BTreeMap<u64, u32>,
     /// Pinned pages removed from the page cache: alive until unpinned.
     pub orphans: FxHashMap<u64, Vec<(u32, u32)>>,
     /// Live mmaps of this file (host-wide mapping ids).
@@ -187,13 +187,9 @@ impl Gmem {
 
     /// Pinned file pages in `[start, end)`, sorted.
     pub fn pins_in(&self, start: u64, end: u64) -> Vec<u64> {
-        let mut v: Vec<u64> = self
-            .pins
-            .keys()
-            .copied()
-            .filter(|&o| o >= start && o < end)
-            .collect();
-        v.sort_unstable();
-        v
+        if start >= end {
+            return Vec::new();
+        }
+        self.pins.range(start..end).map(|(&o, _)| o).collect()
     }
 }

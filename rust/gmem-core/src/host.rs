@@ -365,7 +365,7 @@ impl Host {
             nr_pages: 0,
             bindings: BTreeMap::new(),
             attrs,
-            pins: FxHashMap::default(),
+            pins: BTreeMap::new(),
             orphans: FxHashMap::default(),
             mappings: Vec::new(),
             vmm_map: None,
@@ -574,7 +574,8 @@ impl Host {
     pub(crate) fn unmap_file_range(&mut self, file: usize, start: u64, end: u64) -> u64 {
         let mut total = 0;
         let vm = self.files[file].vm;
-        for mid in self.files[file].mappings.clone() {
+        for i in 0..self.files[file].mappings.len() {
+            let mid = self.files[file].mappings[i];
             if let MapKind::Gmem { pgoff, present, .. } = &mut self.maps[mid].kind {
                 if present.is_empty() || end <= *pgoff {
                     continue;
