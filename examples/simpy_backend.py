@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 import simpy
+
 from gmem import policies, setup
 from gmem._events import EVENT_DTYPE, Op
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 import errno
 import time
 
-import gmem
 import numpy as np
 import pytest
-import refmodel
 from hypothesis import given
 from hypothesis import strategies as st
+
+import gmem
+import refmodel
 from util import PAGE, Guest
 
 MiB = 1 << 20

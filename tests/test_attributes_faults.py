@@ -9,6 +9,7 @@ import errno
 import time
 
 import pytest
+
 from util import PAGE, Guest, raises_errno
 
 MiB = 1 << 20

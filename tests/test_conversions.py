@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 
 import pytest
+
 from util import PAGE, Guest
 
 MiB = 1 << 20

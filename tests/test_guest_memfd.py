@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import errno
 
-import gmem
 import pytest
+
+import gmem
 from util import PAGE, raises_errno
 
 MiB = 1 << 20

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import errno
 
-import gmem
 import pytest
+
+import gmem
 from util import PAGE, Guest, raises_errno, snapshot
 
 MiB = 1 << 20

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 
 import pytest
+
 from util import PAGE, Guest, raises_errno
 
 MiB = 1 << 20

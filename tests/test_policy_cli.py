@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from gmem import reports, setup
 from gmem.policies import run
 from gmem.workloads import make_workload

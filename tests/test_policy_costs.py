@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gmem
 import pytest
+
+import gmem
 from gmem.costs import DEFAULT_COSTS, apply_costs, load_costs, validate_costs
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from gmem import Op, policies, setup
 from gmem.policies import (
     CoalesceConversions,
@@ -17,8 +20,6 @@ from gmem.policies import (
     run,
 )
 from gmem.workloads import events, make_events, make_workload, swiotlb_pages
-from hypothesis import given
-from hypothesis import strategies as st
 
 EAGAIN = -11
 

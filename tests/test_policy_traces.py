@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from gmem import EVENT_DTYPE, Op, traces
 from gmem.traces import TraceError
 from gmem.workloads import make_events

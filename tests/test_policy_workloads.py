@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gmem import EVENT_DTYPE, Op, workloads
-from gmem.workloads import WORKLOADS, chunked, make_events, make_workload, swiotlb_pages
 from hypothesis import given
 from hypothesis import strategies as st
+
+from gmem import EVENT_DTYPE, Op, workloads
+from gmem.workloads import WORKLOADS, chunked, make_events, make_workload, swiotlb_pages
 
 PAGES = 1 << 16
 SMALL = {

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import refmodel
 from hypothesis import given
 from hypothesis import strategies as st
+
+import refmodel
 
 RANGES = st.lists(
     st.tuples(st.integers(0, 40), st.integers(1, 12), st.sampled_from([0, 8, 8, 1])),

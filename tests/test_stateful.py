@@ -8,10 +8,11 @@ flags), and after every step on the VM's attributes and its memory accounting.
 
 from __future__ import annotations
 
-import gmem
-import refmodel
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import gmem
+import refmodel
 from util import PAGE, outcome
 
 HOST_MEM = 16 << 20

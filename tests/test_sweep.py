@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from gmem import setup
 from gmem.sweep import (
     TIMING_COLUMNS,

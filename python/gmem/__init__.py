@@ -51,7 +51,6 @@ VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
 STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
 
 
-
 def __getattr__(name: str):
     # `gmem.sweep(...)` without importing the sweep machinery (and Dask) up front.
     if name == "sweep":

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
 from gmem._events import EVENT_DTYPE, Op
 from gmem.workloads import DEFAULT_CHUNK, PAGES_2M, EventStream, chunked, events
 
