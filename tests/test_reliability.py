@@ -287,3 +287,29 @@ def test_hostile_event_values_never_crash():
     assert (status <= 0).all()
     g.vm.check()
     host.check()
+
+
+# --------------------------------------------------------------------------- isolation
+
+
+@pytest.mark.parametrize(("zero", "leaks"), [("on_use", 0), ("on_free", 0), ("never", 1)])
+def test_unzeroed_reuse_across_vms_is_a_violation(zero, leaks):
+    """A frame freed by one VM and handed to another without clearing leaks data: the
+    reader's `violations` counts it; mainline zero-on-first-use and init_on_free do not."""
+    host = gmem.Host(PAGE)  # one frame: the second VM must get the first VM's frame
+    a, b = host.create_vm(), host.create_vm()
+    b.set_options(zero=zero)
+    a.set_options(zero=zero)
+    fa, fb = a.create_guest_memfd(PAGE), b.create_guest_memfd(PAGE)
+    for vm, f in ((a, fa), (b, fb)):
+        vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, PAGE, 0, f, 0)
+        vm.set_memory_attributes(0, PAGE, PRIVATE)
+    a.guest_write(0, 0x5EC7E7, private=True)
+    fa.fallocate(gmem.FALLOC_FL_PUNCH_HOLE | gmem.FALLOC_FL_KEEP_SIZE, 0, PAGE)
+    value = b.guest_read(0, private=True)
+    assert b.stats()["violations"] == leaks
+    assert value == (0x5EC7E7 if leaks else 0)
+    b.guest_write(0, 1, private=True)
+    b.guest_read(0, private=True)
+    assert b.stats()["violations"] == leaks  # its own data now
+    host.check()

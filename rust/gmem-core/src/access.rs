@@ -2,7 +2,7 @@
 //! exit), and host (VMM) accesses through its mappings.
 
 use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
-use crate::host::{HOST_WRITER, Host};
+use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
 use crate::platform::VmType;
@@ -69,13 +69,16 @@ impl Host {
     fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
         if let Some(v) = write {
             self.content.set(u64::from(pfn), v);
-            self.writer.set(u64::from(pfn), vm as u16 + 1);
+            if !self.stale.is_empty() {
+                self.stale.remove(&pfn);
+            }
             return v;
         }
-        let w = self.writer.get(u64::from(pfn));
-        if w != 0 && w != vm as u16 + 1 && w != HOST_WRITER {
-            // The guest received data another VM left in the frame.
-            self.vms[vm].stats.violations += 1;
+        if let Some(&w) = self.stale.get(&pfn) {
+            if w != vm as u16 + 1 {
+                // The guest received data another owner left in the frame.
+                self.vms[vm].stats.violations += 1;
+            }
         }
         self.content.get(u64::from(pfn))
     }
@@ -362,7 +365,9 @@ impl Host {
             HostOp::Read => self.content.get(u64::from(pfn)),
             HostOp::Write(v) => {
                 self.content.set(u64::from(pfn), v);
-                self.writer.set(u64::from(pfn), HOST_WRITER);
+                if !self.stale.is_empty() {
+                    self.stale.remove(&pfn);
+                }
                 v
             }
             HostOp::Pin => {
@@ -410,7 +415,9 @@ impl Host {
             HostOp::Write(v) => {
                 let pfn = self.anon_fault(m, idx)?;
                 self.content.set(u64::from(pfn), v);
-                self.writer.set(u64::from(pfn), HOST_WRITER);
+                if !self.stale.is_empty() {
+                    self.stale.remove(&pfn);
+                }
                 Ok(v)
             }
             HostOp::Pin => {

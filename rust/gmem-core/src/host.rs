@@ -58,8 +58,10 @@ pub struct Host {
     pub(crate) alloc: BuddyAllocator,
     /// Content value per frame (what a read of the page returns).
     pub(crate) content: SparseVec<u64>,
-    /// Who last wrote each frame: 0 clean, `vm + 1` a guest, `HOST_WRITER` the VMM.
-    pub(crate) writer: SparseVec<u16>,
+    /// Frames freed with data still in them: frame -> owner tag of that data (`vm + 1`,
+    /// or `HOST_WRITER` for VMM memory). Empty unless zeroing is skipped; a guest that
+    /// reads such data of another owner is an isolation violation.
+    pub(crate) stale: FxHashMap<u32, u16>,
     pub(crate) costs: CostModel,
     pub(crate) vms: Vec<Vm>,
     pub(crate) files: Vec<Gmem>,
@@ -96,7 +98,7 @@ impl Host {
         let mut h = Self {
             alloc: BuddyAllocator::new(pages),
             content: SparseVec::new(),
-            writer: SparseVec::new(),
+            stale: FxHashMap::default(),
             costs: CostModel::default(),
             vms: Vec::new(),
             files: Vec::new(),
@@ -170,7 +172,7 @@ impl Host {
 
     /// Heap bytes held by the model's per-page structures (for footprint benchmarks).
     pub fn heap_bytes(&self) -> usize {
-        let mut b = self.content.heap_bytes() + self.writer.heap_bytes() + self.alloc.heap_bytes();
+        let mut b = self.content.heap_bytes() + self.stale.len() * 16 + self.alloc.heap_bytes();
         for f in &self.files {
             b += f.pages.heap_bytes() + f.folios.len() * 48;
         }
@@ -260,6 +262,19 @@ impl Host {
             s.pages_allocated -= n;
             s.modelled_ns += cost;
         }
+        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
+        if self.vms.iter().any(|v| v.opts.zero == ZeroPolicy::Never) {
+            // Someone may hand these frames out unzeroed: remember whose data they hold.
+            let tag = vm.map_or(HOST_WRITER, |v| v as u16 + 1);
+            for (p, _) in self.content.entries(a, b) {
+                self.stale.insert(p as u32, tag);
+            }
+        } else {
+            // Every later user clears the frames before reading them (guest_memfd zeroes on
+            // first use, anonymous memory is zero-filled): the leftover data is unobservable,
+            // so the model stops carrying it.
+            self.content.clear_range(a, b);
+        }
         if let Some(owner) = self.rmp_release(pfn, order) {
             // kvm_arch_gmem_invalidate: the frames go back to the hypervisor state.
             self.vms[owner].stats.rmpupdates += 1;
@@ -273,7 +288,16 @@ impl Host {
     pub(crate) fn zero_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
         let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
         self.content.clear_range(a, b);
-        self.writer.clear_range(a, b);
+        if !self.stale.is_empty() {
+            if b - a <= self.stale.len() as u64 {
+                for p in a..b {
+                    self.stale.remove(&(p as u32));
+                }
+            } else {
+                self.stale
+                    .retain(|&p, _| u64::from(p) < a || u64::from(p) >= b);
+            }
+        }
         if let Some(v) = vm {
             let cost = self.costs.zero(order);
             let s = &mut self.vms[v].stats;
