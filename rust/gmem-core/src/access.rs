@@ -74,11 +74,11 @@ impl Host {
             }
             return v;
         }
-        if let Some(&w) = self.stale.get(&pfn) {
-            if w != vm as u16 + 1 {
-                // The guest received data another owner left in the frame.
-                self.vms[vm].stats.violations += 1;
-            }
+        if let Some(&w) = self.stale.get(&pfn)
+            && w != vm as u16 + 1
+        {
+            // The guest received data another owner left in the frame.
+            self.vms[vm].stats.violations += 1;
         }
         self.content.get(u64::from(pfn))
     }

@@ -34,22 +34,21 @@ fn index() -> impl Strategy<Value = u64> {
 
 #[derive(Debug, Clone)]
 enum Op {
+    /// A store through `set` or, when `counted`, through `set_count`.
     Set {
         start: u64,
         end: u64,
         value: u64,
+        counted: bool,
     },
     /// Queries only: compare `uniform`/`runs`/`count`/`run_at` on this range.
-    Query {
-        start: u64,
-        end: u64,
-        value: u64,
-    },
+    Query { start: u64, end: u64, value: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (index(), index(), value()).prop_map(|(start, end, value)| Op::Set { start, end, value }),
+        4 => (index(), index(), value(), any::<bool>())
+            .prop_map(|(start, end, value, counted)| Op::Set { start, end, value, counted }),
         1 => (index(), index(), value()).prop_map(|(start, end, value)| Op::Query { start, end, value }),
     ]
 }
@@ -184,11 +183,19 @@ proptest! {
         let mut runs = compare_all(&map, &model);
         for op in ops {
             match op {
-                Op::Set { start, end, value } => {
-                    let would_change = start < end
-                        && model[start as usize..end as usize].iter().any(|&v| v != value);
-                    let changed = map.set(start, end, value);
-                    prop_assert_eq!(changed, would_change, "set({}, {}, {}) result", start, end, value);
+                Op::Set { start, end, value, counted } => {
+                    let changes = if start < end {
+                        model[start as usize..end as usize].iter().filter(|&&v| v != value).count() as u64
+                    } else {
+                        0
+                    };
+                    if counted {
+                        let n = map.set_count(start, end, value);
+                        prop_assert_eq!(n, changes, "set_count({}, {}, {})", start, end, value);
+                    } else {
+                        let changed = map.set(start, end, value);
+                        prop_assert_eq!(changed, changes > 0, "set({}, {}, {})", start, end, value);
+                    }
                     if start < end {
                         model[start as usize..end as usize].fill(value);
                     }
@@ -211,8 +218,12 @@ proptest! {
         let mut model = History::default();
         for (start, end, value) in writes {
             let before: Vec<_> = model.runs();
-            let would_change = start < end && clip(&before, start, end).iter().any(|r| r.2 != value);
-            prop_assert_eq!(map.set(start, end, value), would_change);
+            let changes: u64 = clip(&before, start, end)
+                .iter()
+                .filter(|r| r.2 != value)
+                .map(|r| r.1 - r.0)
+                .sum();
+            prop_assert_eq!(map.set_count(start, end, value), changes);
             if start < end {
                 model.writes.push((start, end, value));
             }

@@ -26,8 +26,18 @@ impl Index {
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Set { start: Index, end: Index, value: u8 },
-    Query { start: Index, end: Index, value: u8 },
+    /// A store through `set` or, when `counted`, through `set_count`.
+    Set {
+        start: Index,
+        end: Index,
+        value: u8,
+        counted: bool,
+    },
+    Query {
+        start: Index,
+        end: Index,
+        value: u8,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -100,13 +110,27 @@ fuzz_target!(|input: Input| {
     let mut model = runs(default, &writes);
     for op in input.ops.into_iter().take(64) {
         match op {
-            Op::Set { start, end, value } => {
+            Op::Set {
+                start,
+                end,
+                value,
+                counted,
+            } => {
                 let (start, end, value) = (start.get(), end.get(), u64::from(value % 4));
-                let changes = start < end
-                    && model
+                let changes: u64 = if start < end {
+                    model
                         .iter()
-                        .any(|r| r.0 < end && r.1 > start && r.2 != value);
-                assert_eq!(map.set(start, end, value), changes);
+                        .filter(|r| r.0 < end && r.1 > start && r.2 != value)
+                        .map(|r| r.1.min(end) - r.0.max(start))
+                        .sum()
+                } else {
+                    0
+                };
+                if counted {
+                    assert_eq!(map.set_count(start, end, value), changes);
+                } else {
+                    assert_eq!(map.set(start, end, value), changes > 0);
+                }
                 if start < end {
                     writes.push((start, end, value));
                 }

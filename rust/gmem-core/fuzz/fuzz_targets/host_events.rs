@@ -9,7 +9,7 @@
 mod common;
 
 use arbitrary::Arbitrary;
-use common::{Event, GFN_LIMIT, GFN_SPAN, MAX_PAGES, PinOnce, VmSpec, ample_pages, combos};
+use common::{Event, GFN_LIMIT, GFN_SPAN, MAX_PAGES, VmSpec, ample_pages, combos};
 use gmem_core::vm::{FaultPolicy, MergePolicy, Options, ZeroPolicy};
 use gmem_core::{Host, PAGE_SIZE};
 use libfuzzer_sys::fuzz_target;
@@ -118,7 +118,7 @@ fuzz_target!(|input: Input| {
                         [usize::from(r.zero % 3)],
                 },
             };
-            (strategy, vm_type, common::narrow(strategy, spec))
+            (strategy, vm_type, spec)
         })
         .collect();
     if picked.is_empty() {
@@ -135,7 +135,6 @@ fuzz_target!(|input: Input| {
         .map(|&(s, t, spec)| common::build(&mut host, s, t, spec))
         .collect();
     host.check().expect("check after setup");
-    let mut pins = PinOnce::new(guests.len());
     for action in input.actions.into_iter().take(32) {
         match action {
             Action::Apply {
@@ -145,7 +144,6 @@ fuzz_target!(|input: Input| {
             } => {
                 let i = usize::from(vm) % guests.len();
                 let events: Vec<Event> = events.iter().take(64).map(|e| e.get()).collect();
-                let events = pins.filter(i, &events);
                 if let Err(e) = common::apply_checked(&mut host, guests[i].vm, &events, details) {
                     panic!("{e}");
                 }

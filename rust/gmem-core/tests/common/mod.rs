@@ -54,15 +54,6 @@ pub fn combos() -> Vec<(StrategyKind, VmType)> {
         .collect()
 }
 
-/// Leave out what trips the known bugs (each has an ignored test in `prop_host.rs`): plain
-/// memslots outside `dual` VMs (`plain_memslot_shared_access_in_non_dual_vm`) and HugeTLB
-/// for `realloc`/`two_offsets` (`refault_in_a_split_huge_folio`).
-pub fn narrow(strategy: StrategyKind, mut spec: VmSpec) -> VmSpec {
-    spec.plain_slot &= strategy == StrategyKind::Dual;
-    spec.huge &= !matches!(strategy, StrategyKind::Realloc | StrategyKind::TwoOffsets);
-    spec
-}
-
 pub struct Guest {
     pub vm: usize,
     pub private_file: usize,
@@ -170,41 +161,6 @@ pub struct Event {
 pub fn fixed_status(e: &Event) -> Option<i32> {
     let bad_range = e.npages == 0 || e.gfn >= GFN_LIMIT || e.npages > GFN_LIMIT - e.gfn;
     (Op::from_u8(e.op).is_none() || bad_range).then_some(-errno::EINVAL)
-}
-
-/// Gfns each VM has pinned so far. A second `PIN` of a gfn becomes a `HOST_READ`, so that
-/// no page is orphaned twice at the same index (see `pinned_page_discarded_twice`).
-pub struct PinOnce {
-    pinned: Vec<Vec<bool>>,
-}
-
-impl PinOnce {
-    pub fn new(nr_vms: usize) -> Self {
-        Self {
-            pinned: vec![vec![false; GFN_SPAN as usize]; nr_vms],
-        }
-    }
-
-    pub fn filter(&mut self, vm: usize, events: &[Event]) -> Vec<Event> {
-        let pinned = &mut self.pinned[vm];
-        events
-            .iter()
-            .map(|&e| {
-                if e.op != Op::Pin as u8 || fixed_status(&e).is_some() || e.gfn >= GFN_SPAN {
-                    return e;
-                }
-                let range = e.gfn as usize..e.gfn.saturating_add(e.npages).min(GFN_SPAN) as usize;
-                if pinned[range.clone()].iter().any(|&p| p) {
-                    return Event {
-                        op: Op::HostRead as u8,
-                        ..e
-                    };
-                }
-                pinned[range].fill(true);
-                e
-            })
-            .collect()
-    }
 }
 
 /// Run `events` on `vm` and check what holds whatever the state: one status per event,
