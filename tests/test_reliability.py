@@ -313,3 +313,20 @@ def test_unzeroed_reuse_across_vms_is_a_violation(zero, leaks):
     b.guest_read(0, private=True)
     assert b.stats()["violations"] == leaks  # its own data now
     host.check()
+
+
+def test_details_flag_implicit_conversions():
+    """With fault_policy="convert" a mismatched access converts the page and goes
+    through; its detail row says so (the bit and the exit's gpa/flags)."""
+    _, g = _guest(pages=64)
+    g.vm.set_options(fault_policy="convert")
+    ev = np.zeros(2, gmem.EVENT_DTYPE)
+    ev[0] = (gmem.Op.GUEST_WRITE_PRIVATE, 3, 1, 9)
+    ev[1] = (gmem.Op.GUEST_READ_PRIVATE, 3, 1, 0)
+    status, det = g.vm.apply(ev, details=True)
+    assert status.tolist() == [0, 0]
+    assert det["fault_gpa"][0] == 3 * PAGE
+    flags = int(det["fault_flags"][0])
+    assert flags == gmem.DETAIL_IMPLICIT_CONVERSION | gmem.KVM_MEMORY_EXIT_FLAG_PRIVATE
+    assert det["fault_flags"][1] == 0
+    assert det["value"][1] == 9

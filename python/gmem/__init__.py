@@ -7,7 +7,7 @@ See ``docs/api.md``.
 
 from __future__ import annotations
 
-from gmem._events import DETAIL_DTYPE, EVENT_DTYPE, Op
+from gmem._events import DETAIL_DTYPE, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
 from gmem._gmem import (
     ConversionBusy,
     GmemError,
@@ -62,6 +62,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "DETAIL_DTYPE",
+    "DETAIL_IMPLICIT_CONVERSION",
     "EVENT_DTYPE",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",

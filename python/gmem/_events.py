@@ -11,7 +11,7 @@ import enum
 
 import numpy as np
 
-__all__ = ["CONVERSION_OPS", "DETAIL_DTYPE", "EVENT_DTYPE", "Op"]
+__all__ = ["CONVERSION_OPS", "DETAIL_DTYPE", "DETAIL_IMPLICIT_CONVERSION", "EVENT_DTYPE", "Op"]
 
 
 class Op(enum.IntEnum):
@@ -46,6 +46,11 @@ DETAIL_DTYPE = np.dtype(
         ("freed", "u8"),
     ]
 )
+
+#: ``fault_flags`` bit of a detail: the memory-fault exit at ``fault_gpa`` was answered by
+#: an implicit conversion (``vm.set_options(fault_policy="convert")``) and the access then
+#: went through; the other bits are the exit's flags (``KVM_MEMORY_EXIT_FLAG_PRIVATE``).
+DETAIL_IMPLICIT_CONVERSION = 1 << 31
 
 #: The two conversion ops, as a numpy array for ``np.isin``.
 CONVERSION_OPS = np.array([Op.CONVERT_PRIVATE, Op.CONVERT_SHARED], dtype=np.uint8)

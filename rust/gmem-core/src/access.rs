@@ -57,6 +57,14 @@ impl Host {
                 } else {
                     0
                 };
+                self.implicit = Some((
+                    gfn << PAGE_SHIFT,
+                    if private {
+                        uapi::KVM_MEMORY_EXIT_FLAG_PRIVATE
+                    } else {
+                        0
+                    },
+                ));
                 self.set_memory_attributes(vm, gfn << PAGE_SHIFT, PAGE_SIZE, attrs, 0)?;
                 self.guest_fault(vm, gfn, private)?
             }

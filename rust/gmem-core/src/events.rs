@@ -48,6 +48,10 @@ impl Op {
     }
 }
 
+/// `fault_flags` bit: the memory-fault exit at `fault_gpa` was answered by an implicit
+/// conversion (fault policy `convert`) and the access then succeeded.
+pub const DETAIL_IMPLICIT_CONVERSION: u32 = 1 << 31;
+
 /// Per-event details (`gmem.DETAIL_DTYPE`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Detail {
@@ -84,6 +88,7 @@ impl Host {
                 let s = &self.vms[vm].stats;
                 (s.allocations, s.frees)
             });
+            self.implicit = None;
             let r = self.event(vm, ops[i], gfns[i], npages[i], values[i]);
             self.vms[vm].stats.events += 1;
             if self.strict {
@@ -102,6 +107,10 @@ impl Host {
                     freed: s.frees - f0,
                     ..Detail::default()
                 };
+                if let Some((gpa, flags)) = self.implicit.take() {
+                    det.fault_gpa = gpa;
+                    det.fault_flags = flags as u32 | DETAIL_IMPLICIT_CONVERSION;
+                }
                 match r {
                     Ok(v) => det.value = v,
                     Err(Error::MemoryFault { gpa, flags, .. }) => {

@@ -74,6 +74,10 @@ pub struct Host {
     pub(crate) next_inode: u64,
     /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
     pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
+    /// The last memory-fault exit the VMM answered by converting (fault policy
+    /// `Convert`): `(gpa, flags)`, reported in event details.
+    #[serde(skip)]
+    pub(crate) implicit: Option<(u64, u64)>,
     /// Check every invariant after each operation (`GMEM_STRICT=1`).
     pub strict: bool,
 }
@@ -109,6 +113,7 @@ impl Host {
             next_fd: 3,
             next_inode: 1,
             rmp: FxHashMap::default(),
+            implicit: None,
             strict: false,
         };
         h.new_fd(Fd::Kvm);

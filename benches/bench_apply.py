@@ -1,0 +1,227 @@
+"""`vm.apply` per event against the memory system's limit, per strategy, and the cost of
+the Python binding.
+
+* ``apply-vs-numpy``: random single-page conversion of mapped private pages (attributes
+  + stage-2 zap + the strategy's backing work) and random private guest reads of mapped
+  pages, against numpy's scatter ``a[idx] = v`` and gather ``a[idx]`` over a ``uint64``
+  table of one entry per page, for the same random pages, at `GUEST_PAGES` pages with
+  10^5 and about 10^6 intervals present.
+* ``apply-strategy``: every strategy x (convert, guest read, guest write), ns per event,
+  over random pages of a populated working set.
+* ``python-overhead``: one `vm.set_memory_attributes` call against the same call made in
+  Rust, and `vm.apply` in batches of 1 … 10^5 events against the same events driven in
+  one core call (``gmem_bench_baseline.CoreDriver``).
+
+Every timed round of a conversion starts from mapped private pages (the setup converts
+them back and reads them, untimed), so that each round zaps real stage-2 entries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gmem
+from benchutil import (
+    GUEST_PAGES,
+    PAGE,
+    PRIVATE,
+    Toggle,
+    baseline_module,
+    count,
+    events,
+    fragment_gfns,
+    guest,
+    populate,
+    random_gfns,
+    rounds,
+    size,
+)
+
+Op = gmem.Op
+PAGES = size(GUEST_PAGES)
+BATCH = count(10**5)
+#: Working set populated by the per-strategy benchmarks (2^20 pages = 4 GiB).
+WORKING_SET = size(1 << 20)
+
+
+class MappedGuest:
+    """A ``strategy`` guest, all private, whose first ``populated`` pages were written by
+    the guest (so that they are allocated and mapped in stage-2)."""
+
+    def __init__(self, strategy: str, pages: int, populated: int):
+        self.host, g = guest(pages, strategy)
+        self.vm = g.vm
+        self.pages = pages
+        assert not self.vm.apply(events(Op.CONVERT_PRIVATE, [0], pages)).any()
+        populate(self.vm, 0, populated)
+        self.shared: np.ndarray = np.zeros(0, np.uint64)
+
+    def fragment(self, intervals: int) -> None:
+        """Convert pages spread over the guest to shared until about ``intervals`` runs
+        exist (cumulative: earlier fragmenting pages stay shared)."""
+        gfns = fragment_gfns(self.pages, count(intervals, 64))
+        assert not self.vm.apply(events(Op.CONVERT_SHARED, gfns)).any()
+        self.shared = np.union1d(self.shared, gfns)
+
+    def targets(self, n: int, within: int, seed: int = 1) -> np.ndarray:
+        """``n`` random private pages below ``within`` (none of the fragmenting ones)."""
+        g = random_gfns(within, n, seed)
+        return g[np.isin(g, self.shared, invert=True)]
+
+    def remap(self, gfns_private: np.ndarray, gfns_read: np.ndarray):
+        """A setup that makes ``gfns`` private again and maps them (guest reads)."""
+        back = events(Op.CONVERT_PRIVATE, gfns_private)
+        read = events(Op.GUEST_READ_PRIVATE, gfns_read)
+
+        def setup():
+            self.vm.apply(back)
+            assert not self.vm.apply(read).any()
+
+        return setup
+
+
+@pytest.fixture(scope="module")
+def big_guest():
+    """The 2^24-page ``dual`` guest of the goal benchmarks, every page populated."""
+    return MappedGuest("dual", PAGES, PAGES)
+
+
+@pytest.mark.benchmark(group="apply-vs-numpy")
+@pytest.mark.parametrize("impl", ["gmem", "numpy"])
+@pytest.mark.parametrize("op", ["convert", "read"])
+@pytest.mark.parametrize("intervals", [10**5, 10**6])
+def test_apply_vs_numpy(benchmark, big_guest, intervals, op, impl):
+    """Random single-page conversion (private -> shared, mapped) or private read (mapped)
+    of `BATCH` pages: ``gmem`` one `vm.apply` batch, ``numpy`` one scatter / gather over a
+    ``uint64`` table of `PAGES` entries. ns per event = median / ``ops``."""
+    g = big_guest
+    g.fragment(intervals)
+    gfns = g.targets(BATCH, PAGES)
+    benchmark.extra_info.update(guest_pages=PAGES, intervals=intervals, ops=int(gfns.size))
+    if impl == "numpy":
+        table = np.arange(PAGES, dtype=np.uint64)
+        values = np.arange(gfns.size, dtype=np.uint64)
+        if op == "convert":
+
+            def scatter():
+                table[gfns] = values
+
+            benchmark.pedantic(scatter, rounds=rounds(20), iterations=1, warmup_rounds=2)
+        else:
+            benchmark.pedantic(table.__getitem__, args=(gfns,), rounds=rounds(20), warmup_rounds=2)
+        return
+    if op == "convert":
+        batch = events(Op.CONVERT_SHARED, gfns)
+        setup = g.remap(gfns, gfns)
+    else:
+        batch = events(Op.GUEST_READ_PRIVATE, gfns)
+        setup = g.remap(gfns, gfns)
+    before = g.vm.stats()
+    status = benchmark.pedantic(g.vm.apply, args=(batch,), setup=setup, rounds=rounds(7))
+    assert not status.any()
+    after = g.vm.stats()
+    runs = benchmark.stats.stats.rounds if benchmark.stats else 1
+    benchmark.extra_info["stage2_zaps_per_event"] = (
+        after["stage2_zaps"] - before["stage2_zaps"]
+    ) / (runs * gfns.size)
+
+
+@pytest.fixture(scope="module", params=gmem.STRATEGIES)
+def strategy_guest(request):
+    """A 2^24-page guest of each strategy with a populated `WORKING_SET`."""
+    return MappedGuest(request.param, PAGES, WORKING_SET)
+
+
+@pytest.mark.benchmark(group="apply-strategy")
+@pytest.mark.parametrize("op", ["convert", "read", "write"])
+def test_apply_strategy(benchmark, strategy_guest, op):
+    """One `vm.apply` batch of random single-page events inside the populated working set:
+    ``convert`` (mapped private -> shared), private guest ``read``, private guest ``write``."""
+    g = strategy_guest
+    gfns = g.targets(BATCH, WORKING_SET, seed=2)
+    benchmark.extra_info.update(
+        strategy=g.vm.strategy, guest_pages=PAGES, working_set=WORKING_SET, ops=int(gfns.size)
+    )
+    if op == "convert":
+        batch, setup = events(Op.CONVERT_SHARED, gfns), g.remap(gfns, gfns)
+    elif op == "read":
+        batch, setup = events(Op.GUEST_READ_PRIVATE, gfns), g.remap(gfns, gfns)
+    else:
+        batch, setup = events(Op.GUEST_WRITE_PRIVATE, gfns, 1, 7), g.remap(gfns, gfns)
+    before = g.vm.stats()
+    status = benchmark.pedantic(g.vm.apply, args=(batch,), setup=setup, rounds=rounds(5))
+    assert not status.any()
+    after = g.vm.stats()
+    n = (benchmark.stats.stats.rounds if benchmark.stats else 1) * gfns.size
+    benchmark.extra_info.update(
+        {k: (after[k] - before[k]) / n for k in ("modelled_ns", "stage2_zaps", "allocations")}
+    )
+
+
+@pytest.mark.benchmark(group="python-overhead-call")
+@pytest.mark.parametrize("impl", ["python", "rust"])
+def test_set_memory_attributes_call(benchmark, impl):
+    """One 1-page `vm.set_memory_attributes` call on a uniform map (toggling), from
+    Python or from Rust (``CoreDriver``: a loop of core calls, timed in Rust)."""
+    gpa = (PAGES // 2) * PAGE
+    benchmark.extra_info.update(guest_pages=PAGES, ops=1)
+    if impl == "python":
+        _, g = guest(PAGES)
+        vm = g.vm
+        benchmark(
+            Toggle(
+                lambda: vm.set_memory_attributes(gpa, PAGE, PRIVATE),
+                lambda: vm.set_memory_attributes(gpa, PAGE, 0),
+            )
+        )
+        return
+    driver = baseline_module().CoreDriver(PAGES)
+    reps = count(10**5)
+    benchmark.extra_info["ops"] = reps
+    ns = benchmark.pedantic(
+        driver.set_memory_attributes_loop, args=(gpa, PAGE, reps), rounds=rounds(10)
+    )
+    benchmark.extra_info["rust_ns_per_call"] = ns / reps
+
+
+OVERHEAD_BATCHES = (1, 10, 1000, 10**5)
+
+
+@pytest.mark.benchmark(group="python-overhead-apply")
+@pytest.mark.parametrize(
+    ("impl", "batch"),
+    [*(("python", b) for b in OVERHEAD_BATCHES), ("rust", OVERHEAD_BATCHES[-1])],
+)
+def test_apply_batching(benchmark, impl, batch):
+    """Random single-page conversions driven by `vm.apply` in batches of ``batch`` events
+    (``python``) or by one core call over the same events (``rust``; ``CoreDriver.apply``
+    calls ``Host::apply`` per ``batch`` in Rust, which costs nothing extra). Toggles
+    private/shared; ns per event = median / ``ops``."""
+    n = count(2 * 10**4 if batch == 1 else 10**5)
+    gfns = random_gfns(PAGES, n, seed=3)
+    ops_p = np.full(gfns.size, Op.CONVERT_PRIVATE, np.uint8)
+    ops_s = np.full(gfns.size, Op.CONVERT_SHARED, np.uint8)
+    benchmark.extra_info.update(guest_pages=PAGES, ops=int(gfns.size), batch=batch)
+    if impl == "python":
+        _, g = guest(PAGES)
+        vm = g.vm
+        to_p, to_s = events(ops_p, gfns), events(ops_s, gfns)
+        parts_p = [to_p[i : i + batch] for i in range(0, to_p.size, batch)]
+        parts_s = [to_s[i : i + batch] for i in range(0, to_s.size, batch)]
+
+        def run(parts):
+            for p in parts:
+                vm.apply(p)
+
+        fn = Toggle(lambda: run(parts_p), lambda: run(parts_s))
+    else:
+        driver = baseline_module().CoreDriver(PAGES)
+        ones, zeros = np.ones(gfns.size, np.uint64), np.zeros(gfns.size, np.uint64)
+        fn = Toggle(
+            lambda: driver.apply(ops_p, gfns, ones, zeros),
+            lambda: driver.apply(ops_s, gfns, ones, zeros),
+        )
+    # Many rounds: the machine is shared, and this ratio is a small difference of two
+    # large numbers.
+    benchmark.pedantic(fn, rounds=rounds(8 if batch == 1 else 20), warmup_rounds=rounds(2))

@@ -1,0 +1,29 @@
+"""Fixtures of the gmem benchmarks; the helpers live in ``benchutil``."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from benchutil import SMALL
+
+
+@pytest.fixture(autouse=True)
+def _collect_between_benchmarks():
+    """Free the previous benchmark's hosts before the next one allocates (the large
+    guests hold hundreds of MiB) and keep the collector out of the timed code."""
+    gc.collect()
+    yield
+    gc.collect()
+
+
+def pytest_report_header(config):
+    return f"gmem benchmarks: {'SMALL (GMEM_BENCH_SMALL=1)' if SMALL else 'full size'}"
+
+
+def pytest_configure(config):
+    # The benchmark modules are named bench_*.py so that a plain test run never picks
+    # them up; collect them when pytest is pointed at benches/.
+    if "bench_*.py" not in config.getini("python_files"):
+        config.addinivalue_line("python_files", "bench_*.py")
