@@ -10,11 +10,11 @@ from __future__ import annotations
 import errno
 
 import pytest
-from test_strategies import GPA, MEMFD, MMAP, PRIV, PUNCH, VM_TYPES, new_host, new_vm, st
-from test_strategies import _check_everything as _check_everything  # noqa: F401 (autouse)
-from util import PAGE, raises_errno
 
 import gmem
+from test_strategies import GPA, MEMFD, MMAP, PRIV, PUNCH, VM_TYPES, new_host, new_vm, st
+from test_strategies import _check_everything as _check_everything
+from util import PAGE, raises_errno
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -28,14 +28,20 @@ def levels(vm):
     return tuple(st(vm, *LEVELS)[k] for k in LEVELS)
 
 
-def huge_vm(vm_type, strategy, size=4 * MiB, order=9, *, gpa=G2, offset=0, slot_size=None,
-            host=None):
+def huge_vm(
+    vm_type, strategy, size=4 * MiB, order=9, *, gpa=G2, offset=0, slot_size=None, host=None
+):
     host = host or new_host(2 * GiB)
     vm = new_vm(host, vm_type, strategy)
-    f = vm.create_guest_memfd(size, HUGETLB | (0 if strategy == "dual" else MMAP),
-                              page_order=order)
+    f = vm.create_guest_memfd(size, HUGETLB | (0 if strategy == "dual" else MMAP), page_order=order)
     mem = host.mmap_anonymous(slot_size or size)
-    vm.set_user_memory_region2(0, MEMFD, gpa, slot_size or size, mem.addr, f, offset)
+    kw = {}
+    if strategy == "two_offsets":
+        kw = {
+            "shared_guest_memfd": vm.create_guest_memfd(slot_size or size, MMAP),
+            "shared_offset": 0,
+        }
+    vm.set_user_memory_region2(0, MEMFD, gpa, slot_size or size, mem.addr, f, offset, **kw)
     return host, vm, f, mem
 
 
@@ -132,28 +138,23 @@ def test_private_fault_1g_limited_by_platform(vm_type, strategy):
 @pytest.mark.parametrize(("offset", "gpa"), [(PAGE, G2), (2 * MiB + PAGE, G2)])
 def test_memslot_alignment_prevents_huge(offset, gpa):
     """gfn and guest_memfd offset not congruent modulo the huge size: 4K only."""
-    _, vm, _, _ = huge_vm("sw_protected", "inplace", size=8 * MiB, gpa=gpa, offset=offset,
-                          slot_size=4 * MiB)
+    _, vm, _, _ = huge_vm(
+        "sw_protected", "inplace", size=8 * MiB, gpa=gpa, offset=offset, slot_size=4 * MiB
+    )
     for x in range(0, 4 * MiB, MiB):
         vm.guest_read(gpa + x, private=True)
     assert levels(vm) == (4, 0, 0)
 
 
 def test_memslot_congruent_offset_allows_huge():
-    _, vm, _, _ = huge_vm("sw_protected", "inplace", size=8 * MiB, gpa=G2 + 2 * MiB,
-                          offset=2 * MiB, slot_size=4 * MiB)
+    _, vm, _, _ = huge_vm(
+        "sw_protected", "inplace", size=8 * MiB, gpa=G2 + 2 * MiB, offset=2 * MiB, slot_size=4 * MiB
+    )
     vm.guest_read(G2 + 2 * MiB, private=True)
     vm.guest_read(G2 + 5 * MiB, private=True)
     assert levels(vm) == (0, 2, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=BaseException,
-    reason="core bug: map_private computes o0 = off - (gfn - g0) before checking "
-    "g0 >= slot.base_gfn; a memslot whose gpa is not huge-aligned (offset 0) underflows "
-    "and the debug build panics (attempt to subtract with overflow, access.rs)",
-)
 def test_unaligned_memslot_gpa_maps_4k():
     """A memslot at a gpa one page past a 2M boundary over a huge file at offset 0:
     nothing is congruent, every private fault maps 4K."""
@@ -172,7 +173,7 @@ def test_unaligned_memslot_gpa_maps_4k():
 @pytest.mark.parametrize("strategy", ["inplace", "attr_hook"])
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_split_merge_round_trip(vm_type, strategy):
-    _, vm, f, _ = huge_vm(vm_type, strategy)
+    _, vm, _, _ = huge_vm(vm_type, strategy)
     vm.set_memory_attributes(G2, 4 * MiB, PRIV)
     vm.guest_write(G2, 1, private=True)
     vm.guest_write(G2 + PAGE, 2, private=True)
@@ -199,6 +200,7 @@ def test_split_merge_round_trip(vm_type, strategy):
 
 def test_split_merge_via_fd_api():
     _, vm, f, _ = huge_vm("pkvm", "inplace")
+    vm.guest_read(G2 + 2 * MiB, private=True)  # an intact (zeroed) folio to split
     f.set_memory_attributes2(2 * MiB + 3 * PAGE, 2 * PAGE, 0)
     assert st(vm, "splits")["splits"] == 1
     m = f.mmap()
@@ -212,6 +214,7 @@ def test_split_merge_via_fd_api():
 def test_merge_refused_while_pinned():
     """A pinned page blocks the to-private conversion itself (EAGAIN), so no merge."""
     _, vm, f, _ = huge_vm("sw_protected", "inplace")
+    vm.guest_read(G2, private=True)
     f.set_memory_attributes2(PAGE, PAGE, 0)
     m = f.mmap()
     m.pin(PAGE)
@@ -248,14 +251,15 @@ def test_dual_huge_keeps_folio_mixed_rule_maps_4k(vm_type):
 
 
 def test_deferred_merge():
-    _, vm, f, _ = huge_vm("sw_protected", "inplace")
+    _, vm, _, _ = huge_vm("sw_protected", "inplace")
     vm.set_options(merge="deferred")
     vm.set_memory_attributes(G2, 4 * MiB, PRIV)
+    vm.guest_read(G2 + 9 * PAGE, private=True)
     vm.set_memory_attributes(G2 + PAGE, PAGE, 0)
     vm.set_memory_attributes(G2 + PAGE, PAGE, PRIV)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 0}
     vm.guest_read(G2, private=True)
-    assert levels(vm) == (1, 0, 0)  # the folio is still split
+    assert levels(vm) == (1, 0, 0)  # the folio is still split: 4K
     assert vm.merge_pass() == 1
     assert st(vm, "merges")["merges"] == 1
     assert levels(vm) == (0, 0, 0)  # merge zapped the small mapping
@@ -275,3 +279,29 @@ def test_punch_huge_frees_whole_folio():
     assert s["rmpupdates"] > r0
     assert levels(vm) == (0, 0, 0)
     assert vm.guest_read(G2, private=True) == 0
+
+
+def test_folio_allocated_under_mixed_attributes_is_split():
+    _, vm, f, _ = huge_vm("sw_protected", "inplace")
+    f.set_memory_attributes2(PAGE, PAGE, 0)  # before any folio exists
+    vm.guest_read(G2, private=True)  # allocates the folio
+    f.mmap().write(PAGE, 5)  # the host maps the shared page
+    assert st(vm, "splits")["splits"] == 1
+    f.set_memory_attributes2(PAGE, PAGE, PRIV)
+    assert st(vm, "merges")["merges"] == 1
+
+
+@pytest.mark.parametrize("merge", ["eager", "deferred"])
+def test_merge_after_fallocate_allocation(merge):
+    _, vm, f, _ = huge_vm("sw_protected", "inplace")
+    vm.set_options(merge=merge)
+    f.fallocate(KEEP, 0, 2 * MiB)
+    f.set_memory_attributes2(PAGE, PAGE, 0)
+    assert st(vm, "splits")["splits"] == 1
+    f.mmap().write(PAGE, 5)
+    f.set_memory_attributes2(PAGE, PAGE, PRIV)
+    if merge == "deferred":
+        assert vm.merge_pass() == 1
+    assert st(vm, "merges")["merges"] == 1
+    vm.guest_read(G2, private=True)
+    assert levels(vm) == (0, 1, 0)

@@ -16,9 +16,9 @@ import gc
 
 import numpy as np
 import pytest
-from util import PAGE, raises_errno
 
 import gmem
+from util import PAGE, raises_errno
 
 MiB = 1 << 20
 GPA = 1 << 32
@@ -197,12 +197,6 @@ def test_default_attributes_and_shared_writes(vm_type, strategy):
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: attr_hook follows mainline (VM default all shared, attr 0), but a "
-    "gfn bound to a guest_memfd on an attr_hook VM reads back PRIVATE and a guest "
-    "shared access exits; binding a memslot changes the gfn's attribute",
-)
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_attr_hook_default_shared(vm_type):
     """Item 22 on attr_hook: mainline VM creation default is all shared, and creating a
@@ -590,7 +584,7 @@ def test_elevated_refcount_vm_api(vm_type, bulk):
 
 def test_eagain_in_apply_and_stats():
     """The same refusal through vm.apply: -EAGAIN, eagain counted, nothing converted."""
-    host, vm, f, m = _inplace_pinned("sw_protected")
+    _, vm, f, m = _inplace_pinned("sw_protected")
     gfn = GPA // PAGE
     conv = vm.stats()["conversions"]
     out = run(vm, [(gmem.Op.CONVERT_PRIVATE, gfn, 4, 0)])
@@ -1125,8 +1119,10 @@ def test_apply_matches_per_call_api(vm_type, strategy):
     arr = np.array(events, dtype=gmem.EVENT_DTYPE)
     status, det = a.vm.apply(arr, details=True)
     per_call = [_per_call(b, *ev) for ev in events]
-    assert [int(x) for x in status] == [c for c, _ in per_call], list(zip(events, status))
-    for (code, val), d in zip(per_call, det):
+    assert [int(x) for x in status] == [c for c, _ in per_call], list(
+        zip(events, status, strict=True)
+    )
+    for (code, val), d in zip(per_call, det, strict=True):
         if code == 0 and val is not None:
             assert int(d["value"]) == val
     sa = {k: v for k, v in a.vm.stats().items() if k not in IGNORE_EQ}

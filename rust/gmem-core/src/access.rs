@@ -149,7 +149,11 @@ impl Host {
             SharedSide::Userspace => None,
         };
         match file_page {
-            Some((f, off, true)) => self.gmem_get_pfn(vm, f, off),
+            Some((f, off, true)) => {
+                let pfn = self.gmem_get_pfn(vm, f, off)?;
+                self.split_for_shared(f, off);
+                Ok(pfn)
+            }
             Some((_, _, false)) => Err(err(
                 errno::EFAULT,
                 format!("gfn {gfn:#x}: guest_memfd closed"),
@@ -202,8 +206,12 @@ impl Host {
             }
             let n = l.pages();
             let g0 = gfn & !(n - 1);
+            if g0 < slot.base_gfn || g0 + n > slot.end_gfn() {
+                continue;
+            }
+            // g0 lies in the slot, so its file page is off - (gfn - g0) >= the slot's pgoff.
             let o0 = off - (gfn - g0);
-            if g0 < slot.base_gfn || g0 + n > slot.end_gfn() || !o0.is_multiple_of(n) {
+            if !o0.is_multiple_of(n) {
                 continue;
             }
             if self.files[f].page(off).and_then(|r| r.folio_head).is_none() {
@@ -249,6 +257,23 @@ impl Host {
             VmType::SwProtected | VmType::Pkvm => {}
         }
         self.charge(vm, ns);
+    }
+
+    /// A shared page of a same-page file lives in an order-0 folio (HugeTLB dev tree):
+    /// split the huge folio around it first, whenever the folio was allocated whole.
+    fn split_for_shared(&mut self, f: usize, off: u64) {
+        let file = &self.files[f];
+        if file.order == 0 || file.attrs.is_none() {
+            return;
+        }
+        if let Some(h) = file.page(off).and_then(|r| r.folio_head)
+            && self.files[f].split(h)
+        {
+            let vm = self.files[f].vm;
+            self.vms[vm].stats.splits += 1;
+            let c = self.costs.split;
+            self.charge(vm, c);
+        }
     }
 
     fn range_uniform_private(&self, vm: usize, f: usize, g0: u64, o0: u64, n: u64) -> bool {
@@ -332,6 +357,7 @@ impl Host {
         }
         let vm = self.files[f].vm;
         let pfn = self.gmem_get_pfn(vm, f, off)?;
+        self.split_for_shared(f, off);
         if newly {
             if let MapKind::Gmem { present, .. } = &mut self.maps[m].kind {
                 present.insert(idx);

@@ -141,6 +141,15 @@ impl BuddyAllocator {
     pub fn check(&self) -> std::result::Result<(), String> {
         let mut spans: Vec<(u64, u64)> = Vec::new();
         for (o, p) in self.blocks() {
+            let buddy = u64::from(p) ^ (1u64 << o);
+            if o < MAX_ORDER
+                && buddy + (1u64 << o) <= self.total
+                && self.free[o as usize].contains(buddy as u32)
+            {
+                return Err(format!(
+                    "free buddies {p:#x} and {buddy:#x} of order {o} not merged"
+                ));
+            }
             let p = u64::from(p);
             if p % (1 << o) != 0 || p + (1 << o) > self.total {
                 return Err(format!(

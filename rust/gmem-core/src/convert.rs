@@ -89,6 +89,14 @@ impl Host {
         } else {
             Vec::new()
         };
+        if parts.is_empty() && !strategy.imp().has_gate() {
+            // One walk stores the value and says whether anything changed.
+            let changed = self.vms[vm].attrs.set_count(start, end, value);
+            if changed == 0 {
+                return Ok(());
+            }
+            return self.finish_convert(vm, start, end, private, changed);
+        }
         // The VM map holds what no bound file holds: the gaps between bound parts.
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         let mut at = start;
@@ -122,6 +130,19 @@ impl Host {
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
+        self.finish_convert(vm, start, end, private, changed)
+    }
+
+    /// Zap stale mappings, do the strategy's backing work, count.
+    fn finish_convert(
+        &mut self,
+        vm: usize,
+        start: u64,
+        end: u64,
+        private: bool,
+        changed: u64,
+    ) -> Result<()> {
+        let strategy = self.vms[vm].strategy;
         self.zap(vm, start, end, Some(!private));
         strategy.imp().after_convert(self, vm, start, end, private);
         let c = if strategy.file_attrs() {
@@ -345,12 +366,17 @@ impl Host {
                 .as_ref()
                 .and_then(|a| a.uniform(h, h + n))
                 .is_some_and(|v| v & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);
-            if all_private
-                && self.files[f].pins_in(h, h + n).is_empty()
-                && self.files[f].try_merge(h)
-            {
+            let fresh = if all_private && self.files[f].pins_in(h, h + n).is_empty() {
+                self.files[f].try_merge(h)
+            } else {
+                None
+            };
+            if let Some(fresh) = fresh {
                 merged += 1;
                 let vm = self.files[f].vm;
+                for p in fresh {
+                    self.zero_frames(Some(vm), p, 0);
+                }
                 self.vms[vm].stats.merges += 1;
                 let c = self.costs.merge;
                 self.charge(vm, c);

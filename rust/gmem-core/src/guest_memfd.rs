@@ -121,30 +121,40 @@ impl Gmem {
     }
 
     /// Merge the order-0 pages of `[head, head + folio)` back into one folio if they are all
-    /// present, physically contiguous from an aligned frame and equally uptodate.
-    pub fn try_merge(&mut self, head: u64) -> bool {
+    /// present and physically contiguous from an aligned frame. Returns `None` if they
+    /// cannot merge, else the frames the caller must clear first: when some pages were
+    /// already handed out (uptodate) and others not, the folio becomes uptodate and the
+    /// untouched pages must be zeroed now, not skipped.
+    pub fn try_merge(&mut self, head: u64) -> Option<Vec<u32>> {
         if self.order == 0 || self.folios.contains_key(&head) {
-            return false;
+            return None;
         }
         let n = self.folio_pages();
         let e0 = self.pages.get(head);
         if e0 == 0 {
-            return false;
+            return None;
         }
         let pfn0 = (e0 & !UPTODATE) - 1;
-        if u64::from(pfn0) % n != 0 {
-            return false;
+        if !u64::from(pfn0).is_multiple_of(n) {
+            return None;
         }
-        let up = e0 & UPTODATE;
-        for i in 1..n {
+        let mut fresh = Vec::new();
+        for i in 0..n {
             let e = self.pages.get(head + i);
-            if e == 0 || (e & !UPTODATE) - 1 != pfn0 + i as u32 || e & UPTODATE != up {
-                return false;
+            if e == 0 || (e & !UPTODATE) - 1 != pfn0 + i as u32 {
+                return None;
+            }
+            if e & UPTODATE == 0 {
+                fresh.push(pfn0 + i as u32);
             }
         }
+        let uptodate = fresh.len() as u64 != n;
+        if !uptodate {
+            fresh.clear();
+        }
         self.pages.clear_range(head, head + n);
-        self.folios.insert(head, (pfn0, up != 0));
-        true
+        self.folios.insert(head, (pfn0, uptodate));
+        Some(fresh)
     }
 
     /// The binding covering file page `off`.

@@ -372,7 +372,9 @@ impl Host {
         let strategy = self.vms[vm].strategy;
         let attrs = strategy.file_attrs().then(|| {
             let init_shared = flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
-            AttrMap::new(if init_shared {
+            // In-place series: a file starts private unless INIT_SHARED. attr_hook keeps
+            // mainline's VM semantics, where every gfn starts shared.
+            AttrMap::new(if init_shared || strategy != StrategyKind::Inplace {
                 0
             } else {
                 uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE

@@ -129,7 +129,7 @@ impl<T: Copy + Default + PartialEq> SparseVec<T> {
     pub fn clear_range(&mut self, start: u64, end: u64) {
         for key in self.chunk_keys(start, end) {
             let base = key * CHUNK;
-            if start <= base && end >= base.saturating_add(CHUNK) {
+            if start <= base && base.checked_add(CHUNK).is_some_and(|e| end >= e) {
                 let c = self.chunks.remove(&key).expect("key from chunk_keys");
                 self.live -= u64::from(c.live);
             } else {

@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+
 /// Mapping levels, as page orders: 4 KiB (0), 2 MiB (9), 1 GiB (18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
@@ -98,7 +100,8 @@ pub struct Zapped {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stage2 {
     l1g: BTreeMap<u64, u32>,
-    l2m: BTreeMap<u64, Slot2M>,
+    /// 2 MiB slots by `gfn >> 9`: hashed, so a lookup is one probe.
+    l2m: FxHashMap<u64, Slot2M>,
     counts: [u64; 3],
 }
 
@@ -204,11 +207,18 @@ impl Stage2 {
                 z.pages += Level::L1G.pages();
             }
         }
-        let keys: Vec<u64> = self
-            .l2m
-            .range(start >> 9..=(end - 1) >> 9)
-            .map(|(&k, _)| k)
-            .collect();
+        // Probe the slots of a small range; walk the present slots for a large one: either
+        // way O(min(range / 512, slots present)).
+        let (k0, k1) = (start >> 9, (end - 1) >> 9);
+        let keys: Vec<u64> = if k1 - k0 < self.l2m.len() as u64 {
+            (k0..=k1).filter(|k| self.l2m.contains_key(k)).collect()
+        } else {
+            self.l2m
+                .keys()
+                .copied()
+                .filter(|k| (k0..=k1).contains(k))
+                .collect()
+        };
         for k in keys {
             let base = k << 9;
             let remove = match self.l2m.get_mut(&k).expect("key from range") {
@@ -264,8 +274,10 @@ impl Stage2 {
                 private,
             });
         }
-        for (&k, s) in &self.l2m {
-            match s {
+        let mut keys: Vec<u64> = self.l2m.keys().copied().collect();
+        keys.sort_unstable();
+        for k in keys {
+            match &self.l2m[&k] {
                 Slot2M::Leaf(e) => {
                     let (pfn, private) = unpack(*e);
                     out.push(Leaf {

@@ -188,12 +188,11 @@ fn ragged_columns_are_einval() {
     host.check().expect("check");
 }
 
-/// Regression (found by `random_batches_keep_every_invariant`): a VM whose shared side is
-/// not userspace memory (`inplace`, `realloc`, `attr_hook`,
-/// `two_offsets`) with a plain memslot (no guest_memfd): a shared guest access is served
-/// from the slot's userspace memory (`shared_backing` falls back to the hva when the slot
-/// has no file on that side), but `check_vm`'s `shared_pfn_now` looks only at the file
-/// side and reports the stage-2 entry as mapping a gfn whose backing is `None`.
+/// Regression (found by `random_batches_keep_every_invariant`): in a VM whose shared side
+/// is not userspace memory (`inplace`, `realloc`, `attr_hook`, `two_offsets`), a shared
+/// guest access to a plain memslot (no guest_memfd) is served from the slot's userspace
+/// memory, but `check_vm` used to look for the backing only on the file side and reported
+/// the stage-2 entry as mapping a gfn whose backing is `None`.
 #[test]
 fn plain_memslot_shared_access_in_non_dual_vm() {
     for strategy in [
@@ -234,14 +233,12 @@ fn event_status(host: &mut Host, vm: usize, op: Op, gfn: u64, npages: u64) -> i3
     status[0]
 }
 
-/// Regression (found by `random_batches_keep_every_invariant`): a HugeTLB guest_memfd whose
-/// huge folio was split and then had one 4 KiB page freed (a
-/// `realloc` conversion, or a `two_offsets` shared-side discard, punch sub-folio ranges):
-/// the next access to the freed page goes through `gmem_alloc_folio`, which allocates a
-/// whole new huge folio over the range that still holds the 511 order-0 pages of the old
-/// one. The file then holds 1023 pages for 512 offsets, and the next partial punch splits
-/// the new folio over the old pages' entries: 511 frames are leaked (neither owned nor
-/// free), which `check()` reports.
+/// Regression (found by `random_batches_keep_every_invariant`): once a huge folio of a
+/// HugeTLB guest_memfd is split and one of its 4 KiB pages freed (a `realloc` conversion
+/// or a `two_offsets` shared-side discard punch sub-folio ranges), the next access to the
+/// freed page used to allocate a whole new huge folio over the 511 order-0 pages still
+/// there: 1023 pages held for 512 offsets, and the next partial punch, splitting the new
+/// folio over the old pages' entries, leaked 511 frames.
 #[test]
 fn refault_in_a_split_huge_folio() {
     for strategy in [StrategyKind::Realloc, StrategyKind::TwoOffsets] {
@@ -286,12 +283,11 @@ fn refault_in_a_split_huge_folio() {
     }
 }
 
-/// Regression (found by `random_batches_keep_every_invariant`): orphans (pinned pages removed from a mapping or a file, alive until unpinned) are kept
-/// per page index / file offset. Pin a page, discard it (it becomes an orphan), pin the
-/// page that replaces it, discard again: the second orphan overwrites the first in the
-/// map and the first frame is leaked — owned by nobody, never freed, and unpinning twice
-/// cannot free it. Shown for anonymous memory (`dual`) and for a guest_memfd shared range
-/// (`two_offsets`).
+/// Regression (found by `random_batches_keep_every_invariant`): orphans (pinned pages
+/// removed from a mapping or a file, alive until unpinned) were kept one per page index /
+/// file offset. Pin a page, discard it, pin the page that replaces it, discard again: the
+/// second orphan overwrote the first, whose frame leaked. Shown for anonymous memory
+/// (`dual`) and for a guest_memfd shared range (`two_offsets`).
 #[test]
 fn pinned_page_discarded_twice() {
     for strategy in [StrategyKind::Dual, StrategyKind::TwoOffsets] {

@@ -24,6 +24,10 @@ impl Strategy for Inplace {
         SharedSide::SameFile
     }
 
+    fn has_gate(&self) -> bool {
+        true
+    }
+
     fn gate(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
         if private {
             host.refuse_if_pinned(vm, start, end)?;

@@ -94,6 +94,12 @@ pub(crate) trait Strategy: Sync {
 
     fn shared_side(&self) -> SharedSide;
 
+    /// Whether [`gate`](Self::gate) can refuse (the conversion path then checks for a no-op
+    /// before asking, instead of storing first).
+    fn has_gate(&self) -> bool {
+        false
+    }
+
     /// Decide, before any state changes, whether converting `[start, end)` may go ahead.
     fn gate(
         &self,
