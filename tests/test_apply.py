@@ -281,11 +281,10 @@ def test_apply_equals_per_call_fixed():
         np.zeros(4, dtype=np.float64),
         np.zeros(4, dtype=np.uint64),
         np.zeros(4, dtype=[("op", "u1"), ("gfn", "u8"), ("npages", "u8")]),
-        np.zeros(4, dtype=[("op", "u4"), ("gfn", "u8"), ("npages", "u8"), ("value", "u8")]),
         np.zeros(4, dtype=[("a", "u1"), ("b", "u8"), ("c", "u8"), ("d", "u8")]),
-        np.zeros(4, dtype=[("op", "u1"), ("gfn", "i8"), ("npages", "u8"), ("value", "u8")]),
+        np.zeros(4, dtype=[("op", "u1"), ("gfn", "f8"), ("npages", "u8"), ("value", "u8")]),
     ],
-    ids=["float", "uint64", "missing-field", "wide-op", "renamed", "signed-gfn"],
+    ids=["float", "uint64", "missing-field", "renamed", "float-gfn"],
 )
 def test_wrong_dtype(arr):
     g = setup()

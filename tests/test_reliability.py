@@ -330,3 +330,24 @@ def test_details_flag_implicit_conversions():
     assert flags == gmem.DETAIL_IMPLICIT_CONVERSION | gmem.KVM_MEMORY_EXIT_FLAG_PRIVATE
     assert det["fault_flags"][1] == 0
     assert det["value"][1] == 9
+
+
+def test_event_fields_of_other_integer_types():
+    """int64 (or narrower) fields are accepted when every value fits; a negative or too
+    large value is a ValueError naming the field, and nothing runs."""
+    _, g = _guest(pages=64)
+    dt = np.dtype([("op", "i8"), ("gfn", "i8"), ("npages", "i4"), ("value", "u2")])
+    ev = np.zeros(2, dt)
+    ev["op"] = int(gmem.Op.CONVERT_PRIVATE)
+    ev["gfn"] = [1, 2]
+    ev["npages"] = 1
+    assert g.vm.apply(ev).tolist() == [0, 0]
+    before = g.vm.stats()
+    ev["gfn"][1] = -1
+    with pytest.raises(ValueError, match="gfn"):
+        g.vm.apply(ev)
+    ev["gfn"][1] = 2
+    ev["op"][0] = 256
+    with pytest.raises(ValueError, match="op"):
+        g.vm.apply(ev)
+    assert g.vm.stats() == before

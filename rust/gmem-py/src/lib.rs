@@ -576,10 +576,27 @@ impl PyVm {
                 .map_err(|_| PyTypeError::new_err(format!("events lack the field {name:?}")))?;
             let kw = PyDict::new(py);
             kw.set_item("casting", "safe")?;
-            let cast = field
-                .call_method("astype", (dt,), Some(&kw))
-                .map_err(|e| PyTypeError::new_err(format!("events field {name:?}: {e}")))?;
-            np.call_method1("ascontiguousarray", (cast,))
+            if let Ok(cast) = field.call_method("astype", (dt,), Some(&kw)) {
+                return np.call_method1("ascontiguousarray", (cast,));
+            }
+            // Integers of another width or signedness are fine when every value fits.
+            let kind: String = field.getattr("dtype")?.getattr("kind")?.extract()?;
+            if kind != "i" && kind != "u" {
+                return Err(PyTypeError::new_err(format!(
+                    "events field {name:?} must hold integers, not {}",
+                    field.getattr("dtype")?.str()?
+                )));
+            }
+            if field.getattr("size")?.extract::<usize>()? > 0 {
+                let lo = np.call_method1("iinfo", (dt,))?;
+                let (mn, mx) = (field.call_method0("min")?, field.call_method0("max")?);
+                if mn.lt(lo.getattr("min")?)? || mx.gt(lo.getattr("max")?)? {
+                    return Err(PyValueError::new_err(format!(
+                        "events field {name:?} holds values from {mn} to {mx}, outside {dt}"
+                    )));
+                }
+            }
+            np.call_method1("ascontiguousarray", (field.call_method1("astype", (dt,))?,))
         };
         let (c_op, c_gfn, c_n, c_v) = (
             column("op", "u1")?,
