@@ -79,10 +79,8 @@ impl AttrMap {
         let mut iter = self.starts.range(..=end).rev();
         let (&k0, &v0) = iter.next().expect("key 0 always present");
         let after = (end != u64::MAX).then_some(v0);
-        let mut doomed: Vec<u64> = Vec::new();
         let mut cur = (k0, v0);
         if k0 == end {
-            doomed.push(k0);
             let (&k, &v) = iter.next().expect("start < end, so a run covers end - 1");
             cur = (k, v);
         }
@@ -94,14 +92,12 @@ impl AttrMap {
                 changed += hi - k.max(start);
             }
             if k > start {
-                doomed.push(k);
                 hi = k;
                 let (&nk, &nv) = iter.next().expect("key 0 always present");
                 cur = (nk, nv);
                 continue;
             }
             if k == start {
-                doomed.push(k);
                 break if start == 0 {
                     None
                 } else {
@@ -113,9 +109,10 @@ impl AttrMap {
         if changed == 0 {
             return 0;
         }
-        for k in doomed {
-            self.starts.remove(&k);
-        }
+        // Every breakpoint in [start, end] goes; the two edges are re-laid below.
+        self.starts
+            .extract_if(start..=end, |_, _| true)
+            .for_each(drop);
         if before != Some(value) {
             self.starts.insert(start, value);
         }

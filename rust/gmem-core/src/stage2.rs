@@ -210,56 +210,68 @@ impl Stage2 {
         // Probe the slots of a small range; walk the present slots for a large one: either
         // way O(min(range / 512, slots present)).
         let (k0, k1) = (start >> 9, (end - 1) >> 9);
-        let keys: Vec<u64> = if k1 - k0 < self.l2m.len() as u64 {
-            (k0..=k1).filter(|k| self.l2m.contains_key(k)).collect()
+        if k1 - k0 < self.l2m.len() as u64 {
+            for k in k0..=k1 {
+                self.zap_slot(k, start, end, filter, &mut z);
+            }
         } else {
-            self.l2m
+            let keys: Vec<u64> = self
+                .l2m
                 .keys()
                 .copied()
                 .filter(|k| (k0..=k1).contains(k))
-                .collect()
-        };
-        for k in keys {
-            let base = k << 9;
-            let remove = match self.l2m.get_mut(&k).expect("key from range") {
-                Slot2M::Leaf(e) => {
-                    if keep(unpack(*e).1) {
-                        false
-                    } else {
-                        self.counts[Level::L2M as usize] -= 1;
-                        z.leaves += 1;
-                        z.pages += Level::L2M.pages();
-                        true
-                    }
-                }
-                Slot2M::Table(t) => {
-                    let lo = start.max(base) - base;
-                    let hi = end.min(base + 512) - base;
-                    for w in (lo / 64)..=((hi - 1) / 64) {
-                        let mut bits = t.present[w as usize];
-                        while bits != 0 {
-                            let b = u64::from(bits.trailing_zeros());
-                            bits &= bits - 1;
-                            let i = w * 64 + b;
-                            if i < lo || i >= hi || keep(unpack(t.entries[i as usize]).1) {
-                                continue;
-                            }
-                            t.set_bit(i as usize, false);
-                            t.entries[i as usize] = 0;
-                            t.count -= 1;
-                            self.counts[Level::L4K as usize] -= 1;
-                            z.leaves += 1;
-                            z.pages += 1;
-                        }
-                    }
-                    t.count == 0
-                }
-            };
-            if remove {
-                self.l2m.remove(&k);
+                .collect();
+            for k in keys {
+                self.zap_slot(k, start, end, filter, &mut z);
             }
         }
         z
+    }
+
+    /// Zap the leaves of 2 MiB slot `k` inside `[start, end)` that match `filter`.
+    fn zap_slot(&mut self, k: u64, start: u64, end: u64, filter: Option<bool>, z: &mut Zapped) {
+        let keep = |private: bool| filter.is_some_and(|f| f != private);
+        let base = k << 9;
+        let Some(slot) = self.l2m.get_mut(&k) else {
+            return;
+        };
+        let remove = match slot {
+            Slot2M::Leaf(e) => {
+                if keep(unpack(*e).1) {
+                    false
+                } else {
+                    self.counts[Level::L2M as usize] -= 1;
+                    z.leaves += 1;
+                    z.pages += Level::L2M.pages();
+                    true
+                }
+            }
+            Slot2M::Table(t) => {
+                let lo = start.max(base) - base;
+                let hi = end.min(base + 512) - base;
+                for w in (lo / 64)..=((hi - 1) / 64) {
+                    let mut bits = t.present[w as usize];
+                    while bits != 0 {
+                        let b = u64::from(bits.trailing_zeros());
+                        bits &= bits - 1;
+                        let i = w * 64 + b;
+                        if i < lo || i >= hi || keep(unpack(t.entries[i as usize]).1) {
+                            continue;
+                        }
+                        t.set_bit(i as usize, false);
+                        t.entries[i as usize] = 0;
+                        t.count -= 1;
+                        self.counts[Level::L4K as usize] -= 1;
+                        z.leaves += 1;
+                        z.pages += 1;
+                    }
+                }
+                t.count == 0
+            }
+        };
+        if remove {
+            self.l2m.remove(&k);
+        }
     }
 
     /// Every leaf, in gfn order within each level group.
