@@ -351,3 +351,22 @@ def test_event_fields_of_other_integer_types():
     with pytest.raises(ValueError, match="op"):
         g.vm.apply(ev)
     assert g.vm.stats() == before
+
+
+def test_attr_intervals_and_a_whole_tib_of_shared_memory():
+    """A 1 TiB (2^28-page) guest can have its shared side in one anonymous mapping, and
+    stats report the attribute map's runs."""
+    tib = 1 << 40
+    host = gmem.Host(16 * MiB)
+    vm = host.create_vm()
+    fd = vm.create_guest_memfd(tib)
+    shared = host.mmap_anonymous(tib)
+    vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, tib, shared.addr, fd, 0)
+    assert vm.stats()["attr_intervals"] == 1
+    vm.set_memory_attributes(PAGE, PAGE, PRIVATE)
+    vm.set_memory_attributes(tib - PAGE, PAGE, PRIVATE)
+    # shared, private, shared, private, and shared again beyond the guest
+    assert vm.stats()["attr_intervals"] == 5
+    vm.guest_write(tib - 2 * PAGE, 1, private=False)
+    assert shared.read(tib - 2 * PAGE) == 1
+    vm.check()

@@ -82,7 +82,9 @@ pub struct Host {
     pub strict: bool,
 }
 
-pub(crate) const VA_BASE: u64 = 0x7f00_0000_0000;
+/// Mappings are placed upward from 16 TiB, leaving room for guests of tens of TiB below
+/// the 128 TiB user limit (`TASK_SIZE`).
+pub(crate) const VA_BASE: u64 = 0x1000_0000_0000;
 const VA_ALIGN: u64 = 1 << 21;
 
 impl Host {
@@ -1238,6 +1240,19 @@ impl Host {
             offs.extend(h.max(start)..(h + f.folio_pages()).min(end));
         }
         offs
+    }
+
+    /// Runs in the attribute maps that decide the VM's gfns: the VM map, plus the
+    /// per-offset maps of its files for strategies that keep attributes there.
+    pub fn attr_intervals(&self, vm: usize) -> u64 {
+        let v = &self.vms[vm];
+        let mut n = v.attrs.intervals() as u64;
+        if v.strategy.file_attrs() {
+            for f in self.files.iter().filter(|f| f.vm == vm && !f.released) {
+                n += f.attrs.as_ref().map_or(0, |a| a.intervals() as u64);
+            }
+        }
+        n
     }
 
     /// Snapshot of a VM's counters with the stage-2 counts refreshed.

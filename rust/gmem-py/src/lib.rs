@@ -479,11 +479,15 @@ impl PyVm {
 
     /// Counters as a dict.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.shared.lock().stats(self.id);
+        let (s, intervals) = {
+            let h = self.shared.lock();
+            (h.stats(self.id), h.attr_intervals(self.id))
+        };
         let d = PyDict::new(py);
         for (k, v) in s.items() {
             d.set_item(k, v)?;
         }
+        d.set_item("attr_intervals", intervals)?;
         Ok(d)
     }
 
