@@ -137,17 +137,24 @@ impl Host {
         Ok(pfn)
     }
 
+    /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
+    /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
+    pub(crate) fn shared_file_page(
+        &self,
+        vm: usize,
+        slot: &Memslot,
+        gfn: u64,
+    ) -> Option<(usize, u64, bool)> {
+        match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace if !self.slot_gmem_only(vm, slot.id) => None,
+            SharedSide::SecondRange => slot.shared_offset_of(gfn),
+            _ => slot.offset_of(gfn),
+        }
+    }
+
     /// The frame backing `gfn`'s shared view, faulted in if needed.
     fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
-        let side = match self.vms[vm].strategy.shared_side() {
-            SharedSide::Userspace if self.slot_gmem_only(vm, slot.id) => SharedSide::SameFile,
-            s => s,
-        };
-        let file_page = match side {
-            SharedSide::SameFile => slot.offset_of(gfn),
-            SharedSide::SecondRange => slot.shared_offset_of(gfn),
-            SharedSide::Userspace => None,
-        };
+        let file_page = self.shared_file_page(vm, slot, gfn);
         match file_page {
             Some((f, off, true)) => {
                 let pfn = self.gmem_get_pfn(vm, f, off)?;
@@ -610,15 +617,7 @@ impl Host {
         let Some(slot) = self.vms[vm].slot_at(gfn).cloned() else {
             return Err(err(errno::EFAULT, format!("no memslot at gfn {gfn:#x}")));
         };
-        let side = match self.vms[vm].strategy.shared_side() {
-            SharedSide::Userspace if self.slot_gmem_only(vm, slot.id) => SharedSide::SameFile,
-            s => s,
-        };
-        let file_page = match side {
-            SharedSide::SameFile => slot.offset_of(gfn),
-            SharedSide::SecondRange => slot.shared_offset_of(gfn),
-            SharedSide::Userspace => None,
-        };
+        let file_page = self.shared_file_page(vm, &slot, gfn);
         match file_page {
             Some((f, off, true)) => {
                 let m = self.vmm_mapping(f);

@@ -5,7 +5,6 @@ use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::platform::VmType;
 use crate::stage2::Level;
-use crate::strategy::SharedSide;
 
 fn broken(msg: String) -> Error {
     Error::Invariant(msg)
@@ -145,15 +144,7 @@ impl Host {
     /// The frame currently backing `gfn`'s shared view, without faulting.
     fn shared_pfn_now(&self, vm: usize, slot_id: u32, gfn: u64) -> Option<u32> {
         let slot = &self.vms[vm].slots[&slot_id];
-        let side = match self.vms[vm].strategy.shared_side() {
-            SharedSide::Userspace if self.slot_gmem_only(vm, slot_id) => SharedSide::SameFile,
-            s => s,
-        };
-        let fp = match side {
-            SharedSide::SameFile => slot.offset_of(gfn),
-            SharedSide::SecondRange => slot.shared_offset_of(gfn),
-            SharedSide::Userspace => None,
-        };
+        let fp = self.shared_file_page(vm, slot, gfn);
         // A slot without guest_memfd is served from userspace memory whatever the strategy.
         let Some((f, o, live)) = fp else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;

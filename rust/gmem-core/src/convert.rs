@@ -483,11 +483,10 @@ impl Host {
 
     /// The frame backing `gfn` on the private or shared side, without faulting.
     fn side_pfn(&self, vm: usize, slot: &Memslot, gfn: u64, private: bool) -> Option<u32> {
-        let side = self.vms[vm].strategy.shared_side();
-        let fp = if private || side == SharedSide::SameFile || self.slot_gmem_only(vm, slot.id) {
+        let fp = if private {
             slot.offset_of(gfn)
-        } else if side == SharedSide::SecondRange {
-            slot.shared_offset_of(gfn)
+        } else if let Some(fp) = self.shared_file_page(vm, slot, gfn) {
+            Some(fp)
         } else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
             return self.maps[m].anon_pfn(idx);

@@ -242,34 +242,19 @@ impl PyHost {
     /// The VMs of this host, in creation order.
     fn vms(&self) -> Vec<PyVm> {
         let n = self.shared.lock().nr_vms();
-        (0..n)
-            .map(|id| PyVm {
-                shared: self.shared.clone(),
-                id,
-            })
-            .collect()
+        self.handles(n, |shared, id| PyVm { shared, id })
     }
 
     /// The guest_memfd files of this host (closed ones included), in creation order.
     fn guest_memfds(&self) -> Vec<PyGuestMemfd> {
         let n = self.shared.lock().nr_files();
-        (0..n)
-            .map(|id| PyGuestMemfd {
-                shared: self.shared.clone(),
-                id,
-            })
-            .collect()
+        self.handles(n, |shared, id| PyGuestMemfd { shared, id })
     }
 
     /// The mappings of this host (unmapped ones included), in creation order.
     fn mappings(&self) -> Vec<PyMapping> {
         let n = self.shared.lock().nr_mappings();
-        (0..n)
-            .map(|id| PyMapping {
-                shared: self.shared.clone(),
-                id,
-            })
-            .collect()
+        self.handles(n, |shared, id| PyMapping { shared, id })
     }
 
     /// Whether every operation is followed by a full check (GMEM_STRICT=1).
@@ -296,6 +281,13 @@ fn load(py: Python<'_>, path: std::path::PathBuf) -> PyResult<PyHost> {
             host: Mutex::new(host),
         }),
     })
+}
+
+impl PyHost {
+    /// One Python handle per object index `0..n`.
+    fn handles<T>(&self, n: usize, make: impl Fn(Arc<Shared>, usize) -> T) -> Vec<T> {
+        (0..n).map(|id| make(self.shared.clone(), id)).collect()
+    }
 }
 
 fn set_costs(host: &mut Host, costs: &Bound<'_, PyDict>) -> PyResult<()> {
