@@ -304,19 +304,25 @@ def _title(args, stream) -> str:
     return f"{stream.name} on a {gib:g} GiB {args.vm_type} guest"
 
 
-def cmd_compare(args) -> int:
+def _compare_and_write(args, stream, meta) -> int:
+    """Run every requested strategy, print the table, write the files."""
     from gmem import reports
 
-    params = dict(args.param)
-    _check_params(args.workload, params)
-    stream = _stream(args, args.workload, params)
-    meta = {"workload": args.workload, "seed": args.seed}
     results = _run_strategies(args, stream, args.strategies, meta)
     title = _title(args, stream)
     reports.print_comparison(results, title=title)
     paths = _write_outputs(args, results, title)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
+
+
+def cmd_compare(args) -> int:
+
+    params = dict(args.param)
+    _check_params(args.workload, params)
+    stream = _stream(args, args.workload, params)
+    meta = {"workload": args.workload, "seed": args.seed}
+    return _compare_and_write(args, stream, meta)
 
 
 def cmd_run(args) -> int:
@@ -336,7 +342,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from gmem import reports
     from gmem.traces import trace_workload
 
     if not Path(args.trace).is_file():
@@ -349,12 +354,7 @@ def cmd_replay(args) -> int:
         touch=not args.no_touch,
     )
     meta = {"workload": f"trace:{args.trace}"}
-    results = _run_strategies(args, stream, args.strategies, meta)
-    title = _title(args, stream)
-    reports.print_comparison(results, title=title)
-    paths = _write_outputs(args, results, title)
-    print(f"wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return _compare_and_write(args, stream, meta)
 
 
 def cmd_sweep(args) -> int:

@@ -103,22 +103,15 @@ def write_jsonl(
     pages: int | None = None,
 ) -> int:
     """Write events (an array or an iterable of arrays) as JSONL; return the count."""
-    n = 0
-    with open(path, "w", encoding="utf-8") as f:
-        header: dict[str, int] = {"gmem_trace": 1}
-        if pages is not None:
-            header["pages"] = int(pages)
-        f.write(json.dumps(header) + "\n")
-        for batch in _batches(events_):
-            names, gfn, npages, value = _columns(batch)
-            f.writelines(
-                f'{{"op": "{o}", "gfn": {g}, "npages": {p}, "value": {v}}}\n'
-                for o, g, p, v in zip(
-                    names.tolist(), gfn.tolist(), npages.tolist(), value.tolist(), strict=True
-                )
-            )
-            n += len(batch)
-    return n
+    header: dict[str, int] = {"gmem_trace": 1}
+    if pages is not None:
+        header["pages"] = int(pages)
+    return _write_rows(
+        path,
+        [json.dumps(header)],
+        events_,
+        '{{"op": "{}", "gfn": {}, "npages": {}, "value": {}}}\n',
+    )
 
 
 def write_csv(
@@ -128,16 +121,27 @@ def write_csv(
     pages: int | None = None,
 ) -> int:
     """Write events as CSV (header ``op,gfn,npages,value``); return the count."""
+    head = ["# gmem_trace 1"]
+    if pages is not None:
+        head.append(f"# pages={int(pages)}")
+    head.append(",".join(_CSV_HEADER))
+    return _write_rows(path, head, events_, "{},{},{},{}\n")
+
+
+def _write_rows(
+    path: str | os.PathLike[str],
+    head: list[str],
+    events_: np.ndarray | Iterable[np.ndarray],
+    row: str,
+) -> int:
+    """Write the header lines, then one ``row.format(op, gfn, npages, value)`` per event."""
     n = 0
     with open(path, "w", encoding="utf-8") as f:
-        f.write("# gmem_trace 1\n")
-        if pages is not None:
-            f.write(f"# pages={int(pages)}\n")
-        f.write(",".join(_CSV_HEADER) + "\n")
+        f.writelines(line + "\n" for line in head)
         for batch in _batches(events_):
             names, gfn, npages, value = _columns(batch)
             f.writelines(
-                f"{o},{g},{p},{v}\n"
+                row.format(o, g, p, v)
                 for o, g, p, v in zip(
                     names.tolist(), gfn.tolist(), npages.tolist(), value.tolist(), strict=True
                 )
