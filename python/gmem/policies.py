@@ -210,8 +210,8 @@ class DiscardEager(Policy):
     discard is queued with the conversion, so it also runs if the conversion fails; on
     two-sided strategies a conversion fails only for input outside the guest or when the
     host is out of memory. Conversions the core makes implicitly on a memory-fault exit
-    (``fault_policy="convert"``) are not followed by a discard: the per-event details do
-    not say which accesses converted.
+    (``fault_policy="convert"``) are not followed by a discard: the runner applies batches
+    without details, where ``gmem.DETAIL_IMPLICIT_CONVERSION`` marks those accesses.
     """
 
     name = "discard=eager"
