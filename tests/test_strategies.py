@@ -1133,3 +1133,33 @@ def test_apply_matches_per_call_api(vm_type, strategy):
         assert int(status[4]) == -errno.EAGAIN
     else:
         assert int(status[4]) == 0
+
+
+def test_two_offsets_without_a_shared_range_uses_userspace_memory():
+    """A two_offsets memslot bound without shared_offset/shared_guest_memfd keeps its
+    shared side at userspace_addr, like dual; with only shared_guest_memfd the shared
+    range starts at offset 0 of that file."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("sw_protected", "two_offsets")
+    size = 16 * PAGE
+    fd = vm.create_guest_memfd(size)
+    anon = host.mmap_anonymous(size)
+    vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, size, anon.addr, fd, 0)
+    vm.set_memory_attributes(0, PAGE, PRIV)
+    vm.guest_write(0, 5, private=True)
+    vm.set_memory_attributes(0, PAGE, 0)
+    vm.guest_write(0, 6, private=False)
+    assert anon.read(0) == 6
+    assert vm.stats()["double_backed_pages"] == 1
+    ev = np.zeros(1, gmem.EVENT_DTYPE)
+    ev[0] = (gmem.Op.DISCARD_SHARED, 0, 1, 0)
+    assert vm.apply(ev).tolist() == [0]
+    assert vm.stats()["double_backed_pages"] == 0
+    assert anon.read(0) == 0
+    private2, second = vm.create_guest_memfd(size), vm.create_guest_memfd(size)
+    vm.set_user_memory_region2(
+        1, gmem.KVM_MEM_GUEST_MEMFD, 1 << 30, size, 0, private2, 0, shared_guest_memfd=second
+    )
+    vm.guest_write((1 << 30) + PAGE, 7, private=False)
+    assert second.nr_pages == 1
+    vm.check()

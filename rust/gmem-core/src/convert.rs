@@ -442,14 +442,14 @@ impl Host {
         g1: u64,
         private: bool,
     ) -> Vec<u64> {
-        let leaving_private = !private;
-        let side = self.vms[vm].strategy.shared_side();
-        let file_side = if leaving_private || side == SharedSide::SameFile {
+        let file_side = if !private {
             slot.gmem
-        } else if side == SharedSide::SecondRange {
+        } else if self.slot_shared_in_userspace(vm, slot) {
+            None
+        } else if self.vms[vm].strategy.shared_side() == SharedSide::SecondRange {
             slot.shared
         } else {
-            None
+            slot.gmem
         };
         if let Some(b) = file_side {
             if !b.live {

@@ -200,32 +200,25 @@ impl Host {
         for id in self.vms[vm].slots_in(start, end) {
             let slot = self.vms[vm].slots[&id].clone();
             let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
-            match side {
-                SharedSide::SameFile => {}
-                SharedSide::SecondRange => {
-                    if let Some(b) = slot.shared.filter(|b| b.live) {
-                        let o0 = b.pgoff + (g0 - slot.base_gfn);
-                        self.punch(b.file, o0, o0 + (g1 - g0));
-                    }
+            if self.slot_shared_in_userspace(vm, &slot) {
+                let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
+                let maps: Vec<usize> = self
+                    .va
+                    .range(..a1)
+                    .map(|(_, &m)| m)
+                    .filter(|&m| self.maps[m].end() > a0)
+                    .collect();
+                for m in maps {
+                    let map = &self.maps[m];
+                    let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                    let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                    self.discard_pages(m, i0, i1);
                 }
-                SharedSide::Userspace => {
-                    if slot.gmem.is_some() && self.slot_gmem_only(vm, id) {
-                        continue;
-                    }
-                    let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
-                    let maps: Vec<usize> = self
-                        .va
-                        .range(..a1)
-                        .map(|(_, &m)| m)
-                        .filter(|&m| self.maps[m].end() > a0)
-                        .collect();
-                    for m in maps {
-                        let map = &self.maps[m];
-                        let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                        let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
-                        self.discard_pages(m, i0, i1);
-                    }
-                }
+            } else if side == SharedSide::SecondRange
+                && let Some(b) = slot.shared.filter(|b| b.live)
+            {
+                let o0 = b.pgoff + (g0 - slot.base_gfn);
+                self.punch(b.file, o0, o0 + (g1 - g0));
             }
         }
     }

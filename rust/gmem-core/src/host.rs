@@ -918,17 +918,15 @@ impl Host {
                 pgoff,
                 live: true,
             });
-            if strategy == StrategyKind::TwoOffsets {
-                let Some(soff) = r.shared_offset else {
-                    return Err(einval(
-                        "two_offsets memslots need shared_offset (and optionally shared_guest_memfd)",
-                    ));
-                };
+            let wants_shared = r.shared_offset.is_some() || r.shared_guest_memfd != GmemArg::None;
+            if strategy == StrategyKind::TwoOffsets && wants_shared {
+                // Without a shared range the slot's shared side stays at userspace_addr.
+                let soff = r.shared_offset.unwrap_or(0);
                 let sf = match r.shared_guest_memfd {
                     GmemArg::None => f,
                     a @ GmemArg::Fd(_) => self.resolve_gmem(vm, a)?,
                 };
-                if soff % PAGE_SIZE != 0 || soff.checked_add(r.memory_size).is_none() {
+                if !soff.is_multiple_of(PAGE_SIZE) || soff.checked_add(r.memory_size).is_none() {
                     return Err(einval(format!(
                         "shared_offset {soff:#x} not page aligned or overflows"
                     )));
@@ -943,7 +941,7 @@ impl Host {
                     pgoff: spg,
                     live: true,
                 });
-            } else if r.shared_offset.is_some() || r.shared_guest_memfd != GmemArg::None {
+            } else if wants_shared {
                 return Err(einval(
                     "shared_guest_memfd/shared_offset are only for two_offsets",
                 ));
@@ -1021,7 +1019,7 @@ impl Host {
             .filter(|&v| {
                 let vm = &self.vms[v];
                 vm.slots.values().any(|s| {
-                    (s.gmem.is_none() || vm.strategy.shared_side() == SharedSide::Userspace)
+                    self.slot_shared_in_userspace(v, s)
                         && hva >= s.userspace_addr
                         && hva - s.userspace_addr < s.npages << PAGE_SHIFT
                 })
@@ -1062,7 +1060,7 @@ impl Host {
         let mut anon: Vec<(usize, u64, u64)> = Vec::new();
         let v = &self.vms[vm];
         for s in v.slots.values() {
-            if s.gmem.is_some() && v.strategy.shared_side() != SharedSide::Userspace {
+            if !self.slot_shared_in_userspace(vm, s) {
                 continue;
             }
             let (a0, a1) = (
@@ -1114,21 +1112,28 @@ impl Host {
 
     // ---------------------------------------------------------------- double backing
 
+    /// Whether `slot`'s shared view is the VMM's userspace memory at `userspace_addr`:
+    /// always for `dual` (unless the slot is guest_memfd-only), for `two_offsets` slots
+    /// bound without a shared range, and for any memslot without guest_memfd.
+    pub(crate) fn slot_shared_in_userspace(&self, vm: usize, slot: &Memslot) -> bool {
+        match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace => !self.slot_gmem_only(vm, slot.id),
+            SharedSide::SecondRange => slot.shared.is_none(),
+            SharedSide::SameFile => slot.gmem.is_none(),
+        }
+    }
+
     /// Whether a shared page distinct from the private one is allocated for `gfn`.
     fn shared_page_present(&self, vm: usize, slot: &Memslot, gfn: u64) -> bool {
-        match self.vms[vm].strategy.shared_side() {
-            SharedSide::SameFile => false,
-            SharedSide::SecondRange => slot
-                .shared_offset_of(gfn)
-                .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some()),
-            SharedSide::Userspace => {
-                if self.slot_gmem_only(vm, slot.id) {
-                    return false;
-                }
-                self.mapping_at(slot.hva_of(gfn))
-                    .is_some_and(|(m, idx)| self.maps[m].anon_pfn(idx).is_some())
-            }
+        if self.slot_shared_in_userspace(vm, slot) {
+            return self
+                .mapping_at(slot.hva_of(gfn))
+                .is_some_and(|(m, idx)| self.maps[m].anon_pfn(idx).is_some());
         }
+        self.vms[vm].strategy.shared_side() == SharedSide::SecondRange
+            && slot
+                .shared_offset_of(gfn)
+                .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some())
     }
 
     /// After allocating (or before freeing) file pages `[start, end)`, adjust the VMs'
@@ -1171,9 +1176,6 @@ impl Host {
     pub(crate) fn double_update_anon(&mut self, m: usize, idx: u64, alloc: bool) {
         let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
         for vm in 0..self.vms.len() {
-            if self.vms[vm].strategy.shared_side() != SharedSide::Userspace {
-                continue;
-            }
             let hits: Vec<(u32, u64)> = self.vms[vm]
                 .slots
                 .values()
@@ -1183,10 +1185,10 @@ impl Host {
                 .map(|s| (s.id, s.base_gfn + ((hva - s.userspace_addr) >> PAGE_SHIFT)))
                 .collect();
             for (sid, gfn) in hits {
-                if self.slot_gmem_only(vm, sid) {
+                let slot = &self.vms[vm].slots[&sid];
+                if !self.slot_shared_in_userspace(vm, slot) {
                     continue;
                 }
-                let slot = &self.vms[vm].slots[&sid];
                 let private = slot
                     .offset_of(gfn)
                     .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some());
