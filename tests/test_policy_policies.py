@@ -299,3 +299,30 @@ def test_custom_policy_subclass():
     r = run(guest(), churn(rounds=50), DropShared() + policies.FaultHandling("exit"))
     assert r.summary["policy"] == "drop-shared, fault=exit"
     assert r.summary["status_efault"] > 0  # the guest's shared writes now fault
+
+
+def test_eager_discard_follows_implicit_conversions():
+    """With fault_policy="convert", an access that converts implicitly is followed by the
+    same discard an explicit conversion gets (QEMU's kvm_convert_memory), so dual never
+    ends up backed twice."""
+    import gmem
+    from gmem import policies, setup
+
+    host = setup.make_host(64)
+    guest = setup.build_vm(host, 64, "sw_protected", "dual")
+    ev = np.zeros(4, gmem.EVENT_DTYPE)
+    ev[0] = (gmem.Op.GUEST_WRITE_SHARED, 5, 1, 1)  # shared page allocated
+    ev[1] = (gmem.Op.GUEST_WRITE_PRIVATE, 5, 1, 2)  # implicit conversion to private
+    ev[2] = (gmem.Op.GUEST_WRITE_SHARED, 5, 1, 3)  # and back to shared
+    ev[3] = (gmem.Op.GUEST_READ_SHARED, 5, 1, 0)
+    eager = policies.run(
+        guest, ev, policies.DiscardEager() + policies.FaultHandling("convert"), sample_every=1
+    )
+    assert eager.summary["double_backed_pages"] == 0
+    host2 = setup.make_host(64)
+    guest2 = setup.build_vm(host2, 64, "sw_protected", "dual")
+    never = policies.run(
+        guest2, ev, policies.DiscardNever() + policies.FaultHandling("convert"), sample_every=1
+    )
+    assert never.summary["double_backed_pages"] == 1
+    guest.vm.check()

@@ -49,7 +49,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gmem._events import CONVERSION_OPS, EVENT_DTYPE, Op
+from gmem._events import CONVERSION_OPS, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
+
+_PAGE_SHIFT = 12
+#: ``KVM_MEMORY_EXIT_FLAG_PRIVATE``: the faulting access was private.
+_EXIT_PRIVATE = 1 << 3
 
 __all__ = [
     "TWO_SIDED_STRATEGIES",
@@ -80,6 +84,9 @@ class Policy:
     """A VMM policy. The base class does nothing; subclass and override hooks."""
 
     name = "none"
+    #: Whether the runner should apply batches with per-event details and call
+    #: `after_details` (costs one details array per batch).
+    wants_details = False
 
     def configure(self, vm) -> None:
         """Called once before the run: set core options with ``vm.set_options``."""
@@ -92,6 +99,13 @@ class Policy:
         self, vm, events: np.ndarray, status: np.ndarray, round: int
     ) -> np.ndarray | None:
         """React to an applied batch; return events to apply next, or None."""
+        return None
+
+    def after_details(
+        self, vm, events: np.ndarray, status: np.ndarray, details: np.ndarray
+    ) -> np.ndarray | None:
+        """With `wants_details`: react to the per-event details of an applied array;
+        return events to apply next (before `after_batch`'s), or None."""
         return None
 
     def finish(self, vm) -> np.ndarray | None:
@@ -128,6 +142,13 @@ class Compose(Policy):
     @property
     def name(self) -> str:  # type: ignore[override]
         return "+".join(p.name for p in self.policies) or "none"
+
+    @property
+    def wants_details(self) -> bool:  # type: ignore[override]
+        return any(p.wants_details for p in self.policies)
+
+    def after_details(self, vm, events, status, details):
+        return _concat([p.after_details(vm, events, status, details) for p in self.policies])
 
     def configure(self, vm) -> None:
         for p in self.policies:
@@ -210,8 +231,9 @@ class DiscardEager(Policy):
     discard is queued with the conversion, so it also runs if the conversion fails; on
     two-sided strategies a conversion fails only for input outside the guest or when the
     host is out of memory. Conversions the core makes implicitly on a memory-fault exit
-    (``fault_policy="convert"``) are not followed by a discard: the runner applies batches
-    without details, where ``gmem.DETAIL_IMPLICIT_CONVERSION`` marks those accesses.
+    (``fault_policy="convert"``; QEMU runs the same ``kvm_convert_memory()`` for them) are
+    followed by the same discard: the runner applies batches with details, where
+    ``gmem.DETAIL_IMPLICIT_CONVERSION`` marks those accesses.
     """
 
     name = "discard=eager"
@@ -223,8 +245,21 @@ class DiscardEager(Policy):
 
     def configure(self, vm) -> None:
         self.active = _strategy_of(vm) in TWO_SIDED_STRATEGIES
+        self.wants_details = self.active
         self.huge_ops = _huge_discard_ops(vm)
         self.huge_order = int(getattr(vm, "huge_order", 0))
+
+    def after_details(self, vm, events, status, details):
+        implicit = (details["fault_flags"] & DETAIL_IMPLICIT_CONVERSION) != 0
+        if not self.active or not implicit.any():
+            return None
+        flags = details["fault_flags"][implicit]
+        out = np.zeros(int(implicit.sum()), EVENT_DTYPE)
+        to_private = (flags & _EXIT_PRIVATE) != 0
+        out["op"] = np.where(to_private, Op.DISCARD_SHARED, Op.PUNCH_HOLE)
+        out["gfn"] = details["fault_gpa"][implicit] >> _PAGE_SHIFT
+        out["npages"] = 1
+        return _align_to_huge(out, self.huge_ops, self.huge_order)
 
     def transform(self, events: np.ndarray) -> np.ndarray:
         if not self.active or not len(events):
@@ -765,14 +800,21 @@ class Runner:
     def apply(self, events: np.ndarray) -> np.ndarray:
         """Apply one array, cutting it at sample points; return its statuses."""
         n = len(events)
+        self._details = None
         if not n:
             return np.zeros(0, np.int32)
         events = np.ascontiguousarray(events, dtype=EVENT_DTYPE)
         parts = []
+        details = []
         pos = 0
         while pos < n:
             take = min(n - pos, self._next_sample - self._applied)
-            parts.append(np.asarray(self.vm.apply(events[pos : pos + take])))
+            if self.policy.wants_details:
+                st, det = self.vm.apply(events[pos : pos + take], details=True)
+                parts.append(np.asarray(st))
+                details.append(det)
+            else:
+                parts.append(np.asarray(self.vm.apply(events[pos : pos + take])))
             pos += take
             self._applied += take
             self._tx_applied += take
@@ -780,18 +822,26 @@ class Runner:
                 self._sample()
                 self._next_sample += self.sample_every
         status = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._details = np.concatenate(details) if details else None
         self._count_status(status)
         return status
+
+    def _follow(self, events: np.ndarray, status: np.ndarray, round: int):
+        """The policy's reaction to an applied array: detail-driven events first."""
+        extra = None
+        if self._details is not None:
+            extra = self.policy.after_details(self.vm, events, status, self._details)
+        return _concat([extra, self.policy.after_batch(self.vm, events, status, round)])
 
     def _apply_with_followups(self, events: np.ndarray, workload_len: int) -> None:
         self._wl_len, self._tx_len, self._tx_applied = workload_len, len(events), 0
         status = self.apply(events)
         self._tx_len = 0
-        follow = self.policy.after_batch(self.vm, events, status, 0)
+        follow = self._follow(events, status, 0)
         rounds = 1
         while follow is not None and len(follow) and rounds <= self.max_rounds:
             status = self.apply(follow)
-            follow = self.policy.after_batch(self.vm, follow, status, rounds)
+            follow = self._follow(follow, status, rounds)
             rounds += 1
         self._wl_done += workload_len
         self._wl_len = 0
