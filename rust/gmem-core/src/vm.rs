@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::attr_map::AttrMap;
+use crate::error::{Result, einval};
 use crate::memslot::Memslot;
 use crate::metrics::Stats;
 use crate::platform::VmType;
@@ -35,6 +36,52 @@ pub enum ZeroPolicy {
     OnFree,
     /// Never clear: unsafe; shows up as violations when data crosses owners.
     Never,
+}
+
+/// Pick the choice named `s` for option `what`.
+fn parse_choice<T: Copy>(what: &str, s: &str, choices: &[(&str, T)]) -> Result<T> {
+    choices
+        .iter()
+        .find(|(n, _)| *n == s)
+        .map(|&(_, v)| v)
+        .ok_or_else(|| {
+            let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+            einval(format!(
+                "{what} {s:?}: expected one of {}",
+                names.join(", ")
+            ))
+        })
+}
+
+impl FaultPolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        parse_choice(
+            "fault_policy",
+            s,
+            &[("exit", Self::Exit), ("convert", Self::Convert)],
+        )
+    }
+}
+
+impl MergePolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        parse_choice(
+            "merge",
+            s,
+            &[("eager", Self::Eager), ("deferred", Self::Deferred)],
+        )
+    }
+}
+
+impl ZeroPolicy {
+    pub fn parse(s: &str) -> Result<Self> {
+        let choices = [
+            ("on_use", Self::OnUse),
+            ("on_free", Self::OnFree),
+            ("never", Self::Never),
+        ];
+        parse_choice("zero", s, &choices)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -499,39 +499,15 @@ impl PyVm {
         use gmem_core::vm::{FaultPolicy, MergePolicy, ZeroPolicy};
         let mut h = self.shared.lock();
         let mut o = h.vm(self.id).opts;
+        let bad = |e: Error| PyValueError::new_err(e.to_string());
         if let Some(f) = fault_policy {
-            o.fault = match f {
-                "exit" => FaultPolicy::Exit,
-                "convert" => FaultPolicy::Convert,
-                _ => {
-                    return Err(PyValueError::new_err(format!(
-                        "fault_policy {f:?}: expected exit or convert"
-                    )));
-                }
-            };
+            o.fault = FaultPolicy::parse(f).map_err(bad)?;
         }
         if let Some(m) = merge {
-            o.merge = match m {
-                "eager" => MergePolicy::Eager,
-                "deferred" => MergePolicy::Deferred,
-                _ => {
-                    return Err(PyValueError::new_err(format!(
-                        "merge {m:?}: expected eager or deferred"
-                    )));
-                }
-            };
+            o.merge = MergePolicy::parse(m).map_err(bad)?;
         }
         if let Some(z) = zero {
-            o.zero = match z {
-                "on_use" => ZeroPolicy::OnUse,
-                "on_free" => ZeroPolicy::OnFree,
-                "never" => ZeroPolicy::Never,
-                _ => {
-                    return Err(PyValueError::new_err(format!(
-                        "zero {z:?}: expected on_use, on_free or never"
-                    )));
-                }
-            };
+            o.zero = ZeroPolicy::parse(z).map_err(bad)?;
         }
         h.vm_mut(self.id).opts = o;
         Ok(())
