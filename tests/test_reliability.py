@@ -370,3 +370,17 @@ def test_attr_intervals_and_a_whole_tib_of_shared_memory():
     vm.guest_write(tib - 2 * PAGE, 1, private=False)
     assert shared.read(tib - 2 * PAGE) == 1
     vm.check()
+
+
+@pytest.mark.parametrize(
+    "kw", [{"fault_policy": "retry"}, {"merge": "later"}, {"zero": "sometimes"}]
+)
+def test_unknown_option_values_change_nothing(kw):
+    _, g = _guest(pages=64)
+    g.vm.set_options(fault_policy="convert", merge="deferred", zero="on_free")
+    with pytest.raises(ValueError, match=next(iter(kw.values()))):
+        g.vm.set_options(**{"fault_policy": "exit", "merge": "eager", "zero": "on_use", **kw})
+    # The valid settings given alongside were not applied either: still "convert".
+    ev = np.zeros(1, gmem.EVENT_DTYPE)
+    ev[0] = (gmem.Op.GUEST_WRITE_PRIVATE, 1, 1, 4)
+    assert g.vm.apply(ev).tolist() == [0]
