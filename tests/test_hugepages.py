@@ -305,3 +305,25 @@ def test_merge_after_fallocate_allocation(merge):
     assert st(vm, "merges")["merges"] == 1
     vm.guest_read(G2, private=True)
     assert levels(vm) == (0, 1, 0)
+
+
+@pytest.mark.parametrize("strategy", ["dual", "two_offsets"])
+def test_two_backings_split_and_merge_the_private_folio(strategy):
+    """dual/two_offsets: once a private folio exists, a page of it turning shared splits
+    it (the VMM may punch that page); the whole range private again merges it back and
+    the next fault maps 2M."""
+    _, vm, f, _ = huge_vm("sw_protected", strategy)
+    vm.set_memory_attributes(G2, 2 * MiB, PRIV)
+    vm.guest_write(G2, 1, private=True)
+    assert levels(vm) == (0, 1, 0)
+    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, 0)
+    assert st(vm, "splits", "merges") == {"splits": 1, "merges": 0}
+    assert levels(vm) == (0, 0, 0)
+    vm.guest_write(G2 + 5 * PAGE, 2, private=False)
+    assert vm.guest_read(G2, private=True) == 1
+    assert levels(vm)[1] == 0
+    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, PRIV)
+    assert st(vm, "splits", "merges") == {"splits": 1, "merges": 1}
+    assert vm.guest_read(G2, private=True) == 1
+    assert levels(vm) == (0, 1, 0)
+    assert f.nr_pages == 512

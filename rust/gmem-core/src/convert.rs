@@ -308,14 +308,8 @@ impl Host {
         let vt = self.vms[vm].vm_type;
         if private {
             self.unmap_file_range(f, o0, o1);
-        } else if self.files[f].order > 0 {
-            for (h, _) in self.files[f].folios_in(o0, o1) {
-                if self.files[f].split(h) {
-                    self.vms[vm].stats.splits += 1;
-                    let c = self.costs.split;
-                    self.charge(vm, c);
-                }
-            }
+        } else {
+            self.split_range(vm, f, o0, o1);
         }
         if !vt.keeps_content() {
             self.scrub(vm, f, o0, o1);
@@ -360,12 +354,7 @@ impl Host {
         let mut merged = 0;
         let mut h = o0 & !(n - 1);
         while h < o1 {
-            let f_ref = &self.files[f];
-            let all_private = f_ref
-                .attrs
-                .as_ref()
-                .and_then(|a| a.uniform(h, h + n))
-                .is_some_and(|v| v & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0);
+            let all_private = self.huge_range_private(f, h, n);
             let fresh = if all_private && self.files[f].pins_in(h, h + n).is_empty() {
                 self.files[f].try_merge(h)
             } else {
@@ -385,6 +374,65 @@ impl Host {
             h += n;
         }
         merged
+    }
+
+    /// Split the intact huge folios of `f` intersecting `[o0, o1)` (a page of them turns
+    /// shared).
+    pub(crate) fn split_range(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
+        if self.files[f].order == 0 {
+            return;
+        }
+        for (h, _) in self.files[f].folios_in(o0, o1) {
+            if self.files[f].split(h) {
+                self.vms[vm].stats.splits += 1;
+                let c = self.costs.split;
+                self.charge(vm, c);
+            }
+        }
+    }
+
+    /// Whether every page of the huge range `[h, h + n)` of `f` is private: by the file's
+    /// own attributes where it keeps them, else by the attributes of the gfns bound there.
+    fn huge_range_private(&self, f: usize, h: u64, n: u64) -> bool {
+        let p = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
+        let file = &self.files[f];
+        if let Some(a) = &file.attrs {
+            return a.uniform(h, h + n).is_some_and(|v| v & p != 0);
+        }
+        let Some((bs, b)) = file.binding_at(h) else {
+            return false;
+        };
+        if b.shared_side || h + n > b.end {
+            return false;
+        }
+        let g0 = self.vms[b.vm].slots[&b.slot].base_gfn + (h - bs);
+        self.vms[b.vm]
+            .attrs
+            .uniform(g0, g0 + n)
+            .is_some_and(|v| v & p != 0)
+    }
+
+    /// The HugeTLB work of a conversion on a two-backing strategy: the private folio of a
+    /// page turning shared splits, and merges back once its whole range is private again
+    /// (the VMM may then punch the shared gfns' private pages one by one).
+    pub(crate) fn huge_private_side(&mut self, vm: usize, start: u64, end: u64, private: bool) {
+        for id in self.vms[vm].slots_in(start, end) {
+            let slot = &self.vms[vm].slots[&id];
+            let Some(b) = slot.gmem.filter(|b| b.live) else {
+                continue;
+            };
+            if self.files[b.file].order == 0 {
+                continue;
+            }
+            let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
+            let o0 = b.pgoff + (g0 - slot.base_gfn);
+            let o1 = o0 + (g1 - g0);
+            if !private {
+                self.split_range(vm, b.file, o0, o1);
+            } else if self.vms[vm].opts.merge == MergePolicy::Eager {
+                self.merge_range(b.file, o0, o1);
+            }
+        }
     }
 
     /// A background pass merging every mergeable huge folio of the VM's files.

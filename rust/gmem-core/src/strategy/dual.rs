@@ -1,6 +1,8 @@
 //! `dual`: private memory from guest_memfd, shared memory from the memslot's userspace
 //! address (mainline TDX/SNP). KVM never discards the side no longer used: the VMM does,
-//! with `fallocate(PUNCH_HOLE)` or `madvise(MADV_DONTNEED)`.
+//! with `fallocate(PUNCH_HOLE)` or `madvise(MADV_DONTNEED)`. A HugeTLB private folio
+//! splits when one of its pages turns shared and merges back once its whole range is
+//! private again.
 
 use super::{SharedSide, Strategy};
 use crate::host::Host;
@@ -20,5 +22,6 @@ impl Strategy for Dual {
         // The page changes under the guest: where the platform promises in-place content,
         // each page with content the other side does not hold is a broken promise.
         host.count_lost_content(vm, start, end, private);
+        host.huge_private_side(vm, start, end, private);
     }
 }

@@ -18,5 +18,6 @@ impl Strategy for TwoOffsets {
 
     fn after_convert(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
         host.count_lost_content(vm, start, end, private);
+        host.huge_private_side(vm, start, end, private);
     }
 }
