@@ -1163,3 +1163,30 @@ def test_two_offsets_without_a_shared_range_uses_userspace_memory():
     vm.guest_write((1 << 30) + PAGE, 7, private=False)
     assert second.nr_pages == 1
     vm.check()
+
+
+@pytest.mark.parametrize("vm_type", ["sw_protected", "tdx", "snp"])
+def test_populate_loads_the_initial_image(vm_type):
+    """kvm_gmem_populate(): private, guest_memfd-backed gfns only (EINVAL otherwise, and
+    nothing changes); the image is what the guest reads, not zeros; TDX adds each page
+    (no later AUG/ACCEPT), SNP assigns it in the RMP."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "dual")
+    size = 8 * PAGE
+    fd = vm.create_guest_memfd(size)
+    anon = host.mmap_anonymous(size)
+    vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, size, anon.addr, fd, 0)
+    vm.set_memory_attributes(0, 4 * PAGE, PRIV)
+    before = vm.stats()
+    with raises_errno(errno.EINVAL):
+        vm.populate(0, 5 * PAGE, 0xC0DE)  # page 4 is shared
+    assert vm.stats() == before
+    assert vm.populate(0, 4 * PAGE, 0xC0DE) == 4
+    assert vm.guest_read(PAGE, private=True) == 0xC0DE
+    s = vm.stats()
+    assert s["zeroed_pages"] == 0
+    if vm_type == "tdx":
+        assert (s["tdx_page_adds"], s["tdx_page_augs"], s["tdx_accepts"]) == (4, 0, 0)
+    if vm_type == "snp":
+        assert s["rmpupdates"] == 4
+        assert s["pvalidates"] == 0

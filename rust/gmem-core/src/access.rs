@@ -640,3 +640,64 @@ impl Host {
         }
     }
 }
+
+impl Host {
+    /// `kvm_gmem_populate()` as SNP `LAUNCH_UPDATE` / TDX `INIT_MEM_REGION` use it: load the
+    /// initial image into private guest_memfd pages `[gpa, gpa + size)` before the guest
+    /// runs. Every gfn must be private and backed by guest_memfd (`EINVAL`); the pages are
+    /// written, not zeroed (they become uptodate with the image). TDX adds each page with
+    /// `TDH.MEM.PAGE.ADD` (mapped in the S-EPT, no later AUG/ACCEPT); SNP assigns it in the
+    /// RMP. Returns the pages populated.
+    pub fn populate(&mut self, vm: usize, gpa: u64, size: u64, value: u64) -> Result<u64> {
+        if size == 0
+            || !gpa.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+            || gpa.checked_add(size).is_none()
+        {
+            return Err(einval(format!("populate range {gpa:#x}+{size:#x} invalid")));
+        }
+        let (g0, g1) = (gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT);
+        // Check the whole range first: a failed call changes nothing.
+        let mut targets = Vec::new();
+        for gfn in g0..g1 {
+            if !self.gfn_private(vm, gfn) {
+                return Err(einval(format!("populate: gfn {gfn:#x} is not private")));
+            }
+            let Some((f, off, true)) = self.vms[vm].slot_at(gfn).and_then(|s| s.offset_of(gfn))
+            else {
+                return Err(einval(format!("populate: gfn {gfn:#x} has no guest_memfd")));
+            };
+            targets.push((gfn, f, off));
+        }
+        for (gfn, f, off) in targets {
+            if self.files[f].page(off).is_none() {
+                self.gmem_alloc_folio(f, off)?;
+            }
+            let r = self.files[f].page(off).expect("just allocated");
+            self.files[f].mark_uptodate(off, r);
+            self.content.set(u64::from(r.pfn), value);
+            if !self.stale.is_empty() {
+                self.stale.remove(&r.pfn);
+            }
+            match self.vms[vm].vm_type {
+                VmType::Tdx => {
+                    self.vms[vm].s2.map(gfn, Level::L4K, r.pfn, true);
+                    self.vms[vm].refresh_stage2_counts();
+                    self.vms[vm].stats.tdx_page_adds += 1;
+                    let c = self.costs.tdx_page_add;
+                    self.charge(vm, c);
+                }
+                VmType::Snp => {
+                    if self.rmp.insert(r.pfn, (vm, gfn)).is_none() {
+                        self.vms[vm].stats.rmpupdates += 1;
+                        let c = self.costs.rmpupdate;
+                        self.charge(vm, c);
+                    }
+                }
+                VmType::SwProtected | VmType::Pkvm => {}
+            }
+        }
+        self.strict_check(vm)?;
+        Ok(g1 - g0)
+    }
+}

@@ -448,6 +448,15 @@ impl PyVm {
         })?)
     }
 
+    /// populate(gpa, size, value=0) -> pages: kvm_gmem_populate (SNP LAUNCH_UPDATE / TDX
+    /// INIT_MEM_REGION): load the initial image into private guest_memfd pages.
+    #[pyo3(signature = (gpa, size, value = 0))]
+    fn populate(&self, py: Python<'_>, gpa: u64, size: u64, value: u64) -> PyResult<u64> {
+        Ok(self
+            .shared
+            .detached(py, |h| h.populate(self.id, gpa, size, value))?)
+    }
+
     /// The attributes of `gfn`.
     fn get_memory_attributes(&self, gfn: u64) -> u64 {
         self.shared.lock().get_memory_attributes(self.id, gfn)
