@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
-use crate::attr_map::AttrMap;
+use crate::bit_attr_map::BitAttrMap;
 use crate::sparse::SparseVec;
 
 pub const UPTODATE: u32 = 1 << 31;
@@ -52,7 +52,7 @@ pub struct Gmem {
     pub nr_pages: u64,
     pub bindings: BTreeMap<u64, FileBinding>,
     /// Per-offset attributes (`inplace`, `attr_hook`): the in-place series' maple tree.
-    pub attrs: Option<AttrMap>,
+    pub attrs: Option<BitAttrMap>,
     /// Host pins (GUP references) per file page.
     pub pins: BTreeMap<u64, u32>,
     /// Pinned pages removed from the page cache: alive until unpinned.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashMap;
 
 use crate::alloc::{BuddyAllocator, MAX_PAGES};
-use crate::attr_map::AttrMap;
+use crate::bit_attr_map::BitAttrMap;
 use crate::cost::CostModel;
 use crate::error::{Result, einval, err, errno};
 use crate::guest_memfd::{FileBinding, Gmem};
@@ -376,7 +376,7 @@ impl Host {
             let init_shared = flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
             // In-place series: a file starts private unless INIT_SHARED. attr_hook keeps
             // mainline's VM semantics, where every gfn starts shared.
-            AttrMap::new(if init_shared || strategy != StrategyKind::Inplace {
+            BitAttrMap::new(if init_shared || strategy != StrategyKind::Inplace {
                 0
             } else {
                 uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE

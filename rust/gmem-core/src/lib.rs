@@ -8,6 +8,7 @@
 pub mod access;
 pub mod alloc;
 pub mod attr_map;
+pub mod bit_attr_map;
 pub mod check;
 pub mod convert;
 pub mod cost;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::attr_map::AttrMap;
+use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval};
 use crate::memslot::Memslot;
 use crate::metrics::Stats;
@@ -110,7 +110,7 @@ pub struct Vm {
     /// base gfn -> slot id (memslots never overlap).
     pub by_gfn: BTreeMap<u64, u32>,
     /// VM-scoped attributes (mainline `mem_attr_array`), default shared.
-    pub attrs: AttrMap,
+    pub attrs: BitAttrMap,
     pub s2: Stage2,
     pub stats: Stats,
     pub opts: Options,
@@ -125,7 +125,7 @@ impl Vm {
             strategy,
             slots: BTreeMap::new(),
             by_gfn: BTreeMap::new(),
-            attrs: AttrMap::new(0),
+            attrs: BitAttrMap::new(0),
             s2: Stage2::new(),
             stats: Stats::default(),
             opts: Options::default(),

@@ -1,0 +1,421 @@
+//! The memory-attribute map of a VM or a guest_memfd: two values per index (KVM defines
+//! one attribute, PRIVATE), kept in two levels.
+//!
+//! Indices are grouped in leaves of 4096. A coalescing interval map ([`AttrMap`]) over leaf
+//! numbers says whether each leaf is all-clear, all-set or mixed; only mixed leaves own a
+//! 512-byte bitmap, in a hash map. A single-page conversion in a fragmented region is a hash
+//! probe and a bit flip; a range conversion touches its two edge leaves, the interval map
+//! and the mixed leaves it covers — never one step per page. Uniformity over an aligned
+//! huge range (the kernel's "mixed" rule) is a few word compares. Indices are
+//! `[0, u64::MAX)`: gfns and file offsets stay far below.
+
+use rustc_hash::FxHashMap;
+
+use crate::attr_map::AttrMap;
+
+const LEAF_SHIFT: u32 = 12;
+const LEAF: u64 = 1 << LEAF_SHIFT;
+const WORDS: usize = (LEAF / 64) as usize;
+/// Leaf state in the coarse map: clear (0), set (1) or mixed.
+const MIXED: u64 = 2;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BitAttrMap {
+    /// `vals[0]`: the value of a clear bit (the map's default); `vals[1]`: of a set bit.
+    vals: [u64; 2],
+    has_set_value: bool,
+    coarse: AttrMap,
+    leaves: FxHashMap<u64, Box<[u64]>>,
+}
+
+/// Set bits of `b` in `[a, z)` (`a < z <= LEAF`).
+fn ones(b: &[u64], a: u64, z: u64) -> u64 {
+    let mut n = 0;
+    let mut i = a;
+    while i < z {
+        let w = (i / 64) as usize;
+        let lo = i % 64;
+        let hi = (z - (i - lo)).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        n += u64::from((b[w] & mask).count_ones());
+        i += hi - lo;
+    }
+    n
+}
+
+/// Set or clear bits of `b` in `[a, z)`.
+fn fill(b: &mut [u64], a: u64, z: u64, on: bool) {
+    let mut i = a;
+    while i < z {
+        let w = (i / 64) as usize;
+        let lo = i % 64;
+        let hi = (z - (i - lo)).min(64);
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        if on {
+            b[w] |= mask;
+        } else {
+            b[w] &= !mask;
+        }
+        i += hi - lo;
+    }
+}
+
+/// `Some(bit)` if the whole leaf holds one bit value.
+fn uniform_leaf(b: &[u64]) -> Option<u64> {
+    if b.iter().all(|&w| w == 0) {
+        Some(0)
+    } else if b.iter().all(|&w| w == u64::MAX) {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+impl BitAttrMap {
+    /// A map holding `default` everywhere.
+    pub fn new(default: u64) -> Self {
+        Self {
+            vals: [default, default],
+            has_set_value: false,
+            coarse: AttrMap::new(0),
+            leaves: FxHashMap::default(),
+        }
+    }
+
+    /// The bit standing for `value`, assigning the second value on first use.
+    ///
+    /// # Panics
+    /// On a third distinct value: the map holds two (KVM has one attribute bit).
+    fn bit_of(&mut self, value: u64) -> u64 {
+        if value == self.vals[0] {
+            return 0;
+        }
+        if !self.has_set_value {
+            self.vals[1] = value;
+            self.has_set_value = true;
+        }
+        assert_eq!(value, self.vals[1], "an attribute map holds two values");
+        1
+    }
+
+    /// The bit standing for `value`, if any index can hold it.
+    fn known_bit(&self, value: u64) -> Option<u64> {
+        if value == self.vals[0] {
+            Some(0)
+        } else if self.has_set_value && value == self.vals[1] {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// The value at `idx`.
+    #[inline]
+    pub fn get(&self, idx: u64) -> u64 {
+        let l = idx >> LEAF_SHIFT;
+        if !self.leaves.is_empty()
+            && let Some(b) = self.leaves.get(&l)
+        {
+            let i = idx % LEAF;
+            return self.vals[((b[(i / 64) as usize] >> (i % 64)) & 1) as usize];
+        }
+        self.vals[self.coarse.get(l) as usize]
+    }
+
+    /// Split `[start, end)` into an optional head leaf piece, whole leaves `[m0, m1)` and an
+    /// optional tail leaf piece: `(head, (m0, m1), tail)`, pieces as `(leaf, a, z)`.
+    #[allow(clippy::type_complexity)]
+    fn pieces(
+        start: u64,
+        end: u64,
+    ) -> (Option<(u64, u64, u64)>, (u64, u64), Option<(u64, u64, u64)>) {
+        let (l0, l1) = (start >> LEAF_SHIFT, (end - 1) >> LEAF_SHIFT);
+        if l0 == l1 {
+            let (a, z) = (start - (l0 << LEAF_SHIFT), end - (l0 << LEAF_SHIFT));
+            if a == 0 && z == LEAF {
+                return (None, (l0, l0 + 1), None);
+            }
+            return (Some((l0, a, z)), (l0, l0), None);
+        }
+        let mut m0 = l0;
+        let mut head = None;
+        if !start.is_multiple_of(LEAF) {
+            head = Some((l0, start % LEAF, LEAF));
+            m0 = l0 + 1;
+        }
+        let tail_len = end - (l1 << LEAF_SHIFT);
+        let mut m1 = l1 + 1;
+        let mut tail = None;
+        if tail_len != LEAF {
+            tail = Some((l1, 0, tail_len));
+            m1 = l1;
+        }
+        (head, (m0, m1.max(m0)), tail)
+    }
+
+    /// The bit over a piece of one leaf, `None` if mixed.
+    fn piece_uniform(&self, (l, a, z): (u64, u64, u64)) -> Option<u64> {
+        match self.leaves.get(&l) {
+            Some(b) => match ones(b, a, z) {
+                0 => Some(0),
+                n if n == z - a => Some(1),
+                _ => None,
+            },
+            None => Some(self.coarse.get(l)),
+        }
+    }
+
+    /// `Some(v)` if every index in `[start, end)` holds `v`; `None` if mixed or empty.
+    pub fn uniform(&self, start: u64, end: u64) -> Option<u64> {
+        if start >= end {
+            return None;
+        }
+        let (head, (m0, m1), tail) = Self::pieces(start, end);
+        let mut bit: Option<u64> = None;
+        let mut agree = |b: Option<u64>| -> bool {
+            match (b, bit) {
+                (None, _) => false,
+                (Some(x), None) => {
+                    bit = Some(x);
+                    true
+                }
+                (Some(x), Some(y)) => x == y,
+            }
+        };
+        if let Some(p) = head
+            && !agree(self.piece_uniform(p))
+        {
+            return None;
+        }
+        if m0 < m1 {
+            let s = self.coarse.uniform(m0, m1).filter(|&s| s != MIXED);
+            if !agree(s) {
+                return None;
+            }
+        }
+        if let Some(p) = tail
+            && !agree(self.piece_uniform(p))
+        {
+            return None;
+        }
+        bit.map(|b| self.vals[b as usize])
+    }
+
+    /// Indices of one leaf piece holding `bit`.
+    fn piece_count(&self, (l, a, z): (u64, u64, u64), bit: u64) -> u64 {
+        match self.leaves.get(&l) {
+            Some(b) => {
+                let n = ones(b, a, z);
+                if bit == 1 { n } else { z - a - n }
+            }
+            None => {
+                if self.coarse.get(l) == bit {
+                    z - a
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// Indices of whole leaves `[m0, m1)` holding `bit`: O(runs + mixed leaves).
+    fn full_count(&self, m0: u64, m1: u64, bit: u64) -> u64 {
+        let mut n = 0u64;
+        for (a, b, s) in self.coarse.runs(m0, m1) {
+            if s == MIXED {
+                for l in a..b {
+                    n = n.saturating_add(self.piece_count((l, 0, LEAF), bit));
+                }
+            } else if s == bit {
+                n = n.saturating_add((b - a).saturating_mul(LEAF));
+            }
+        }
+        n
+    }
+
+    /// How many indices of `[start, end)` hold `value`.
+    pub fn count(&self, start: u64, end: u64, value: u64) -> u64 {
+        if start >= end {
+            return 0;
+        }
+        let Some(bit) = self.known_bit(value) else {
+            return 0;
+        };
+        let (head, (m0, m1), tail) = Self::pieces(start, end);
+        let mut n = 0u64;
+        if let Some(p) = head {
+            n += self.piece_count(p, bit);
+        }
+        if m0 < m1 {
+            n = n.saturating_add(self.full_count(m0, m1, bit));
+        }
+        if let Some(p) = tail {
+            n = n.saturating_add(self.piece_count(p, bit));
+        }
+        n
+    }
+
+    /// Set `[a, z)` of leaf `l` to `bit`; returns the indices changed.
+    fn set_piece(&mut self, l: u64, a: u64, z: u64, bit: u64) -> u64 {
+        if let Some(b) = self.leaves.get_mut(&l) {
+            let n = ones(b, a, z);
+            let changed = if bit == 1 { z - a - n } else { n };
+            if changed == 0 {
+                return 0;
+            }
+            fill(b, a, z, bit == 1);
+            if let Some(u) = uniform_leaf(b) {
+                self.leaves.remove(&l);
+                self.coarse.set(l, l + 1, u);
+            }
+            return changed;
+        }
+        let s = self.coarse.get(l);
+        if s == bit {
+            return 0;
+        }
+        let mut b = vec![if s == 1 { u64::MAX } else { 0 }; WORDS];
+        fill(&mut b, a, z, bit == 1);
+        if let Some(u) = uniform_leaf(&b) {
+            self.coarse.set(l, l + 1, u);
+        } else {
+            self.leaves.insert(l, b.into());
+            self.coarse.set(l, l + 1, MIXED);
+        }
+        z - a
+    }
+
+    /// Set `[start, end)` to `value`; returns how many indices changed value.
+    ///
+    /// # Panics
+    /// If `value` would be a third distinct value of the map.
+    pub fn set_count(&mut self, start: u64, end: u64, value: u64) -> u64 {
+        if start >= end {
+            return 0;
+        }
+        let bit = self.bit_of(value);
+        let (head, (m0, m1), tail) = Self::pieces(start, end);
+        let mut changed = 0u64;
+        if let Some((l, a, z)) = head {
+            changed += self.set_piece(l, a, z, bit);
+        }
+        if m0 < m1 {
+            let runs: Vec<(u64, u64, u64)> = self.coarse.runs(m0, m1).collect();
+            for (a, b, s) in runs {
+                if s == MIXED {
+                    for l in a..b {
+                        if let Some(bm) = self.leaves.remove(&l) {
+                            let n = ones(&bm, 0, LEAF);
+                            changed += if bit == 1 { LEAF - n } else { n };
+                        }
+                    }
+                } else if s != bit {
+                    changed = changed.saturating_add((b - a).saturating_mul(LEAF));
+                }
+            }
+            self.coarse.set(m0, m1, bit);
+        }
+        if let Some((l, a, z)) = tail {
+            changed = changed.saturating_add(self.set_piece(l, a, z, bit));
+        }
+        changed
+    }
+
+    /// Set `[start, end)` to `value`. Returns whether anything changed.
+    pub fn set(&mut self, start: u64, end: u64, value: u64) -> bool {
+        self.set_count(start, end, value) > 0
+    }
+
+    /// Number of maximal runs of equal value over the whole index space.
+    pub fn intervals(&self) -> usize {
+        let mut n = 0usize;
+        let mut last: Option<bool> = None;
+        let mut push = |on: bool| {
+            if last != Some(on) {
+                n += 1;
+                last = Some(on);
+            }
+        };
+        for (a, b, s) in self.coarse.runs(0, u64::MAX) {
+            if s != MIXED {
+                push(s == 1);
+                continue;
+            }
+            for l in a..b {
+                for &w in &self.leaves[&l] {
+                    match w {
+                        0 => push(false),
+                        u64::MAX => push(true),
+                        _ => (0..64).for_each(|i| push((w >> i) & 1 == 1)),
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Verify: the coarse map is coalesced and only holds clear/set/mixed; exactly the
+    /// mixed leaves own a bitmap, and no bitmap is uniform.
+    pub fn check(&self) -> Result<(), String> {
+        self.coarse.check()?;
+        let mut mixed = 0usize;
+        for (a, b, s) in self.coarse.runs(0, u64::MAX) {
+            if s > MIXED {
+                return Err(format!("attribute leaf state {s} at leaf {a:#x}"));
+            }
+            if s == MIXED {
+                for l in a..b {
+                    let Some(bm) = self.leaves.get(&l) else {
+                        return Err(format!("mixed attribute leaf {l:#x} has no bitmap"));
+                    };
+                    if bm.len() != WORDS || uniform_leaf(bm).is_some() {
+                        return Err(format!("attribute leaf {l:#x} marked mixed is uniform"));
+                    }
+                    mixed += 1;
+                }
+            }
+        }
+        if mixed != self.leaves.len() {
+            return Err(format!(
+                "{} attribute bitmaps for {mixed} mixed leaves",
+                self.leaves.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_pages_and_ranges() {
+        let mut m = BitAttrMap::new(0);
+        assert_eq!(m.set_count(5, 6, 8), 1);
+        assert_eq!(m.get(5), 8);
+        assert_eq!(m.get(4), 0);
+        assert_eq!(m.uniform(0, 5), Some(0));
+        assert_eq!(m.uniform(4, 6), None);
+        assert_eq!(m.intervals(), 3);
+        assert_eq!(m.set_count(0, 1 << 20, 8), (1 << 20) - 1);
+        assert_eq!(m.intervals(), 2);
+        assert!(m.leaves.is_empty());
+        assert_eq!(m.count(100, 1 << 21, 8), (1 << 20) - 100);
+        assert_eq!(m.set_count(4095, 4097, 0), 2);
+        assert_eq!(m.uniform(4095, 4097), Some(0));
+        assert_eq!(m.count(0, 1 << 20, 0), 2);
+        m.check().unwrap();
+        assert_eq!(m.set_count(0, u64::MAX, 0), (1 << 20) - 2);
+        assert_eq!(m.intervals(), 1);
+        m.check().unwrap();
+    }
+}
