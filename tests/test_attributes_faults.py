@@ -6,7 +6,6 @@ KERNEL.md §1/§2 and private_mem_kvm_exits_test.c (§5 items 20, 21).
 from __future__ import annotations
 
 import errno
-import time
 
 import pytest
 
@@ -102,14 +101,13 @@ def test_attributes_last_page_below_wrap(api, vm):
     assert vm.get_memory_attributes(((1 << 64) - 2 * PAGE) >> 12) == _priv(api)
 
 
-def test_attributes_huge_range_is_fast(api, vm):
-    """The interval map makes converting 1 TiB cheap; the kernel would walk 2^28 gfns."""
-    t = time.perf_counter()
+def test_attributes_huge_ranges(api, vm):
+    """Converting 1 TiB at once (the kernel would walk 2^28 gfns; speed is measured in
+    benches/, not here)."""
     vm.set_memory_attributes(0, 1 << 40, _priv(api))
     vm.set_memory_attributes(GiB, 2 * GiB, 0)
     vm.set_memory_attributes(0, 1 << 40, 0)
     vm.set_memory_attributes(4 * PAGE, (1 << 40) - 8 * PAGE, _priv(api))
-    assert time.perf_counter() - t < 2.0
     assert vm.get_memory_attributes(3) == 0
     assert vm.get_memory_attributes(4) == _priv(api)
     assert vm.get_memory_attributes(((1 << 40) >> 12) - 5) == _priv(api)
