@@ -57,6 +57,9 @@ pub struct Leaf {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Table {
     present: [u64; 8],
+    /// Which present entries are private: a filtered zap decides from the two bitmaps in
+    /// the slot alone, without touching `entries` (a cache miss per page).
+    private: [u64; 8],
     entries: Box<[u32]>,
     count: u32,
 }
@@ -65,6 +68,7 @@ impl Table {
     fn new() -> Self {
         Self {
             present: [0; 8],
+            private: [0; 8],
             entries: Box::new([0; 512]),
             count: 0,
         }
@@ -178,6 +182,9 @@ impl Stage2 {
                 let i = (gfn & 511) as usize;
                 t.entries[i] = e;
                 t.set_bit(i, true);
+                if private {
+                    t.private[i / 64] |= 1 << (i % 64);
+                }
                 t.count += 1;
             }
         }
@@ -250,21 +257,30 @@ impl Stage2 {
                 let lo = start.max(base) - base;
                 let hi = end.min(base + 512) - base;
                 for w in (lo / 64)..=((hi - 1) / 64) {
-                    let mut bits = t.present[w as usize];
-                    while bits != 0 {
-                        let b = u64::from(bits.trailing_zeros());
-                        bits &= bits - 1;
-                        let i = w * 64 + b;
-                        if i < lo || i >= hi || keep(unpack(t.entries[i as usize]).1) {
-                            continue;
-                        }
-                        t.set_bit(i as usize, false);
-                        t.entries[i as usize] = 0;
-                        t.count -= 1;
-                        self.counts[Level::L4K as usize] -= 1;
-                        z.leaves += 1;
-                        z.pages += 1;
+                    let (wlo, whi) = (lo.max(w * 64) - w * 64, hi.min(w * 64 + 64) - w * 64);
+                    let span = whi - wlo;
+                    let mask = if span == 64 {
+                        u64::MAX
+                    } else {
+                        ((1u64 << span) - 1) << wlo
+                    };
+                    let w = w as usize;
+                    let mut bits = t.present[w] & mask;
+                    match filter {
+                        Some(true) => bits &= t.private[w],
+                        Some(false) => bits &= !t.private[w],
+                        None => {}
                     }
+                    if bits == 0 {
+                        continue;
+                    }
+                    let n = u64::from(bits.count_ones());
+                    t.present[w] &= !bits;
+                    t.private[w] &= !bits;
+                    t.count -= n as u32;
+                    self.counts[Level::L4K as usize] -= n;
+                    z.leaves += n;
+                    z.pages += n;
                 }
                 t.count == 0
             }
@@ -333,6 +349,21 @@ impl Stage2 {
                     let n: u32 = t.present.iter().map(|w| w.count_ones()).sum();
                     if n != t.count || n == 0 {
                         return Err(format!("stage-2: table at gfn {:#x} miscounted", k << 9));
+                    }
+                    for i in (0..512).filter(|&i| t.has(i)) {
+                        let bit = t.private[i / 64] >> (i % 64) & 1 == 1;
+                        if bit != unpack(t.entries[i]).1 {
+                            return Err(format!(
+                                "stage-2: private bit of gfn {:#x} disagrees with its entry",
+                                (k << 9) + i as u64
+                            ));
+                        }
+                    }
+                    if (0..8).any(|w| t.private[w] & !t.present[w] != 0) {
+                        return Err(format!(
+                            "stage-2: private bits without entries at {:#x}",
+                            k << 9
+                        ));
                     }
                     c[0] += u64::from(n);
                 }
