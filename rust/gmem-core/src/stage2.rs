@@ -1,9 +1,10 @@
 //! The stage-2 (EPT/NPT) page table of one VM: gfn -> (pfn, level, private).
 //!
-//! A lazily built radix: 1 GiB leaves in one ordered map, 2 MiB slots (a 2 MiB leaf or a
-//! table of 512 4 KiB entries with a presence bitmap) in another. Only what is mapped
-//! exists; a range zap walks the ordered maps from the range's start and touches only
-//! present entries. Live leaf counts per level are kept incrementally.
+//! A lazily built radix: 1 GiB leaves in an ordered map, 2 MiB slots (a 2 MiB leaf, or a
+//! table of 512 4 KiB entries with presence and private bitmaps) in a hash map. Only what
+//! is mapped exists; a range zap probes the slots of a small range or walks the present
+//! slots of a large one, and clears 4 KiB leaves through the bitmaps alone. Live leaf
+//! counts per level are kept incrementally.
 
 use std::collections::BTreeMap;
 
