@@ -28,43 +28,35 @@ pub struct BitAttrMap {
     leaves: FxHashMap<u64, Box<[u64]>>,
 }
 
-/// Set bits of `b` in `[a, z)` (`a < z <= LEAF`).
-fn ones(b: &[u64], a: u64, z: u64) -> u64 {
-    let mut n = 0;
-    let mut i = a;
-    while i < z {
-        let w = (i / 64) as usize;
-        let lo = i % 64;
-        let hi = (z - (i - lo)).min(64);
+/// The words of a leaf that `[a, z)` touches, with the mask of its bits in each
+/// (`a < z <= LEAF`).
+fn word_masks(a: u64, z: u64) -> impl Iterator<Item = (usize, u64)> {
+    (a / 64..z.div_ceil(64)).map(move |w| {
+        let (lo, hi) = (a.max(w * 64) - w * 64, z.min(w * 64 + 64) - w * 64);
         let mask = if hi - lo == 64 {
             u64::MAX
         } else {
             ((1u64 << (hi - lo)) - 1) << lo
         };
-        n += u64::from((b[w] & mask).count_ones());
-        i += hi - lo;
-    }
-    n
+        (w as usize, mask)
+    })
+}
+
+/// Set bits of `b` in `[a, z)`.
+fn ones(b: &[u64], a: u64, z: u64) -> u64 {
+    word_masks(a, z)
+        .map(|(w, m)| u64::from((b[w] & m).count_ones()))
+        .sum()
 }
 
 /// Set or clear bits of `b` in `[a, z)`.
 fn fill(b: &mut [u64], a: u64, z: u64, on: bool) {
-    let mut i = a;
-    while i < z {
-        let w = (i / 64) as usize;
-        let lo = i % 64;
-        let hi = (z - (i - lo)).min(64);
-        let mask = if hi - lo == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << (hi - lo)) - 1) << lo
-        };
+    for (w, m) in word_masks(a, z) {
         if on {
-            b[w] |= mask;
+            b[w] |= m;
         } else {
-            b[w] &= !mask;
+            b[w] &= !m;
         }
-        i += hi - lo;
     }
 }
 
