@@ -2,20 +2,18 @@
 //! as the "same work driven from Rust" baseline of the benchmarks.
 //!
 //! `cargo run --release -p gmem-core --example drive -- [strategy] [log2 pages] [events]`
+//!
+//! `... --example drive -- goal [log2 pages] [events] [rounds]` runs the scenario of the
+//! `apply-vs-numpy` benchmark instead: a `dual` guest, all private and mapped, fragmented
+//! to ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of
+//! mapped private pages (remapped, untimed, between rounds) and private reads of them.
 
 use std::time::Instant;
 
 use gmem_core::{GmemArg, Host, MemRegion, StrategyKind, VmType, uapi};
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let strategy =
-        StrategyKind::parse(args.get(1).map_or("dual", String::as_str)).expect("strategy");
-    let log2: u32 = args.get(2).map_or(24, |s| s.parse().expect("log2 pages"));
-    let events: usize = args
-        .get(3)
-        .map_or(1_000_000, |s| s.parse().expect("events"));
-    let pages = 1u64 << log2;
+/// A host with one VM of `pages` pages: one guest_memfd memslot at gpa 0.
+fn guest(strategy: StrategyKind, pages: u64) -> (Host, usize) {
     let bytes = pages << 12;
     let mut h = Host::new(bytes + (1 << 30)).expect("host");
     let vm = h.create_vm(VmType::SwProtected, strategy);
@@ -41,14 +39,144 @@ fn main() {
         shared_offset: shared.1,
     };
     h.set_user_memory_region2(vm, region).expect("memslot");
-    // xorshift: deterministic pseudo-random gfns without a dependency.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
+    (h, vm)
+}
+
+/// xorshift: deterministic pseudo-random numbers without a dependency.
+fn rng(seed: u64) -> impl FnMut() -> u64 {
+    let mut x = seed;
+    move || {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         x
+    }
+}
+
+/// `perf record --control fifo:CTL,ACK -D -1` support: with `GMEM_PERF_CTL=CTL,ACK` set,
+/// sampling is switched on only around the timed calls named by `GMEM_PERF_OP`
+/// (`convert` or `read`).
+struct PerfCtl(Option<(std::fs::File, std::io::BufReader<std::fs::File>, String)>);
+
+impl PerfCtl {
+    fn new() -> Self {
+        let Ok(v) = std::env::var("GMEM_PERF_CTL") else {
+            return Self(None);
+        };
+        let (ctl, ack) = v.split_once(',').expect("GMEM_PERF_CTL=ctl,ack");
+        let op = std::env::var("GMEM_PERF_OP").unwrap_or_else(|_| "convert".into());
+        let ctl = std::fs::OpenOptions::new()
+            .write(true)
+            .open(ctl)
+            .expect("ctl");
+        let ack = std::io::BufReader::new(std::fs::File::open(ack).expect("ack"));
+        Self(Some((ctl, ack, op)))
+    }
+    fn switch(&mut self, op: &str, on: bool) {
+        use std::io::{BufRead, Write};
+        if let Some((ctl, ack, want)) = &mut self.0
+            && want == op
+        {
+            ctl.write_all(if on { b"enable\n" } else { b"disable\n" })
+                .expect("perf ctl");
+            let mut line = String::new();
+            ack.read_line(&mut line).expect("perf ack");
+        }
+    }
+}
+
+fn goal(log2: u32, events: usize, rounds: usize) {
+    let pages = 1u64 << log2;
+    let (mut h, vm) = guest(StrategyKind::Dual, pages);
+    let bytes = pages << 12;
+    h.set_memory_attributes(vm, 0, bytes, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+        .expect("private");
+    // Populate: private writes in 512-page events.
+    let n = usize::try_from(pages / 512).expect("fits");
+    let g: Vec<u64> = (0..pages).step_by(512).collect();
+    let st = h
+        .apply(vm, &vec![4; n], &g, &vec![512; n], &g, None)
+        .expect("apply");
+    assert!(st.iter().all(|&s| s == 0));
+    // Fragment: every stride-th page shared, for ~10^5 and then ~10^6 runs.
+    let mut shared = std::collections::HashSet::new();
+    for intervals in [100_000u64, 1_000_000] {
+        let stride = (pages / (intervals / 2)).max(2);
+        let g: Vec<u64> = (0..intervals / 2)
+            .map(|i| i * stride + 1)
+            .filter(|&g| g < pages)
+            .collect();
+        shared.extend(g.iter().copied());
+        let k = g.len();
+        h.apply(vm, &vec![1; k], &g, &vec![1; k], &vec![0; k], None)
+            .expect("apply");
+    }
+    let mut next = rng(0x9E37_79B9_7F4A_7C15);
+    let mut seen = std::collections::HashSet::new();
+    let mut targets = Vec::with_capacity(events);
+    while targets.len() < events {
+        let g = next() % pages;
+        if !shared.contains(&g) && seen.insert(g) {
+            targets.push(g);
+        }
+    }
+    let k = targets.len();
+    let (ones, zeros) = (vec![1u64; k], vec![0u64; k]);
+    let (mut conv, mut read) = (Vec::new(), Vec::new());
+    let mut perf = PerfCtl::new();
+    for _ in 0..rounds {
+        h.apply(vm, &vec![0; k], &targets, &ones, &zeros, None)
+            .expect("apply");
+        h.apply(vm, &vec![2; k], &targets, &ones, &zeros, None)
+            .expect("apply");
+        let rd = vec![2; k];
+        perf.switch("read", true);
+        let t = Instant::now();
+        h.apply(vm, &rd, &targets, &ones, &zeros, None)
+            .expect("apply");
+        read.push(t.elapsed().as_nanos() as f64 / k as f64);
+        perf.switch("read", false);
+        let cv = vec![1; k];
+        perf.switch("convert", true);
+        let t = Instant::now();
+        let st = h
+            .apply(vm, &cv, &targets, &ones, &zeros, None)
+            .expect("apply");
+        conv.push(t.elapsed().as_nanos() as f64 / k as f64);
+        perf.switch("convert", false);
+        assert!(st.iter().all(|&s| s == 0));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     };
+    println!(
+        "goal at 2^{log2} pages, {} intervals, {k} events x {rounds} rounds: conversion {:.1} ns/event, read {:.1} ns/event (medians)",
+        h.vm(vm).attrs.intervals(),
+        median(&mut conv),
+        median(&mut read)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("goal") {
+        let log2: u32 = args.get(2).map_or(24, |s| s.parse().expect("log2 pages"));
+        let events = args.get(3).map_or(100_000, |s| s.parse().expect("events"));
+        let rounds = args.get(4).map_or(7, |s| s.parse().expect("rounds"));
+        goal(log2, events, rounds);
+        return;
+    }
+    let strategy =
+        StrategyKind::parse(args.get(1).map_or("dual", String::as_str)).expect("strategy");
+    let log2: u32 = args.get(2).map_or(24, |s| s.parse().expect("log2 pages"));
+    let events: usize = args
+        .get(3)
+        .map_or(1_000_000, |s| s.parse().expect("events"));
+    let pages = 1u64 << log2;
+    let bytes = pages << 12;
+    let (mut h, vm) = guest(strategy, pages);
+    let mut next = rng(0x9E37_79B9_7F4A_7C15);
     let gfns: Vec<u64> = (0..events).map(|_| next() % pages).collect();
     let ops: Vec<u8> = (0..events).map(|i| (i % 2) as u8).collect();
     let ones = vec![1u64; events];

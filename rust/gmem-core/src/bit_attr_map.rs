@@ -122,6 +122,17 @@ impl BitAttrMap {
         self.vals[self.coarse.get(l) as usize]
     }
 
+    /// Hint the cache about `idx`'s word, ahead of a `get` or a store there (a batch issues
+    /// it a few events early, so that the misses of several events overlap).
+    #[inline]
+    pub fn prefetch(&self, idx: u64) {
+        if !self.leaves.is_empty()
+            && let Some(b) = self.leaves.get(&(idx >> LEAF_SHIFT))
+        {
+            mem_prefetch::prefetch_write_data::<_, 3>(&b[((idx % LEAF) / 64) as usize]);
+        }
+    }
+
     /// Split `[start, end)` into an optional head leaf piece, whole leaves `[m0, m1)` and an
     /// optional tail leaf piece: `(head, (m0, m1), tail)`, pieces as `(leaf, a, z)`.
     #[allow(clippy::type_complexity)]

@@ -1,5 +1,7 @@
 //! The conversion path shared by every strategy, and the backing work strategies call.
 
+use smallvec::SmallVec;
+
 use crate::error::{Error, Result, einval, err, errno};
 use crate::host::Host;
 use crate::mapping::MapKind;
@@ -25,7 +27,7 @@ impl BoundPart {
 
 impl Host {
     /// The live private-side bindings covering `[start, end)`, in gfn order.
-    pub(crate) fn bound_parts(&self, vm: usize, start: u64, end: u64) -> Vec<BoundPart> {
+    pub(crate) fn bound_parts(&self, vm: usize, start: u64, end: u64) -> SmallVec<[BoundPart; 2]> {
         let v = &self.vms[vm];
         v.slots_in(start, end)
             .into_iter()
@@ -87,7 +89,7 @@ impl Host {
         let parts = if strategy.file_attrs() {
             self.bound_parts(vm, start, end)
         } else {
-            Vec::new()
+            SmallVec::new()
         };
         if parts.is_empty() && !strategy.imp().has_gate() {
             // One walk stores the value and says whether anything changed.

@@ -41,6 +41,14 @@ impl<T: Copy + Default + PartialEq> SparseVec<T> {
         }
     }
 
+    /// Hint the cache about `idx`'s entry (see `BitAttrMap::prefetch`).
+    #[inline]
+    pub fn prefetch(&self, idx: u64) {
+        if let Some(c) = self.chunks.get(&(idx / CHUNK)) {
+            mem_prefetch::prefetch_write_data::<_, 3>(&c.data[(idx % CHUNK) as usize]);
+        }
+    }
+
     /// Store `v` at `idx`, returning the previous value.
     #[inline]
     pub fn set(&mut self, idx: u64, v: T) -> T {

@@ -1,10 +1,14 @@
 //! The stage-2 (EPT/NPT) page table of one VM: gfn -> (pfn, level, private).
 //!
-//! A lazily built radix: 1 GiB leaves in an ordered map, 2 MiB slots (a 2 MiB leaf, or a
-//! table of 512 4 KiB entries with presence and private bitmaps) in a hash map. Only what
-//! is mapped exists; a range zap probes the slots of a small range or walks the present
-//! slots of a large one, and clears 4 KiB leaves through the bitmaps alone. Live leaf
-//! counts per level are kept incrementally.
+//! A lazily built radix: 1 GiB leaves in an ordered map; 2 MiB slots (a 2 MiB leaf, or a
+//! table of 512 4 KiB entries with presence and private bitmaps) in a slab, found through
+//! a directory of 1 GiB regions (a hash map of 512 slab indices each). The directory is
+//! small enough to stay cached, so a slot's address is known without touching the slot:
+//! `apply` prefetches the slots of the events ahead. Bitmaps, slot kinds and frames are
+//! separate arrays at the slot's index: a conversion's zap touches one line of bitmaps,
+//! only a read the frames. Only what is mapped exists; a range zap probes the slots of a
+//! small range or walks the present regions of a large one, and clears 4 KiB leaves
+//! through the bitmaps alone. Live leaf counts per level are kept incrementally.
 
 use std::collections::BTreeMap;
 
@@ -55,43 +59,21 @@ pub struct Leaf {
     pub private: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct Table {
-    present: [u64; 8],
-    /// Which present entries are private: a filtered zap decides from the two bitmaps in
-    /// the slot alone, without touching `entries` (a cache miss per page).
-    private: [u64; 8],
-    entries: Box<[u32]>,
-    count: u32,
-}
-
-impl Table {
-    fn new() -> Self {
-        Self {
-            present: [0; 8],
-            private: [0; 8],
-            entries: Box::new([0; 512]),
-            count: 0,
-        }
-    }
-    #[inline]
-    fn has(&self, i: usize) -> bool {
-        self.present[i / 64] & (1 << (i % 64)) != 0
-    }
-    fn set_bit(&mut self, i: usize, on: bool) {
-        if on {
-            self.present[i / 64] |= 1 << (i % 64);
-        } else {
-            self.present[i / 64] &= !(1 << (i % 64));
-        }
-    }
-}
-
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-enum Slot2M {
+/// A 2 MiB slot: empty (on the free list), a 2 MiB leaf, or a table of `count` 4 KiB
+/// leaves whose bits and frames are in `Stage2::bits` and `Stage2::frames` at the same
+/// index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+enum Slot {
+    Vacant,
     Leaf(u32),
-    Table(Table),
+    Table(u32),
 }
+
+/// A table's bits: per 64-entry word `w`, `[present, private]` side by side, two cache
+/// lines per table, so a 1-page zap decides from one line without touching the frames.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[repr(C, align(64))]
+struct Bits([[u64; 2]; 8]);
 
 /// What a zap removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -102,11 +84,26 @@ pub struct Zapped {
     pub pages: u64,
 }
 
+/// 2 MiB slots per 1 GiB region.
+const SLOTS: usize = 512;
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stage2 {
     l1g: BTreeMap<u64, u32>,
-    /// 2 MiB slots by `gfn >> 9`: hashed, so a lookup is one probe.
-    l2m: FxHashMap<u64, Slot2M>,
+    /// 1 GiB regions by `gfn >> 18`, each the slab index + 1 of its 512 2 MiB slots
+    /// (0: none): 2 KiB per region with anything mapped at 4 KiB or 2 MiB.
+    dir: FxHashMap<u64, Box<[u32]>>,
+    /// The slots, in a slab (freed entries are reused); the directory gives a slot's
+    /// index without touching the slot, so a batch can prefetch it.
+    slots: Vec<Slot>,
+    /// The bitmaps of each table slot, at the slot's index: 128 bytes per 2 MiB (4 MiB
+    /// for a 64 GiB guest: cache-resident).
+    bits: Vec<Bits>,
+    /// The 512 4 KiB entries of each table slot, at the slot's index: a read's frame.
+    frames: Vec<Option<Box<[u32]>>>,
+    free: Vec<u32>,
+    /// 2 MiB slots in use.
+    used: u64,
     counts: [u64; 3],
 }
 
@@ -118,6 +115,14 @@ impl Stage2 {
     /// Live leaves per level: `[4K, 2M, 1G]`.
     pub fn counts(&self) -> [u64; 3] {
         self.counts
+    }
+
+    /// Slab index of 2 MiB slot `k` (`gfn >> 9`), if it exists.
+    #[inline]
+    fn index(&self, k: u64) -> Option<usize> {
+        let r = self.dir.get(&(k >> 9))?;
+        let i = r[(k % SLOTS as u64) as usize];
+        (i != 0).then(|| i as usize - 1)
     }
 
     /// The leaf mapping `gfn`, if any.
@@ -134,8 +139,9 @@ impl Stage2 {
                 private,
             });
         }
-        match self.l2m.get(&(gfn >> 9))? {
-            Slot2M::Leaf(e) => {
+        let s = self.index(gfn >> 9)?;
+        match &self.slots[s] {
+            Slot::Leaf(e) => {
                 let (pfn, private) = unpack(*e);
                 Some(Leaf {
                     gfn: gfn & !511,
@@ -144,10 +150,11 @@ impl Stage2 {
                     private,
                 })
             }
-            Slot2M::Table(t) => {
+            Slot::Table(_) => {
                 let i = (gfn & 511) as usize;
-                t.has(i).then(|| {
-                    let (pfn, private) = unpack(t.entries[i]);
+                (self.bits[s].0[i / 64][0] & (1 << (i % 64)) != 0).then(|| {
+                    let f = self.frames[s].as_ref().expect("table frames");
+                    let (pfn, private) = unpack(f[i]);
                     Leaf {
                         gfn,
                         level: Level::L4K,
@@ -156,6 +163,64 @@ impl Stage2 {
                     }
                 })
             }
+            Slot::Vacant => None,
+        }
+    }
+
+    /// Hint the cache about `gfn`'s slot bits and, with `entry`, its 4 KiB entry (see
+    /// `BitAttrMap::prefetch`). Touches only the directory (2 KiB per GiB).
+    #[inline]
+    pub fn prefetch(&self, gfn: u64, entry: bool) {
+        if let Some(s) = self.index(gfn >> 9) {
+            let i = (gfn & 511) as usize;
+            mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
+            mem_prefetch::prefetch_write_data::<_, 3>(&self.bits[s].0[i / 64]);
+            if entry && let Some(f) = &self.frames[s] {
+                mem_prefetch::prefetch_read_data::<_, 3>(&f[i]);
+            }
+        }
+    }
+
+    /// The slab index of slot `k`, creating it as an empty table if absent.
+    fn slot_for_table(&mut self, k: u64) -> usize {
+        if let Some(s) = self.index(k) {
+            return s;
+        }
+        let s = if let Some(s) = self.free.pop() {
+            s as usize
+        } else {
+            self.slots.push(Slot::Vacant);
+            self.bits.push(Bits::default());
+            self.frames.push(None);
+            self.slots.len() - 1
+        };
+        self.slots[s] = Slot::Table(0);
+        self.bits[s] = Bits::default();
+        self.frames[s] = Some(vec![0; SLOTS].into());
+        self.link(k, s);
+        s
+    }
+
+    fn link(&mut self, k: u64, s: usize) {
+        let r = self
+            .dir
+            .entry(k >> 9)
+            .or_insert_with(|| vec![0; SLOTS].into());
+        r[(k % SLOTS as u64) as usize] = u32::try_from(s + 1).expect("fewer than 2^32 slots");
+        self.used += 1;
+    }
+
+    /// Free slot `k` (at slab index `s`).
+    fn unlink(&mut self, k: u64, s: usize) {
+        self.slots[s] = Slot::Vacant;
+        self.frames[s] = None;
+        self.free
+            .push(u32::try_from(s).expect("fewer than 2^32 slots"));
+        self.used -= 1;
+        let r = self.dir.get_mut(&(k >> 9)).expect("linked slot");
+        r[(k % SLOTS as u64) as usize] = 0;
+        if r.iter().all(|&i| i == 0) {
+            self.dir.remove(&(k >> 9));
         }
     }
 
@@ -170,23 +235,25 @@ impl Stage2 {
                 self.l1g.insert(gfn >> 18, e);
             }
             Level::L2M => {
-                self.l2m.insert(gfn >> 9, Slot2M::Leaf(e));
+                // The range was zapped: no slot is left at `gfn >> 9`.
+                let k = gfn >> 9;
+                let s = self.slot_for_table(k);
+                self.slots[s] = Slot::Leaf(e);
+                self.frames[s] = None;
             }
             Level::L4K => {
-                let slot = self
-                    .l2m
-                    .entry(gfn >> 9)
-                    .or_insert_with(|| Slot2M::Table(Table::new()));
-                let Slot2M::Table(t) = slot else {
+                let s = self.slot_for_table(gfn >> 9);
+                let Slot::Table(count) = &mut self.slots[s] else {
                     unreachable!("range was zapped")
                 };
                 let i = (gfn & 511) as usize;
-                t.entries[i] = e;
-                t.set_bit(i, true);
+                let w = &mut self.bits[s].0[i / 64];
+                w[0] |= 1 << (i % 64);
                 if private {
-                    t.private[i / 64] |= 1 << (i % 64);
+                    w[1] |= 1 << (i % 64);
                 }
-                t.count += 1;
+                *count += 1;
+                self.frames[s].as_mut().expect("table frames")[i] = e;
             }
         }
         self.counts[level as usize] += 1;
@@ -215,36 +282,51 @@ impl Stage2 {
                 z.pages += Level::L1G.pages();
             }
         }
-        // Probe the slots of a small range; walk the present slots for a large one: either
-        // way O(min(range / 512, slots present)).
+        // Probe the slots of a small range; walk the regions present for a large one:
+        // either way O(min(range / 512, slots present + 512 x regions present)).
         let (k0, k1) = (start >> 9, (end - 1) >> 9);
-        if k1 - k0 < self.l2m.len() as u64 {
+        if k1 - k0 < self.used {
             for k in k0..=k1 {
-                self.zap_slot(k, start, end, filter, &mut z);
+                if let Some(s) = self.index(k) {
+                    self.zap_slot(k, s, start, end, filter, &mut z);
+                }
             }
         } else {
-            let keys: Vec<u64> = self
-                .l2m
-                .keys()
-                .copied()
-                .filter(|k| (k0..=k1).contains(k))
-                .collect();
-            for k in keys {
-                self.zap_slot(k, start, end, filter, &mut z);
+            let mut found: Vec<(u64, usize)> = Vec::new();
+            for (&r, idx) in &self.dir {
+                if r < k0 >> 9 || r > k1 >> 9 {
+                    continue;
+                }
+                for (j, &i) in idx.iter().enumerate() {
+                    let k = (r << 9) + j as u64;
+                    if i != 0 && (k0..=k1).contains(&k) {
+                        found.push((k, i as usize - 1));
+                    }
+                }
+            }
+            for (k, s) in found {
+                self.zap_slot(k, s, start, end, filter, &mut z);
             }
         }
         z
     }
 
-    /// Zap the leaves of 2 MiB slot `k` inside `[start, end)` that match `filter`.
-    fn zap_slot(&mut self, k: u64, start: u64, end: u64, filter: Option<bool>, z: &mut Zapped) {
+    /// Zap the leaves of 2 MiB slot `k` (slab index `s`) inside `[start, end)` that match
+    /// `filter`.
+    fn zap_slot(
+        &mut self,
+        k: u64,
+        s: usize,
+        start: u64,
+        end: u64,
+        filter: Option<bool>,
+        z: &mut Zapped,
+    ) {
         let keep = |private: bool| filter.is_some_and(|f| f != private);
         let base = k << 9;
-        let Some(slot) = self.l2m.get_mut(&k) else {
-            return;
-        };
-        let remove = match slot {
-            Slot2M::Leaf(e) => {
+        let remove = match &mut self.slots[s] {
+            Slot::Vacant => false,
+            Slot::Leaf(e) => {
                 if keep(unpack(*e).1) {
                     false
                 } else {
@@ -254,7 +336,8 @@ impl Stage2 {
                     true
                 }
             }
-            Slot2M::Table(t) => {
+            Slot::Table(count) => {
+                let bits = &mut self.bits[s].0;
                 let lo = start.max(base) - base;
                 let hi = end.min(base + 512) - base;
                 for w in (lo / 64)..=((hi - 1) / 64) {
@@ -265,30 +348,46 @@ impl Stage2 {
                     } else {
                         ((1u64 << span) - 1) << wlo
                     };
-                    let w = w as usize;
-                    let mut bits = t.present[w] & mask;
+                    let [present, private] = &mut bits[w as usize];
+                    let mut hit = *present & mask;
                     match filter {
-                        Some(true) => bits &= t.private[w],
-                        Some(false) => bits &= !t.private[w],
+                        Some(true) => hit &= *private,
+                        Some(false) => hit &= !*private,
                         None => {}
                     }
-                    if bits == 0 {
+                    if hit == 0 {
                         continue;
                     }
-                    let n = u64::from(bits.count_ones());
-                    t.present[w] &= !bits;
-                    t.private[w] &= !bits;
-                    t.count -= n as u32;
+                    let n = u64::from(hit.count_ones());
+                    *present &= !hit;
+                    *private &= !hit;
+                    *count -= n as u32;
                     self.counts[Level::L4K as usize] -= n;
                     z.leaves += n;
                     z.pages += n;
                 }
-                t.count == 0
+                *count == 0
             }
         };
         if remove {
-            self.l2m.remove(&k);
+            self.unlink(k, s);
         }
+    }
+
+    /// The slots in use as `(k, slab index)`, by `k`.
+    fn slots_sorted(&self) -> Vec<(u64, usize)> {
+        let mut out: Vec<(u64, usize)> = self
+            .dir
+            .iter()
+            .flat_map(|(&r, idx)| {
+                idx.iter()
+                    .enumerate()
+                    .filter(|&(_, &i)| i != 0)
+                    .map(move |(j, &i)| ((r << 9) + j as u64, i as usize - 1))
+            })
+            .collect();
+        out.sort_unstable();
+        out
     }
 
     /// Every leaf, in gfn order within each level group.
@@ -303,11 +402,9 @@ impl Stage2 {
                 private,
             });
         }
-        let mut keys: Vec<u64> = self.l2m.keys().copied().collect();
-        keys.sort_unstable();
-        for k in keys {
-            match &self.l2m[&k] {
-                Slot2M::Leaf(e) => {
+        for (k, s) in self.slots_sorted() {
+            match &self.slots[s] {
+                Slot::Leaf(e) => {
                     let (pfn, private) = unpack(*e);
                     out.push(Leaf {
                         gfn: k << 9,
@@ -316,10 +413,12 @@ impl Stage2 {
                         private,
                     });
                 }
-                Slot2M::Table(t) => {
-                    for i in 0..512 {
-                        if t.has(i) {
-                            let (pfn, private) = unpack(t.entries[i]);
+                Slot::Table(_) => {
+                    let bits = &self.bits[s].0;
+                    let f = self.frames[s].as_ref().expect("table frames");
+                    for (i, &e) in f.iter().enumerate() {
+                        if bits[i / 64][0] >> (i % 64) & 1 == 1 {
+                            let (pfn, private) = unpack(e);
                             out.push(Leaf {
                                 gfn: (k << 9) + i as u64,
                                 level: Level::L4K,
@@ -329,38 +428,67 @@ impl Stage2 {
                         }
                     }
                 }
+                Slot::Vacant => {}
             }
         }
         out
     }
 
-    /// Verify the counts and the shape (no 2 MiB slot under a 1 GiB leaf, no empty table).
+    /// Verify the counts and the shape (no 2 MiB slot under a 1 GiB leaf, no empty table,
+    /// a directory and slab that agree).
     pub fn check(&self) -> Result<(), String> {
         let mut c = [0u64; 3];
-        for (&k, s) in &self.l2m {
+        let linked = self.slots_sorted();
+        if linked.len() as u64 != self.used
+            || self.slots.len() != self.frames.len()
+            || self.slots.len() != self.bits.len()
+            || linked.len() + self.free.len() != self.slots.len()
+        {
+            return Err("stage-2: slot directory and slab disagree".into());
+        }
+        if self.dir.values().any(|r| r.iter().all(|&i| i == 0)) {
+            return Err("stage-2: empty directory region".into());
+        }
+        if self
+            .free
+            .iter()
+            .any(|&f| self.slots[f as usize] != Slot::Vacant)
+        {
+            return Err("stage-2: a free slab entry is in use".into());
+        }
+        for (k, s) in linked {
             if self.l1g.contains_key(&(k >> 9)) {
                 return Err(format!(
                     "stage-2: 2 MiB slot {:#x} under a 1 GiB leaf",
                     k << 9
                 ));
             }
-            match s {
-                Slot2M::Leaf(_) => c[1] += 1,
-                Slot2M::Table(t) => {
-                    let n: u32 = t.present.iter().map(|w| w.count_ones()).sum();
-                    if n != t.count || n == 0 {
+            match &self.slots[s] {
+                Slot::Vacant => {
+                    return Err(format!("stage-2: slot {:#x} links a free entry", k << 9));
+                }
+                Slot::Leaf(_) => c[1] += 1,
+                Slot::Table(count) => {
+                    let bits = &self.bits[s].0;
+                    let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
+                    if n != *count || n == 0 {
                         return Err(format!("stage-2: table at gfn {:#x} miscounted", k << 9));
                     }
-                    for i in (0..512).filter(|&i| t.has(i)) {
-                        let bit = t.private[i / 64] >> (i % 64) & 1 == 1;
-                        if bit != unpack(t.entries[i]).1 {
+                    let Some(f) = &self.frames[s] else {
+                        return Err(format!("stage-2: table at gfn {:#x} lacks frames", k << 9));
+                    };
+                    for (i, &e) in f.iter().enumerate() {
+                        let [present, private] = bits[i / 64];
+                        if present >> (i % 64) & 1 == 1
+                            && (private >> (i % 64) & 1 == 1) != unpack(e).1
+                        {
                             return Err(format!(
                                 "stage-2: private bit of gfn {:#x} disagrees with its entry",
                                 (k << 9) + i as u64
                             ));
                         }
                     }
-                    if (0..8).any(|w| t.private[w] & !t.present[w] != 0) {
+                    if bits.iter().any(|w| w[1] & !w[0] != 0) {
                         return Err(format!(
                             "stage-2: private bits without entries at {:#x}",
                             k << 9

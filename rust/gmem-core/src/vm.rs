@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use smallvec::SmallVec;
+
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval};
 use crate::memslot::Memslot;
@@ -141,9 +143,10 @@ impl Vm {
         s.contains(gfn).then_some(s)
     }
 
-    /// Ids of the memslots intersecting `[start, end)`, in gfn order.
-    pub fn slots_in(&self, start: u64, end: u64) -> Vec<u32> {
-        let mut out = Vec::new();
+    /// Ids of the memslots intersecting `[start, end)`, in gfn order (inline, no heap
+    /// allocation, for the usual handful).
+    pub fn slots_in(&self, start: u64, end: u64) -> SmallVec<[u32; 4]> {
+        let mut out = SmallVec::new();
         if let Some((_, id)) = self.by_gfn.range(..start).next_back()
             && self.slots[id].end_gfn() > start
         {
