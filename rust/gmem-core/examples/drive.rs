@@ -10,6 +10,10 @@
 
 use std::time::Instant;
 
+// The allocator of the Python extension, for the same figures.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use gmem_core::{GmemArg, Host, MemRegion, StrategyKind, VmType, uapi};
 
 /// A host with one VM of `pages` pages: one guest_memfd memslot at gpa 0.

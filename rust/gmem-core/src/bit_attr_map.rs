@@ -275,9 +275,12 @@ impl BitAttrMap {
                 return 0;
             }
             fill(b, a, z, bit == 1);
-            if let Some(u) = uniform_leaf(b) {
+            // Uniform now only if all of it holds `bit`: ask the word just written first
+            // (cached), so that a leaf that stays mixed costs no other line.
+            let full = if bit == 1 { u64::MAX } else { 0 };
+            if b[(a / 64) as usize] == full && b.iter().all(|&w| w == full) {
                 self.leaves.remove(&l);
-                self.coarse.set(l, l + 1, u);
+                self.coarse.set(l, l + 1, bit);
             }
             return changed;
         }

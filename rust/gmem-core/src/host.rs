@@ -16,7 +16,7 @@ use crate::mapping::{MapKind, Mapping};
 use crate::memslot::{Binding, Memslot};
 use crate::metrics::Stats;
 use crate::platform::VmType;
-use crate::sparse::SparseVec;
+use crate::sparse::{Dense, SparseVec};
 use crate::strategy::{SharedSide, StrategyKind};
 use crate::vm::{Vm, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -57,7 +57,7 @@ pub struct MemRegion {
 pub struct Host {
     pub(crate) alloc: BuddyAllocator,
     /// Content value per frame (what a read of the page returns).
-    pub(crate) content: SparseVec<u64>,
+    pub(crate) content: SparseVec<u64, Dense<u64>>,
     /// Frames freed with data still in them: frame -> owner tag of that data (`vm + 1`,
     /// or `HOST_WRITER` for VMM memory). Empty unless zeroing is skipped; a guest that
     /// reads such data of another owner is an isolation violation.

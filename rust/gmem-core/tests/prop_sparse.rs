@@ -1,24 +1,28 @@
-//! `SparseVec` against a `BTreeMap` holding only the non-default entries.
+//! `SparseVec` against a `BTreeMap` holding only the non-default entries, with either
+//! chunk store.
 //!
 //! Indices cluster in a few chunks (both edges of each, and chunks far apart up to the
-//! top of the u64 space) so that stores share chunks, chunks empty out and get released,
-//! and range clears cut chunks partially and cover others whole.
+//! top of the u64 space for the hashed store, up to chunk 1000 for the dense one) so that
+//! stores share chunks, chunks empty out and get released, and range clears cut chunks
+//! partially and cover others whole.
 
 use std::collections::BTreeMap;
 
-use gmem_core::sparse::{CHUNK, SparseVec};
+use gmem_core::sparse::{CHUNK, ChunkStore, Dense, Hashed, SparseVec};
 use proptest::prelude::*;
 
 const CHUNKS: [u64; 7] = [0, 1, 2, 3, 1 << 40, u64::MAX / CHUNK - 1, u64::MAX / CHUNK];
+/// The dense store grows to its highest chunk: keep them low.
+const DENSE_CHUNKS: [u64; 5] = [0, 1, 2, 3, 1000];
 
-fn index() -> impl Strategy<Value = u64> {
+fn index(chunks: &'static [u64]) -> impl Strategy<Value = u64> + Clone {
     let within = prop_oneof![0u64..4, CHUNK - 4..CHUNK, 0..CHUNK];
-    (prop::sample::select(CHUNKS.to_vec()), within).prop_map(|(c, i)| c * CHUNK + i)
+    (prop::sample::select(chunks), within).prop_map(|(c, i)| c * CHUNK + i)
 }
 
 /// A range bound: an index, or the very ends of the space.
-fn bound() -> impl Strategy<Value = u64> {
-    prop_oneof![8 => index(), 1 => Just(0u64), 1 => Just(u64::MAX)]
+fn bound(chunks: &'static [u64]) -> impl Strategy<Value = u64> {
+    prop_oneof![8 => index(chunks), 1 => Just(0u64), 1 => Just(u64::MAX)]
 }
 
 fn value() -> impl Strategy<Value = u32> {
@@ -32,11 +36,11 @@ enum Op {
     Entries(u64, u64),
 }
 
-fn op() -> impl Strategy<Value = Op> {
+fn op(chunks: &'static [u64]) -> impl Strategy<Value = Op> {
     prop_oneof![
-        8 => (index(), value()).prop_map(|(i, v)| Op::Set(i, v)),
-        1 => (bound(), bound()).prop_map(|(a, b)| Op::Clear(a, b)),
-        2 => (bound(), bound()).prop_map(|(a, b)| Op::Entries(a, b)),
+        8 => (index(chunks), value()).prop_map(|(i, v)| Op::Set(i, v)),
+        1 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Clear(a, b)),
+        2 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Entries(a, b)),
     ]
 }
 
@@ -47,7 +51,10 @@ fn model_entries(model: &BTreeMap<u64, u32>, start: u64, end: u64) -> Vec<(u64, 
     model.range(start..end).map(|(&k, &v)| (k, v)).collect()
 }
 
-fn compare(v: &SparseVec<u32>, model: &BTreeMap<u64, u32>) -> Result<(), TestCaseError> {
+fn compare<S: ChunkStore<u32>>(
+    v: &SparseVec<u32, S>,
+    model: &BTreeMap<u64, u32>,
+) -> Result<(), TestCaseError> {
     prop_assert_eq!(v.len(), model.len() as u64);
     prop_assert_eq!(v.is_empty(), model.is_empty());
     for (&k, &val) in model {
@@ -64,37 +71,57 @@ fn compare(v: &SparseVec<u32>, model: &BTreeMap<u64, u32>) -> Result<(), TestCas
     Ok(())
 }
 
+/// Run `ops` on a fresh `SparseVec` with store `S` and on the model, comparing after each.
+fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64]) -> Result<(), TestCaseError> {
+    let mut v: SparseVec<u32, S> = SparseVec::new();
+    let mut model: BTreeMap<u64, u32> = BTreeMap::new();
+    for op in ops {
+        match op {
+            Op::Set(i, val) => {
+                let old = if val == 0 {
+                    model.remove(&i)
+                } else {
+                    model.insert(i, val)
+                };
+                prop_assert_eq!(v.set(i, val), old.unwrap_or(0), "set({:#x}, {})", i, val);
+            }
+            Op::Clear(a, b) => {
+                v.clear_range(a, b);
+                if a < b {
+                    model.retain(|&k, _| k < a || k >= b);
+                }
+            }
+            Op::Entries(a, b) => {
+                prop_assert_eq!(
+                    v.entries(a, b),
+                    model_entries(&model, a, b),
+                    "entries({:#x}, {:#x})",
+                    a,
+                    b
+                );
+            }
+        }
+        compare(&v, &model)?;
+        for &p in probes {
+            prop_assert_eq!(v.get(p), model.get(&p).copied().unwrap_or(0));
+        }
+    }
+    v.clear_range(0, u64::MAX - 1);
+    model.retain(|&k, _| k >= u64::MAX - 1);
+    compare(&v, &model)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
     #[test]
-    fn sparse_matches_btreemap(ops in prop::collection::vec(op(), 1..120), probes in prop::collection::vec(index(), 8)) {
-        let mut v: SparseVec<u32> = SparseVec::new();
-        let mut model: BTreeMap<u64, u32> = BTreeMap::new();
-        for op in ops {
-            match op {
-                Op::Set(i, val) => {
-                    let old = if val == 0 { model.remove(&i) } else { model.insert(i, val) };
-                    prop_assert_eq!(v.set(i, val), old.unwrap_or(0), "set({:#x}, {})", i, val);
-                }
-                Op::Clear(a, b) => {
-                    v.clear_range(a, b);
-                    if a < b {
-                        model.retain(|&k, _| k < a || k >= b);
-                    }
-                }
-                Op::Entries(a, b) => {
-                    prop_assert_eq!(v.entries(a, b), model_entries(&model, a, b), "entries({:#x}, {:#x})", a, b);
-                }
-            }
-            compare(&v, &model)?;
-            for &p in &probes {
-                prop_assert_eq!(v.get(p), model.get(&p).copied().unwrap_or(0));
-            }
-        }
-        v.clear_range(0, u64::MAX - 1);
-        model.retain(|&k, _| k >= u64::MAX - 1);
-        compare(&v, &model)?;
+    fn sparse_matches_btreemap(ops in prop::collection::vec(op(&CHUNKS), 1..120), probes in prop::collection::vec(index(&CHUNKS), 8)) {
+        run::<Hashed<u32>>(ops, &probes)?;
+    }
+
+    #[test]
+    fn dense_sparse_matches_btreemap(ops in prop::collection::vec(op(&DENSE_CHUNKS), 1..120), probes in prop::collection::vec(index(&DENSE_CHUNKS), 8)) {
+        run::<Dense<u32>>(ops, &probes)?;
     }
 }
 
