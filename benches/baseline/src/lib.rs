@@ -17,6 +17,11 @@ use numpy::PyReadonlyArray1;
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 
+/// jemalloc with transparent huge pages (see `Cargo.toml`).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 const FANOUT_SHIFT: u32 = 6;
 const FANOUT: usize = 1 << FANOUT_SHIFT;
 const MASK: u64 = FANOUT as u64 - 1;
@@ -116,7 +121,12 @@ impl XaStore {
     }
 
     /// Store `value` at each index of `idx`.
-    fn set_points(&mut self, py: Python<'_>, idx: PyReadonlyArray1<'_, u64>, value: u64) -> PyResult<()> {
+    fn set_points(
+        &mut self,
+        py: Python<'_>,
+        idx: PyReadonlyArray1<'_, u64>,
+        value: u64,
+    ) -> PyResult<()> {
         let idx = idx.as_slice()?;
         py.detach(|| {
             for &i in idx {
@@ -133,7 +143,8 @@ impl XaStore {
 
     /// Heap bytes of the nodes.
     fn heap_bytes(&self) -> usize {
-        self.inner.len() * size_of::<[u32; FANOUT]>() + self.leaves.len() * size_of::<[u64; FANOUT]>()
+        self.inner.len() * size_of::<[u32; FANOUT]>()
+            + self.leaves.len() * size_of::<[u64; FANOUT]>()
     }
 }
 
@@ -155,20 +166,27 @@ impl CoreDriver {
     #[new]
     #[pyo3(signature = (pages, strategy = "dual", host_pages = None, vm_type = "sw_protected"))]
     fn new(pages: u64, strategy: &str, host_pages: Option<u64>, vm_type: &str) -> PyResult<Self> {
-        let strat = StrategyKind::parse(strategy).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let strat =
+            StrategyKind::parse(strategy).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let vt = VmType::parse(vm_type).map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let host_pages = host_pages.unwrap_or_else(|| (2 * pages.div_ceil(512) * 512 + 512).min((1 << 31) - 1));
+        let host_pages =
+            host_pages.unwrap_or_else(|| (2 * pages.div_ceil(512) * 512 + 512).min((1 << 31) - 1));
         let mut host = Host::new(host_pages << PAGE_SHIFT).map_err(|e| os_err(&e))?;
         let vm = host.create_vm(vt, strat);
         let mmap = host.supported_gmem_flags(vm) & uapi::GUEST_MEMFD_FLAG_MMAP;
-        let same_file = matches!(strat, StrategyKind::Inplace | StrategyKind::Realloc | StrategyKind::AttrHook);
+        let same_file = matches!(
+            strat,
+            StrategyKind::Inplace | StrategyKind::Realloc | StrategyKind::AttrHook
+        );
         let size = pages * PAGE_SIZE;
         let file = host
             .create_guest_memfd(vm, size, if same_file { mmap } else { 0 }, 0)
             .map_err(|e| os_err(&e))?;
         let map = host.mmap_anonymous(size).map_err(|e| os_err(&e))?;
         let (shared_guest_memfd, shared_offset) = if strat == StrategyKind::TwoOffsets {
-            let shared = host.create_guest_memfd(vm, size, mmap, 0).map_err(|e| os_err(&e))?;
+            let shared = host
+                .create_guest_memfd(vm, size, mmap, 0)
+                .map_err(|e| os_err(&e))?;
             let fd = host.file(shared).fd.expect("open");
             (GmemArg::Fd(i64::from(fd)), Some(0))
         } else {
@@ -185,7 +203,8 @@ impl CoreDriver {
             shared_guest_memfd,
             shared_offset,
         };
-        host.set_user_memory_region2(vm, region).map_err(|e| os_err(&e))?;
+        host.set_user_memory_region2(vm, region)
+            .map_err(|e| os_err(&e))?;
         Ok(Self { host, vm })
     }
 
@@ -201,7 +220,12 @@ impl CoreDriver {
         values: PyReadonlyArray1<'_, u64>,
         batch: usize,
     ) -> PyResult<u64> {
-        let (o, g, n, v) = (ops.as_slice()?, gfns.as_slice()?, npages.as_slice()?, values.as_slice()?);
+        let (o, g, n, v) = (
+            ops.as_slice()?,
+            gfns.as_slice()?,
+            npages.as_slice()?,
+            values.as_slice()?,
+        );
         let batch = batch.max(1);
         let vm = self.vm;
         let host = &mut self.host;

@@ -70,8 +70,73 @@ const AHEAD: usize = 8;
 /// Largest gfn whose gpa fits in 64 bits.
 const GFN_LIMIT: u64 = 1 << (64 - PAGE_SHIFT);
 
+/// A batch of events, read one at a time: `(op, gfn, npages, value)` of event `i`.
+pub trait Events {
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    fn get(&self, i: usize) -> (u8, u64, u64, u64);
+}
+
+/// Events as four columns of equal length.
+#[derive(Debug, Clone, Copy)]
+pub struct Columns<'a> {
+    pub ops: &'a [u8],
+    pub gfns: &'a [u64],
+    pub npages: &'a [u64],
+    pub values: &'a [u64],
+}
+
+impl Events for Columns<'_> {
+    #[inline]
+    fn len(&self) -> usize {
+        self.ops.len()
+    }
+    #[inline]
+    fn get(&self, i: usize) -> (u8, u64, u64, u64) {
+        (self.ops[i], self.gfns[i], self.npages[i], self.values[i])
+    }
+}
+
+/// Events as packed little-endian records of [`Packed::RECORD`] bytes: `op` (u8), then
+/// `gfn`, `npages`, `value` (u64 each) — the memory of a `gmem.EVENT_DTYPE` array, read
+/// in place.
+#[derive(Debug, Clone, Copy)]
+pub struct Packed<'a>(&'a [u8]);
+
+impl<'a> Packed<'a> {
+    pub const RECORD: usize = 25;
+
+    /// `bytes` as records; `EINVAL` unless its length is a whole number of records.
+    pub fn new(bytes: &'a [u8]) -> Result<Self> {
+        if !bytes.len().is_multiple_of(Self::RECORD) {
+            return Err(einval(format!(
+                "{} bytes are not a whole number of {}-byte event records",
+                bytes.len(),
+                Self::RECORD
+            )));
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl Events for Packed<'_> {
+    #[inline]
+    fn len(&self) -> usize {
+        self.0.len() / Self::RECORD
+    }
+    #[inline]
+    fn get(&self, i: usize) -> (u8, u64, u64, u64) {
+        let r = &self.0[i * Self::RECORD..(i + 1) * Self::RECORD];
+        let word = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().expect("8 bytes"));
+        (r[0], word(1), word(9), word(17))
+    }
+}
+
 impl Host {
-    /// Run a batch of events on `vm`; one status per event: 0 or `-errno`.
+    /// Run a batch of events on `vm`, given as columns; one status per event: 0 or
+    /// `-errno`.
     pub fn apply(
         &mut self,
         vm: usize,
@@ -79,12 +144,29 @@ impl Host {
         gfns: &[u64],
         npages: &[u64],
         values: &[u64],
-        mut details: Option<&mut Vec<Detail>>,
+        details: Option<&mut Vec<Detail>>,
     ) -> Result<Vec<i32>> {
         let n = ops.len();
         if gfns.len() != n || npages.len() != n || values.len() != n {
             return Err(einval("event columns differ in length"));
         }
+        let cols = Columns {
+            ops,
+            gfns,
+            npages,
+            values,
+        };
+        self.apply_events(vm, &cols, details)
+    }
+
+    /// Run a batch of events on `vm`; one status per event: 0 or `-errno`.
+    pub fn apply_events(
+        &mut self,
+        vm: usize,
+        events: &impl Events,
+        mut details: Option<&mut Vec<Detail>>,
+    ) -> Result<Vec<i32>> {
+        let n = events.len();
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             // Software pipeline: hint the structures of the events `AHEAD` and `AHEAD / 2`
@@ -92,24 +174,20 @@ impl Host {
             // following one another (the first pass finds the slots, the second, once the
             // slot is cached, the frame behind it).
             if i + AHEAD < n {
-                self.prefetch_event(
-                    vm,
-                    ops[i + AHEAD],
-                    gfns[i + AHEAD],
-                    npages[i + AHEAD],
-                    false,
-                );
+                let (op, gfn, np, _) = events.get(i + AHEAD);
+                self.prefetch_event(vm, op, gfn, np, false);
             }
             if i + AHEAD / 2 < n {
-                let j = i + AHEAD / 2;
-                self.prefetch_event(vm, ops[j], gfns[j], npages[j], true);
+                let (op, gfn, np, _) = events.get(i + AHEAD / 2);
+                self.prefetch_event(vm, op, gfn, np, true);
             }
             let before = details.as_ref().map(|_| {
                 let s = &self.vms[vm].stats;
                 (s.allocations, s.frees)
             });
             self.implicit = None;
-            let r = self.event(vm, ops[i], gfns[i], npages[i], values[i]);
+            let (op, gfn, np, value) = events.get(i);
+            let r = self.event(vm, op, gfn, np, value);
             self.vms[vm].stats.events += 1;
             if self.strict {
                 self.check_vm(vm)?;

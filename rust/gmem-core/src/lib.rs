@@ -29,7 +29,7 @@ pub mod vm;
 
 pub use access::HostOp;
 pub use error::{Error, Result};
-pub use events::{Detail, Op};
+pub use events::{Columns, Detail, Events, Op, Packed};
 pub use host::{GmemArg, Host, MemRegion};
 pub use platform::VmType;
 pub use strategy::StrategyKind;

@@ -2,8 +2,13 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// jemalloc with transparent huge pages (see `Cargo.toml`).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use gmem_core::error::HostFaultKind;
-use gmem_core::{Error, GmemArg, Host, HostOp, MemRegion, StrategyKind, VmType};
+use gmem_core::{Error, GmemArg, Host, HostOp, MemRegion, Packed, StrategyKind, VmType};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -551,56 +556,75 @@ impl PyVm {
         if events.getattr("ndim")?.extract::<usize>()? != 1 {
             return Err(PyValueError::new_err("events must be one-dimensional"));
         }
-        let column = |name: &str, dt: &str| -> PyResult<Bound<'py, PyAny>> {
-            let field = events
-                .get_item(name)
-                .map_err(|_| PyTypeError::new_err(format!("events lack the field {name:?}")))?;
-            let kw = PyDict::new(py);
-            kw.set_item("casting", "safe")?;
-            if let Ok(cast) = field.call_method("astype", (dt,), Some(&kw)) {
-                return np.call_method1("ascontiguousarray", (cast,));
-            }
-            // Integers of another width or signedness are fine when every value fits.
-            let kind: String = field.getattr("dtype")?.getattr("kind")?.extract()?;
-            if kind != "i" && kind != "u" {
-                return Err(PyTypeError::new_err(format!(
-                    "events field {name:?} must hold integers, not {}",
-                    field.getattr("dtype")?.str()?
-                )));
-            }
-            if field.getattr("size")?.extract::<usize>()? > 0 {
-                let lo = np.call_method1("iinfo", (dt,))?;
-                let (mn, mx) = (field.call_method0("min")?, field.call_method0("max")?);
-                if mn.lt(lo.getattr("min")?)? || mx.gt(lo.getattr("max")?)? {
-                    return Err(PyValueError::new_err(format!(
-                        "events field {name:?} holds values from {mn} to {mx}, outside {dt}"
+        let id = self.id;
+        // An EVENT_DTYPE array in one piece is read in place (no column copies).
+        let event_dtype = py.import("gmem._events")?.getattr("EVENT_DTYPE")?;
+        let in_place = cfg!(target_endian = "little")
+            && events.getattr("dtype")?.eq(&event_dtype)?
+            && events
+                .getattr("flags")?
+                .getattr("c_contiguous")?
+                .extract::<bool>()?;
+        let (status, dets) = if in_place {
+            let bytes = events.call_method1("view", (np.getattr("uint8")?,))?;
+            let bytes: PyReadonlyArray1<'py, u8> = bytes.extract()?;
+            let b = bytes.as_slice()?;
+            self.shared.detached(py, |h| {
+                let mut d = details.then(Vec::new);
+                let s = h.apply_events(id, &Packed::new(b)?, d.as_mut())?;
+                Ok((s, d))
+            })?
+        } else {
+            let column = |name: &str, dt: &str| -> PyResult<Bound<'py, PyAny>> {
+                let field = events
+                    .get_item(name)
+                    .map_err(|_| PyTypeError::new_err(format!("events lack the field {name:?}")))?;
+                let kw = PyDict::new(py);
+                kw.set_item("casting", "safe")?;
+                if let Ok(cast) = field.call_method("astype", (dt,), Some(&kw)) {
+                    return np.call_method1("ascontiguousarray", (cast,));
+                }
+                // Integers of another width or signedness are fine when every value fits.
+                let kind: String = field.getattr("dtype")?.getattr("kind")?.extract()?;
+                if kind != "i" && kind != "u" {
+                    return Err(PyTypeError::new_err(format!(
+                        "events field {name:?} must hold integers, not {}",
+                        field.getattr("dtype")?.str()?
                     )));
                 }
-            }
-            np.call_method1("ascontiguousarray", (field.call_method1("astype", (dt,))?,))
+                if field.getattr("size")?.extract::<usize>()? > 0 {
+                    let lo = np.call_method1("iinfo", (dt,))?;
+                    let (mn, mx) = (field.call_method0("min")?, field.call_method0("max")?);
+                    if mn.lt(lo.getattr("min")?)? || mx.gt(lo.getattr("max")?)? {
+                        return Err(PyValueError::new_err(format!(
+                            "events field {name:?} holds values from {mn} to {mx}, outside {dt}"
+                        )));
+                    }
+                }
+                np.call_method1("ascontiguousarray", (field.call_method1("astype", (dt,))?,))
+            };
+            let (c_op, c_gfn, c_n, c_v) = (
+                column("op", "u1")?,
+                column("gfn", "u8")?,
+                column("npages", "u8")?,
+                column("value", "u8")?,
+            );
+            let ops: PyReadonlyArray1<'py, u8> = c_op.extract()?;
+            let gfns: PyReadonlyArray1<'py, u64> = c_gfn.extract()?;
+            let npages: PyReadonlyArray1<'py, u64> = c_n.extract()?;
+            let values: PyReadonlyArray1<'py, u64> = c_v.extract()?;
+            let (o, g, n, v) = (
+                ops.as_slice()?,
+                gfns.as_slice()?,
+                npages.as_slice()?,
+                values.as_slice()?,
+            );
+            self.shared.detached(py, |h| {
+                let mut d = details.then(Vec::new);
+                let s = h.apply(id, o, g, n, v, d.as_mut())?;
+                Ok((s, d))
+            })?
         };
-        let (c_op, c_gfn, c_n, c_v) = (
-            column("op", "u1")?,
-            column("gfn", "u8")?,
-            column("npages", "u8")?,
-            column("value", "u8")?,
-        );
-        let ops: PyReadonlyArray1<'py, u8> = c_op.extract()?;
-        let gfns: PyReadonlyArray1<'py, u64> = c_gfn.extract()?;
-        let npages: PyReadonlyArray1<'py, u64> = c_n.extract()?;
-        let values: PyReadonlyArray1<'py, u64> = c_v.extract()?;
-        let (o, g, n, v) = (
-            ops.as_slice()?,
-            gfns.as_slice()?,
-            npages.as_slice()?,
-            values.as_slice()?,
-        );
-        let id = self.id;
-        let (status, dets) = self.shared.detached(py, |h| {
-            let mut d = details.then(Vec::new);
-            let s = h.apply(id, o, g, n, v, d.as_mut())?;
-            Ok((s, d))
-        })?;
         let status = status.into_pyarray(py).into_any();
         let Some(dets) = dets else { return Ok(status) };
         let dtype = py.import("gmem._events")?.getattr("DETAIL_DTYPE")?;
