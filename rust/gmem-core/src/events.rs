@@ -93,7 +93,8 @@ impl Events for Columns<'_> {
     fn len(&self) -> usize {
         self.ops.len()
     }
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn get(&self, i: usize) -> (u8, u64, u64, u64) {
         (self.ops[i], self.gfns[i], self.npages[i], self.values[i])
     }
@@ -126,7 +127,10 @@ impl Events for Packed<'_> {
     fn len(&self) -> usize {
         self.0.len() / Self::RECORD
     }
-    #[inline]
+    // Measured: left to the inliner, this call stayed out of line in the extension and
+    // cost ~14 ns per event (60.8 vs 73.3 ns per random conversion, batches of 10^6).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn get(&self, i: usize) -> (u8, u64, u64, u64) {
         let r = &self.0[i * Self::RECORD..(i + 1) * Self::RECORD];
         let word = |at: usize| u64::from_le_bytes(r[at..at + 8].try_into().expect("8 bytes"));
