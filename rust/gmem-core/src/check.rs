@@ -138,6 +138,12 @@ impl Host {
                 v.stats.double_backed_pages
             )));
         }
+        if v.huge_bound != self.has_huge_binding(vm) {
+            return Err(broken(format!(
+                "huge_bound {} disagrees with the live bindings",
+                v.huge_bound
+            )));
+        }
         self.check_frames()
     }
 

@@ -418,6 +418,9 @@ impl Host {
     /// page turning shared splits, and merges back once its whole range is private again
     /// (the VMM may then punch the shared gfns' private pages one by one).
     pub(crate) fn huge_private_side(&mut self, vm: usize, start: u64, end: u64, private: bool) {
+        if !self.vms[vm].huge_bound {
+            return;
+        }
         for id in self.vms[vm].slots_in(start, end) {
             let slot = &self.vms[vm].slots[&id];
             let Some(b) = slot.gmem.filter(|b| b.live) else {

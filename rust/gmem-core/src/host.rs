@@ -674,7 +674,7 @@ impl Host {
         f.bindings.clear();
         f.released = true;
         for b in binds {
-            self.recount_double(b.vm);
+            self.bindings_changed(b.vm);
         }
     }
 
@@ -1007,7 +1007,7 @@ impl Host {
         v.by_gfn.insert(base, id);
         v.slots.insert(id, slot);
         self.recount_pages(vm);
-        self.recount_double(vm);
+        self.bindings_changed(vm);
     }
 
     /// VMs whose memslots point at anonymous page `idx` of mapping `m` (each VM once): the
@@ -1107,7 +1107,7 @@ impl Host {
         }
         self.zap(vm, slot.base_gfn, slot.end_gfn(), None);
         self.recount_pages(vm);
-        self.recount_double(vm);
+        self.bindings_changed(vm);
     }
 
     // ---------------------------------------------------------------- double backing
@@ -1205,6 +1205,21 @@ impl Host {
     }
 
     /// Recount double backing of a VM from scratch: O(populated private pages).
+    /// A memslot of `vm` was made or deleted, or one of its files released: refresh what
+    /// depends on the live bindings.
+    fn bindings_changed(&mut self, vm: usize) {
+        self.recount_double(vm);
+        self.vms[vm].huge_bound = self.has_huge_binding(vm);
+    }
+
+    /// Whether a live private-side binding of `vm` is a huge-folio (HugeTLB) file.
+    pub(crate) fn has_huge_binding(&self, vm: usize) -> bool {
+        self.vms[vm].slots.values().any(|s| {
+            s.gmem
+                .is_some_and(|b| b.live && self.files[b.file].order > 0)
+        })
+    }
+
     pub(crate) fn recount_double(&mut self, vm: usize) {
         let n = self.count_double(vm);
         self.vms[vm].stats.double_backed_pages = n;

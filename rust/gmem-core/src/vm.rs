@@ -117,6 +117,9 @@ pub struct Vm {
     pub stats: Stats,
     pub opts: Options,
     pub closed: bool,
+    /// Some live private-side binding is a huge-folio file (kept by
+    /// `Host::bindings_changed`): conversions skip folio splitting and merging otherwise.
+    pub huge_bound: bool,
 }
 
 impl Vm {
@@ -132,6 +135,7 @@ impl Vm {
             stats: Stats::default(),
             opts: Options::default(),
             closed: false,
+            huge_bound: false,
         }
     }
 
