@@ -60,6 +60,13 @@ fn fill(b: &mut [u64], a: u64, z: u64, on: bool) {
     }
 }
 
+/// Whether every bit of `b` is `bit`, just after a store of `bit` into word `w`: asks that
+/// word first (cached), so a leaf that stays mixed costs no other line.
+fn all_of(b: &[u64], w: usize, bit: u64) -> bool {
+    let full = if bit == 1 { u64::MAX } else { 0 };
+    b[w] == full && b.iter().all(|&x| x == full)
+}
+
 /// `Some(bit)` if the whole leaf holds one bit value.
 fn uniform_leaf(b: &[u64]) -> Option<u64> {
     if b.iter().all(|&w| w == 0) {
@@ -266,6 +273,12 @@ impl BitAttrMap {
         n
     }
 
+    /// Mixed leaf `l` now holds `bit` everywhere: drop its bitmap, record it whole.
+    fn collapse(&mut self, l: u64, bit: u64) {
+        self.leaves.remove(&l);
+        self.coarse.set(l, l + 1, bit);
+    }
+
     /// Set `[a, z)` of leaf `l` to `bit`; returns the indices changed.
     fn set_piece(&mut self, l: u64, a: u64, z: u64, bit: u64) -> u64 {
         if let Some(b) = self.leaves.get_mut(&l) {
@@ -275,12 +288,8 @@ impl BitAttrMap {
                 return 0;
             }
             fill(b, a, z, bit == 1);
-            // Uniform now only if all of it holds `bit`: ask the word just written first
-            // (cached), so that a leaf that stays mixed costs no other line.
-            let full = if bit == 1 { u64::MAX } else { 0 };
-            if b[(a / 64) as usize] == full && b.iter().all(|&w| w == full) {
-                self.leaves.remove(&l);
-                self.coarse.set(l, l + 1, bit);
+            if all_of(b, (a / 64) as usize, bit) {
+                self.collapse(l, bit);
             }
             return changed;
         }
@@ -308,6 +317,21 @@ impl BitAttrMap {
             return 0;
         }
         let bit = self.bit_of(value);
+        if end - start == 1
+            && let Some(b) = self.leaves.get_mut(&(start >> LEAF_SHIFT))
+        {
+            // One index in a mixed leaf (a random single-page conversion): one word.
+            let i = start % LEAF;
+            let (w, m) = ((i / 64) as usize, 1u64 << (i % 64));
+            if (b[w] & m != 0) == (bit == 1) {
+                return 0;
+            }
+            b[w] ^= m;
+            if all_of(b, w, bit) {
+                self.collapse(start >> LEAF_SHIFT, bit);
+            }
+            return 1;
+        }
         let (head, (m0, m1), tail) = Self::pieces(start, end);
         let mut changed = 0u64;
         if let Some((l, a, z)) = head {
@@ -350,17 +374,24 @@ impl BitAttrMap {
                 last = Some(on);
             }
         };
-        for (a, b, s) in self.coarse.runs(0, u64::MAX) {
+        // Leaves exist up to the one holding index u64::MAX - 1.
+        for (a, b, s) in self.coarse.runs(0, (u64::MAX >> LEAF_SHIFT) + 1) {
             if s != MIXED {
                 push(s == 1);
                 continue;
             }
             for l in a..b {
-                for &w in &self.leaves[&l] {
+                for (j, &w) in self.leaves[&l].iter().enumerate() {
+                    // Index u64::MAX, the last bit of the last leaf, is outside the domain.
+                    let bits = if l == u64::MAX >> LEAF_SHIFT && j == WORDS - 1 {
+                        63
+                    } else {
+                        64
+                    };
                     match w {
                         0 => push(false),
-                        u64::MAX => push(true),
-                        _ => (0..64).for_each(|i| push((w >> i) & 1 == 1)),
+                        u64::MAX if bits == 64 => push(true),
+                        _ => (0..bits).for_each(|i| push((w >> i) & 1 == 1)),
                     }
                 }
             }

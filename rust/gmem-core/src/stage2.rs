@@ -84,6 +84,23 @@ pub struct Zapped {
     pub pages: u64,
 }
 
+/// Clear the 4 KiB leaves of one `[present, private]` bitmap word that are in `mask` and
+/// match `filter`; returns how many.
+#[inline]
+fn clear_word(word: &mut [u64; 2], mask: u64, filter: Option<bool>) -> u64 {
+    let [present, private] = word;
+    let hit = *present
+        & mask
+        & match filter {
+            Some(true) => *private,
+            Some(false) => !*private,
+            None => u64::MAX,
+        };
+    *present &= !hit;
+    *private &= !hit;
+    u64::from(hit.count_ones())
+}
+
 /// 2 MiB slots per 1 GiB region.
 const SLOTS: usize = 512;
 
@@ -267,6 +284,26 @@ impl Stage2 {
         if start >= end {
             return z;
         }
+        if end - start == 1 && self.l1g.is_empty() {
+            // One page (a random single-page conversion): at most one bit of one table.
+            let k = start >> 9;
+            let Some(s) = self.index(k) else {
+                return Zapped::default();
+            };
+            if let Slot::Table(count) = &mut self.slots[s] {
+                let i = (start & 511) as usize;
+                let n = clear_word(&mut self.bits[s].0[i / 64], 1 << (i % 64), filter);
+                *count -= n as u32;
+                self.counts[Level::L4K as usize] -= n;
+                if *count == 0 {
+                    self.unlink(k, s);
+                }
+                return Zapped {
+                    leaves: n,
+                    pages: n,
+                };
+            }
+        }
         let keep = |private: bool| filter.is_some_and(|f| f != private);
         if !self.l1g.is_empty() {
             let keys: Vec<u64> = self
@@ -348,19 +385,7 @@ impl Stage2 {
                     } else {
                         ((1u64 << span) - 1) << wlo
                     };
-                    let [present, private] = &mut bits[w as usize];
-                    let mut hit = *present & mask;
-                    match filter {
-                        Some(true) => hit &= *private,
-                        Some(false) => hit &= !*private,
-                        None => {}
-                    }
-                    if hit == 0 {
-                        continue;
-                    }
-                    let n = u64::from(hit.count_ones());
-                    *present &= !hit;
-                    *private &= !hit;
+                    let n = clear_word(&mut bits[w as usize], mask, filter);
                     *count -= n as u32;
                     self.counts[Level::L4K as usize] -= n;
                     z.leaves += n;

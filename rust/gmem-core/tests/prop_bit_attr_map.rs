@@ -23,6 +23,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (index(), index(), any::<bool>()).prop_map(|(a, b, v)| Op::Set(a.min(b), a.max(b), v)),
+        // Single indices: the one-word path of a random single-page conversion.
+        4 => (index(), any::<bool>()).prop_map(|(a, v)| Op::Set(a, a + 1, v)),
         2 => (index(), index()).prop_map(|(a, b)| Op::Query(a.min(b), a.max(b))),
     ]
 }
