@@ -208,6 +208,34 @@ def test_non_contiguous_input():
     assert a.host_read(1) == 0
 
 
+@pytest.mark.parametrize("gap", range(0, 24))
+def test_mapping_changed_between_events_is_seen(gap):
+    """`apply` looks events up ahead of time; a mapping that changes in between (here a
+    conversion zapping the page that a later event reads) must be seen by the later event,
+    whatever the distance. Each batch is checked against the same events one call at a
+    time."""
+    g0, filler = 3, 9
+    rows = [("CONVERT_PRIVATE", 0, SLOT_PAGES, 0), ("GUEST_WRITE_PRIVATE", g0, 1, 7)]
+    rows += [("GUEST_WRITE_PRIVATE", filler, 1, 1)] * 2
+    rows += [("GUEST_READ_PRIVATE", filler, 1, 0)] * 12
+    rows += [("CONVERT_SHARED", g0, 1, 0)]
+    rows += [("GUEST_READ_PRIVATE", filler, 1, 0)] * gap
+    stale = len(rows)
+    rows += [("GUEST_READ_PRIVATE", g0, 1, 0), ("GUEST_READ_SHARED", g0, 1, 0)]
+    rows += [("CONVERT_PRIVATE", g0, 1, 0)] + [("GUEST_READ_PRIVATE", filler, 1, 0)] * gap
+    rows += [("GUEST_READ_PRIVATE", g0, 1, 0)]
+    a, b = setup(), setup()
+    status, det = a.vm.apply(batch(*rows), details=True)
+    for i, row in enumerate(rows):
+        sb, last, _ = per_call(gmem, b, *row)
+        assert status[i] == sb, (i, row)
+        if row[0] in READ_OPS and sb == 0:
+            assert det["value"][i] == last, (i, row)
+    # The read right after the conversion to shared is a memory fault, not a stale hit.
+    assert status[stale] == -errno.EFAULT
+    a.vm.check()
+
+
 @given(st.lists(event_strategy(), max_size=40))
 def test_in_place_and_column_paths_agree(events):
     """An EVENT_DTYPE array in one piece is read in place; any other layout (here the

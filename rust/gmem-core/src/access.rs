@@ -6,7 +6,7 @@ use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
 use crate::platform::VmType;
-use crate::stage2::Level;
+use crate::stage2::{Leaf, Level};
 use crate::strategy::{SharedSide, StrategyKind};
 use crate::vm::{FaultPolicy, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -43,8 +43,22 @@ impl Host {
         private: bool,
         write: Option<u64>,
     ) -> Result<u64> {
+        let leaf = self.vms[vm].s2.lookup(gpa >> PAGE_SHIFT);
+        self.guest_access_at(vm, gpa, private, write, leaf)
+    }
+
+    /// `guest_access` given the stage-2 lookup of the gfn, made by the caller while the
+    /// table's generation was what it is now.
+    pub(crate) fn guest_access_at(
+        &mut self,
+        vm: usize,
+        gpa: u64,
+        private: bool,
+        write: Option<u64>,
+        leaf: Option<Leaf>,
+    ) -> Result<u64> {
         let gfn = gpa >> PAGE_SHIFT;
-        if let Some(l) = self.vms[vm].s2.lookup(gfn)
+        if let Some(l) = leaf
             && l.private == private
         {
             return Ok(self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write));
@@ -82,7 +96,8 @@ impl Host {
             }
             return v;
         }
-        if let Some(&w) = self.stale.get(&pfn)
+        if !self.stale.is_empty()
+            && let Some(&w) = self.stale.get(&pfn)
             && w != vm as u16 + 1
         {
             // The guest received data another owner left in the frame.

@@ -3,6 +3,7 @@
 use crate::access::HostOp;
 use crate::error::{Error, Result, einval};
 use crate::host::Host;
+use crate::stage2::Leaf;
 use crate::strategy::SharedSide;
 use crate::{PAGE_SHIFT, uapi};
 
@@ -63,6 +64,10 @@ pub struct Detail {
     pub allocated: u64,
     pub freed: u64,
 }
+
+/// A stage-2 lookup of one gfn: the leaf mapping it, if any.
+#[derive(Debug, Clone, Copy)]
+struct Lookup(Option<Leaf>);
 
 /// How many events ahead `apply` issues cache hints.
 const AHEAD: usize = 8;
@@ -172,6 +177,10 @@ impl Host {
     ) -> Result<Vec<i32>> {
         let n = events.len();
         let mut out = Vec::with_capacity(n);
+        // Stage-2 lookups made by the second prefetch pass, by event index modulo `AHEAD`,
+        // with the table generation they were made at: an event reuses its lookup when no
+        // mapping changed since.
+        let mut known: [Option<(u64, u64, Lookup)>; AHEAD] = [None; AHEAD];
         for i in 0..n {
             // Software pipeline: hint the structures of the events `AHEAD` and `AHEAD / 2`
             // ahead, so that the cache misses of ~`AHEAD` random events overlap instead of
@@ -182,8 +191,11 @@ impl Host {
                 self.prefetch_event(vm, op, gfn, np, false);
             }
             if i + AHEAD / 2 < n {
-                let (op, gfn, np, _) = events.get(i + AHEAD / 2);
-                self.prefetch_event(vm, op, gfn, np, true);
+                let j = i + AHEAD / 2;
+                let (op, gfn, np, _) = events.get(j);
+                if let Some(leaf) = self.prefetch_event(vm, op, gfn, np, true) {
+                    known[j % AHEAD] = Some((self.vms[vm].s2.generation(), gfn, leaf));
+                }
             }
             let before = details.as_ref().map(|_| {
                 let s = &self.vms[vm].stats;
@@ -191,7 +203,12 @@ impl Host {
             });
             self.implicit = None;
             let (op, gfn, np, value) = events.get(i);
-            let r = self.event(vm, op, gfn, np, value);
+            let generation = self.vms[vm].s2.generation();
+            let leaf = known[i % AHEAD]
+                .take()
+                .filter(|&(g, at, _)| g == generation && at == gfn)
+                .map(|(_, _, l)| l);
+            let r = self.event(vm, op, gfn, np, value, leaf);
             self.vms[vm].stats.events += 1;
             if self.strict {
                 self.check_vm(vm)?;
@@ -230,11 +247,19 @@ impl Host {
 
     /// Cache hints for a single-page event (nothing for ranges or odd input): the first
     /// pass the attribute word and the stage-2 slot, the second (`late`) the frame's
-    /// content, which needs the stage-2 entry loaded by then.
+    /// content, which needs the stage-2 entry loaded by then. The second pass returns the
+    /// stage-2 lookup of a guest access, for the event to reuse.
     #[inline]
-    fn prefetch_event(&self, vm: usize, op: u8, gfn: u64, npages: u64, late: bool) {
+    fn prefetch_event(
+        &self,
+        vm: usize,
+        op: u8,
+        gfn: u64,
+        npages: u64,
+        late: bool,
+    ) -> Option<Lookup> {
         if npages != 1 {
-            return;
+            return None;
         }
         let v = &self.vms[vm];
         match Op::from_u8(op) {
@@ -252,16 +277,30 @@ impl Host {
             ) => {
                 if !late {
                     v.s2.prefetch(gfn, true);
-                } else if let Some(l) = v.s2.lookup(gfn) {
+                    return None;
+                }
+                let leaf = v.s2.lookup(gfn);
+                if let Some(l) = leaf {
                     self.content.prefetch(u64::from(l.pfn) + (gfn - l.gfn));
                 }
+                return Some(Lookup(leaf));
             }
             _ => {}
         }
+        None
     }
 
     /// One event; returns the last value read or written.
-    fn event(&mut self, vm: usize, op: u8, gfn: u64, npages: u64, value: u64) -> Result<u64> {
+    /// `leaf`: the stage-2 lookup of `gfn`, if the caller holds a valid one.
+    fn event(
+        &mut self,
+        vm: usize,
+        op: u8,
+        gfn: u64,
+        npages: u64,
+        value: u64,
+        leaf: Option<Lookup>,
+    ) -> Result<u64> {
         let Some(op) = Op::from_u8(op) else {
             return Err(einval(format!("unknown op {op}")));
         };
@@ -284,8 +323,12 @@ impl Host {
                 let private = matches!(op, Op::GuestReadPrivate | Op::GuestWritePrivate);
                 let write =
                     matches!(op, Op::GuestWritePrivate | Op::GuestWriteShared).then_some(value);
-                for g in gfn..end {
-                    last = self.guest_access(vm, g << PAGE_SHIFT, private, write)?;
+                if let Some(Lookup(l)) = leaf {
+                    last = self.guest_access_at(vm, gfn << PAGE_SHIFT, private, write, l)?;
+                } else {
+                    for g in gfn..end {
+                        last = self.guest_access(vm, g << PAGE_SHIFT, private, write)?;
+                    }
                 }
             }
             Op::PunchHole | Op::Allocate => {

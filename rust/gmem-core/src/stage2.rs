@@ -122,6 +122,9 @@ pub struct Stage2 {
     /// 2 MiB slots in use.
     used: u64,
     counts: [u64; 3],
+    /// Bumped by every change of a mapping: a lookup result stays valid while it holds.
+    #[serde(skip)]
+    generation: u64,
 }
 
 impl Stage2 {
@@ -132,6 +135,13 @@ impl Stage2 {
     /// Live leaves per level: `[4K, 2M, 1G]`.
     pub fn counts(&self) -> [u64; 3] {
         self.counts
+    }
+
+    /// Changes whenever a mapping is installed or removed, so that a caller holding a
+    /// [`Stage2::lookup`] result can tell whether it still holds.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Slab index of 2 MiB slot `k` (`gfn >> 9`), if it exists.
@@ -245,6 +255,7 @@ impl Stage2 {
     /// Anything already mapped inside the range is replaced; returns what was replaced.
     pub fn map(&mut self, gfn: u64, level: Level, pfn: u32, private: bool) -> Zapped {
         debug_assert_eq!(gfn % level.pages(), 0);
+        self.generation += 1;
         let replaced = self.zap(gfn, gfn + level.pages(), None);
         let e = pack(pfn, private);
         match level {
@@ -298,6 +309,7 @@ impl Stage2 {
                 if *count == 0 {
                     self.unlink(k, s);
                 }
+                self.generation += n;
                 return Zapped {
                     leaves: n,
                     pages: n,
@@ -345,6 +357,7 @@ impl Stage2 {
                 self.zap_slot(k, s, start, end, filter, &mut z);
             }
         }
+        self.generation += z.leaves;
         z
     }
 
