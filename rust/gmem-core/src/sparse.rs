@@ -73,49 +73,73 @@ impl<T> ChunkStore<T> for Hashed<T> {
     }
 }
 
-/// Chunks in an array indexed by key, grown to the highest key stored: for a dense,
-/// bounded index space (host frames). A lookup is one load from the array, which stays
-/// cached (24 bytes per 512 entries), so `apply` can prefetch an entry without a miss
-/// first. Memory follows the highest index touched, not the size of the space.
+/// One page of a [`Dense`] store: `PAGE_KEYS` chunk slots.
+type Page<T> = Box<[Option<Chunk<T>>]>;
+
+/// Chunk keys per page of a [`Dense`] store (a page covers 2^18 indices: 1 GiB of frames).
+const PAGE_KEYS: usize = 512;
+
+/// Chunks in a two-level array indexed by key: a directory, grown to the highest key
+/// stored (8 bytes per 2^18 indices), of pages of 512 chunk slots allocated on first use
+/// (12 KiB for `T = u64`). For a dense, bounded index space (host frames): a lookup is
+/// two loads from arrays that stay cached, so `apply` can prefetch an entry without a
+/// miss first. Memory follows the 2^18-index regions touched, not the size of the space.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    slots: Vec<Option<Chunk<T>>>,
+    dir: Vec<Option<Page<T>>>,
     held: usize,
 }
 
 impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
-            slots: Vec::new(),
+            dir: Vec::new(),
             held: 0,
         }
+    }
+}
+
+impl<T> Dense<T> {
+    /// (page, slot) of `key`, if it fits in usize.
+    #[inline]
+    fn split(key: u64) -> Option<(usize, usize)> {
+        let k = usize::try_from(key).ok()?;
+        Some((k / PAGE_KEYS, k % PAGE_KEYS))
     }
 }
 
 impl<T> ChunkStore<T> for Dense<T> {
     #[inline]
     fn get(&self, key: u64) -> Option<&Chunk<T>> {
-        self.slots.get(usize::try_from(key).ok()?)?.as_ref()
+        let (p, i) = Self::split(key)?;
+        self.dir.get(p)?.as_ref()?[i].as_ref()
     }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<&mut Chunk<T>> {
-        self.slots.get_mut(usize::try_from(key).ok()?)?.as_mut()
+        let (p, i) = Self::split(key)?;
+        self.dir.get_mut(p)?.as_mut()?[i].as_mut()
     }
     fn get_or_insert(&mut self, key: u64, make: impl FnOnce() -> Chunk<T>) -> &mut Chunk<T> {
-        let k = usize::try_from(key).expect("dense chunk key fits in usize");
-        if k >= self.slots.len() {
-            self.slots.resize_with(k + 1, || None);
+        let (p, i) = Self::split(key).expect("dense chunk key fits in usize");
+        if p >= self.dir.len() {
+            self.dir.resize_with(p + 1, || None);
         }
-        let slot = &mut self.slots[k];
+        let page = self.dir[p].get_or_insert_with(|| (0..PAGE_KEYS).map(|_| None).collect());
+        let slot = &mut page[i];
         if slot.is_none() {
             self.held += 1;
         }
         slot.get_or_insert_with(make)
     }
     fn remove(&mut self, key: u64) -> Option<Chunk<T>> {
-        let c = self.slots.get_mut(usize::try_from(key).ok()?)?.take();
+        let (p, i) = Self::split(key)?;
+        let page = self.dir.get_mut(p)?.as_mut()?;
+        let c = page[i].take();
         if c.is_some() {
             self.held -= 1;
+            if page.iter().all(Option::is_none) {
+                self.dir[p] = None;
+            }
         }
         c
     }
@@ -123,13 +147,22 @@ impl<T> ChunkStore<T> for Dense<T> {
         self.held
     }
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64> {
-        let n = self.slots.len() as u64;
-        if k0 >= n {
-            return Vec::new();
+        let mut out = Vec::new();
+        let per = PAGE_KEYS as u64;
+        for (p, page) in self.dir.iter().enumerate() {
+            let base = p as u64 * per;
+            let Some(page) = page else { continue };
+            if base > k1 || base + per <= k0 {
+                continue;
+            }
+            for (i, c) in page.iter().enumerate() {
+                let k = base + i as u64;
+                if c.is_some() && (k0..=k1).contains(&k) {
+                    out.push(k);
+                }
+            }
         }
-        (k0..=k1.min(n - 1))
-            .filter(|&k| self.slots[k as usize].is_some())
-            .collect()
+        out
     }
 }
 

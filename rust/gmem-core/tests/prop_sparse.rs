@@ -12,8 +12,8 @@ use gmem_core::sparse::{CHUNK, ChunkStore, Dense, Hashed, SparseVec};
 use proptest::prelude::*;
 
 const CHUNKS: [u64; 7] = [0, 1, 2, 3, 1 << 40, u64::MAX / CHUNK - 1, u64::MAX / CHUNK];
-/// The dense store grows to its highest chunk: keep them low.
-const DENSE_CHUNKS: [u64; 5] = [0, 1, 2, 3, 1000];
+/// The dense store grows to its highest chunk: keep them low (pages of 512 chunks).
+const DENSE_CHUNKS: [u64; 7] = [0, 1, 2, 3, 511, 512, 1000];
 
 fn index(chunks: &'static [u64]) -> impl Strategy<Value = u64> + Clone {
     let within = prop_oneof![0u64..4, CHUNK - 4..CHUNK, 0..CHUNK];
