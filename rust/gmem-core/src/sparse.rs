@@ -147,18 +147,20 @@ impl<T> ChunkStore<T> for Dense<T> {
         self.held
     }
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64> {
+        // Only the pages overlapping [k0, k1], and in them only the slots inside it.
         let mut out = Vec::new();
         let per = PAGE_KEYS as u64;
-        for (p, page) in self.dir.iter().enumerate() {
-            let base = p as u64 * per;
-            let Some(page) = page else { continue };
-            if base > k1 || base + per <= k0 {
+        let last = (self.dir.len() as u64).min(k1 / per + 1);
+        for p in k0 / per..last {
+            let Some(page) = &self.dir[p as usize] else {
                 continue;
-            }
-            for (i, c) in page.iter().enumerate() {
-                let k = base + i as u64;
-                if c.is_some() && (k0..=k1).contains(&k) {
-                    out.push(k);
+            };
+            let base = p * per;
+            let lo = k0.saturating_sub(base);
+            let hi = (k1 - base).min(per - 1);
+            for i in lo..=hi {
+                if page[i as usize].is_some() {
+                    out.push(base + i);
                 }
             }
         }
