@@ -312,12 +312,12 @@ impl BitAttrMap {
     ///
     /// # Panics
     /// If `value` would be a third distinct value of the map.
+    #[inline]
     pub fn set_count(&mut self, start: u64, end: u64, value: u64) -> u64 {
-        if start >= end {
-            return 0;
-        }
-        let bit = self.bit_of(value);
-        if end - start == 1
+        // A mixed leaf exists only once both values are known.
+        if start < end
+            && end - start == 1
+            && let Some(bit) = self.known_bit(value)
             && let Some(b) = self.leaves.get_mut(&(start >> LEAF_SHIFT))
         {
             // One index in a mixed leaf (a random single-page conversion): one word.
@@ -332,6 +332,15 @@ impl BitAttrMap {
             }
             return 1;
         }
+        self.set_count_range(start, end, value)
+    }
+
+    /// [`BitAttrMap::set_count`] beyond its one-index case.
+    fn set_count_range(&mut self, start: u64, end: u64, value: u64) -> u64 {
+        if start >= end {
+            return 0;
+        }
+        let bit = self.bit_of(value);
         let (head, (m0, m1), tail) = Self::pieces(start, end);
         let mut changed = 0u64;
         if let Some((l, a, z)) = head {

@@ -91,7 +91,7 @@ impl Host {
         } else {
             SmallVec::new()
         };
-        if parts.is_empty() && !strategy.imp().has_gate() {
+        if parts.is_empty() && !strategy.has_gate() {
             // One walk stores the value and says whether anything changed.
             let changed = self.vms[vm].attrs.set_count(start, end, value);
             if changed == 0 {
@@ -417,10 +417,14 @@ impl Host {
     /// The HugeTLB work of a conversion on a two-backing strategy: the private folio of a
     /// page turning shared splits, and merges back once its whole range is private again
     /// (the VMM may then punch the shared gfns' private pages one by one).
+    #[inline]
     pub(crate) fn huge_private_side(&mut self, vm: usize, start: u64, end: u64, private: bool) {
-        if !self.vms[vm].huge_bound {
-            return;
+        if self.vms[vm].huge_bound {
+            self.huge_private_side_bound(vm, start, end, private);
         }
+    }
+
+    fn huge_private_side_bound(&mut self, vm: usize, start: u64, end: u64, private: bool) {
         for id in self.vms[vm].slots_in(start, end) {
             let slot = &self.vms[vm].slots[&id];
             let Some(b) = slot.gmem.filter(|b| b.live) else {
@@ -460,10 +464,14 @@ impl Host {
 
     /// Where the platform promises in-place content (pKVM), count each page whose content
     /// the conversion loses: the side the guest leaves held data the side it enters lacks.
+    #[inline]
     pub(crate) fn count_lost_content(&mut self, vm: usize, start: u64, end: u64, private: bool) {
-        if !self.vms[vm].vm_type.promises_content() {
-            return;
+        if self.vms[vm].vm_type.promises_content() {
+            self.count_lost_content_promised(vm, start, end, private);
         }
+    }
+
+    fn count_lost_content_promised(&mut self, vm: usize, start: u64, end: u64, private: bool) {
         let strategy = self.vms[vm].strategy;
         let mut lost = 0;
         for id in self.vms[vm].slots_in(start, end) {

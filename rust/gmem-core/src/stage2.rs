@@ -290,12 +290,9 @@ impl Stage2 {
 
     /// Remove every leaf intersecting `[start, end)` whose private flag matches `filter`
     /// (`None`: all). A huge leaf straddling the range is removed whole, as KVM does.
+    #[inline]
     pub fn zap(&mut self, start: u64, end: u64, filter: Option<bool>) -> Zapped {
-        let mut z = Zapped::default();
-        if start >= end {
-            return z;
-        }
-        if end - start == 1 && self.l1g.is_empty() {
+        if start < end && end - start == 1 && self.l1g.is_empty() {
             // One page (a random single-page conversion): at most one bit of one table.
             let k = start >> 9;
             let Some(s) = self.index(k) else {
@@ -315,6 +312,15 @@ impl Stage2 {
                     pages: n,
                 };
             }
+        }
+        self.zap_range(start, end, filter)
+    }
+
+    /// [`Stage2::zap`] beyond its one-page case.
+    fn zap_range(&mut self, start: u64, end: u64, filter: Option<bool>) -> Zapped {
+        let mut z = Zapped::default();
+        if start >= end {
+            return z;
         }
         let keep = |private: bool| filter.is_some_and(|f| f != private);
         if !self.l1g.is_empty() {

@@ -14,10 +14,6 @@ impl Strategy for AttrHook {
         "attr_hook"
     }
 
-    fn file_attrs(&self) -> bool {
-        true
-    }
-
     fn shared_side(&self) -> SharedSide {
         SharedSide::SameFile
     }

@@ -16,16 +16,8 @@ impl Strategy for Inplace {
         "inplace"
     }
 
-    fn file_attrs(&self) -> bool {
-        true
-    }
-
     fn shared_side(&self) -> SharedSide {
         SharedSide::SameFile
-    }
-
-    fn has_gate(&self) -> bool {
-        true
     }
 
     fn gate(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {

@@ -73,9 +73,17 @@ impl StrategyKind {
         }
     }
 
-    /// Attributes of gfns bound to a guest_memfd live at the file's offsets.
+    /// Attributes of gfns bound to a guest_memfd live at the file's offsets (the same-page
+    /// designs). A match, not a trait call: the conversion path asks on every event.
     pub fn file_attrs(self) -> bool {
-        self.imp().file_attrs()
+        matches!(self, StrategyKind::Inplace | StrategyKind::AttrHook)
+    }
+
+    /// Whether the strategy's [`Strategy::gate`] can refuse a conversion (the in-place
+    /// series' refcount check); the conversion path then checks for a no-op before asking,
+    /// instead of storing first.
+    pub(crate) fn has_gate(self) -> bool {
+        matches!(self, StrategyKind::Inplace)
     }
 
     pub fn shared_side(self) -> SharedSide {
@@ -87,20 +95,10 @@ impl StrategyKind {
 pub(crate) trait Strategy: Sync {
     fn name(&self) -> &'static str;
 
-    /// Whether bound gfns keep their attributes per guest_memfd offset.
-    fn file_attrs(&self) -> bool {
-        false
-    }
-
     fn shared_side(&self) -> SharedSide;
 
-    /// Whether [`gate`](Self::gate) can refuse (the conversion path then checks for a no-op
-    /// before asking, instead of storing first).
-    fn has_gate(&self) -> bool {
-        false
-    }
-
-    /// Decide, before any state changes, whether converting `[start, end)` may go ahead.
+    /// Decide, before any state changes, whether converting `[start, end)` may go ahead
+    /// (only strategies for which [`StrategyKind::has_gate`] holds ever refuse).
     fn gate(
         &self,
         _host: &mut Host,
