@@ -1,12 +1,16 @@
 //! A sparse array: fixed chunks of 512 entries allocated on first non-default store and
 //! released when they return to all-default. Memory follows what is touched, never the
-//! size of the index space (a guest_memfd may be 2^51 pages long).
+//! size of the index space (a guest_memfd may be 2^51 pages long). Where the chunks live is
+//! a [`ChunkStore`]: a hash map ([`Hashed`], the default: page caches, mappings) or a
+//! two-level array ([`Dense`]: host frame contents, looked up on every read and prefetched
+//! ahead by `apply`).
 
 use rustc_hash::FxHashMap;
 
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
 
+/// One chunk: `CHUNK` entries and how many of them are not the default.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Chunk<T> {
     live: u32,
