@@ -2,17 +2,17 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// jemalloc with transparent huge pages (see `Cargo.toml`).
-#[cfg(all(unix, not(target_env = "musl")))]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use gmem_core::error::HostFaultKind;
 use gmem_core::{Error, GmemArg, Host, HostOp, MemRegion, Packed, StrategyKind, VmType};
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::{PyAssertionError, PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
+
+/// jemalloc with transparent huge pages (see `Cargo.toml`).
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 pyo3::create_exception!(
     gmem,
