@@ -436,31 +436,11 @@ impl Host {
 
     fn gmem_unpin(&mut self, f: usize, off: u64) -> Result<()> {
         let file = &mut self.files[f];
-        if let Some(c) = file.pins.get_mut(&off) {
-            *c -= 1;
-            if *c == 0 {
-                file.pins.remove(&off);
-            }
-            return Ok(());
+        if let Some(pfn) = drop_pin(&mut file.pins, &mut file.orphans, off)? {
+            let vm = file.vm;
+            self.give_frames(Some(vm), pfn, 0);
         }
-        if let Some(list) = file.orphans.get_mut(&off) {
-            let last = list.last_mut().expect("orphan lists are never empty");
-            last.1 -= 1;
-            if last.1 == 0 {
-                let pfn = last.0;
-                list.pop();
-                if list.is_empty() {
-                    file.orphans.remove(&off);
-                }
-                let vm = file.vm;
-                self.give_frames(Some(vm), pfn, 0);
-            }
-            return Ok(());
-        }
-        Err(einval(format!(
-            "page at offset {:#x} is not pinned",
-            off << PAGE_SHIFT
-        )))
+        Ok(())
     }
 
     fn anon_access(&mut self, m: usize, idx: u64, op: HostOp) -> Result<u64> {
@@ -487,31 +467,11 @@ impl Host {
                 let MapKind::Anon { pins, orphans, .. } = &mut self.maps[m].kind else {
                     unreachable!()
                 };
-                if let Some(c) = pins.get_mut(&idx) {
-                    *c -= 1;
-                    if *c == 0 {
-                        pins.remove(&idx);
-                    }
-                    return Ok(0);
+                if let Some(pfn) = drop_pin(pins, orphans, idx)? {
+                    self.anon_pages_account(m, idx, false);
+                    self.give_frames(None, pfn, 0);
                 }
-                if let Some(list) = orphans.get_mut(&idx) {
-                    let last = list.last_mut().expect("orphan lists are never empty");
-                    last.1 -= 1;
-                    if last.1 == 0 {
-                        let pfn = last.0;
-                        list.pop();
-                        if list.is_empty() {
-                            orphans.remove(&idx);
-                        }
-                        self.anon_pages_account(m, idx, false);
-                        self.give_frames(None, pfn, 0);
-                    }
-                    return Ok(0);
-                }
-                Err(einval(format!(
-                    "page at offset {:#x} is not pinned",
-                    idx << PAGE_SHIFT
-                )))
+                Ok(0)
             }
         }
     }
@@ -715,4 +675,71 @@ impl Host {
         self.strict_check(vm)?;
         Ok(g1 - g0)
     }
+}
+
+/// Live pin counts of a page cache (ordered: conversions ask for ranges) or of an
+/// anonymous mapping.
+trait PinCounts {
+    fn count_mut(&mut self, key: u64) -> Option<&mut u32>;
+    fn forget(&mut self, key: u64);
+
+    /// Drop one pin of `key`; `false` if it holds none.
+    fn unpin(&mut self, key: u64) -> bool {
+        let Some(c) = self.count_mut(key) else {
+            return false;
+        };
+        *c -= 1;
+        if *c == 0 {
+            self.forget(key);
+        }
+        true
+    }
+}
+
+impl PinCounts for std::collections::BTreeMap<u64, u32> {
+    fn count_mut(&mut self, key: u64) -> Option<&mut u32> {
+        self.get_mut(&key)
+    }
+    fn forget(&mut self, key: u64) {
+        self.remove(&key);
+    }
+}
+
+impl PinCounts for rustc_hash::FxHashMap<u64, u32> {
+    fn count_mut(&mut self, key: u64) -> Option<&mut u32> {
+        self.get_mut(&key)
+    }
+    fn forget(&mut self, key: u64) {
+        self.remove(&key);
+    }
+}
+
+/// Drop one pin of page `key`: from its live count, or else from the newest frame
+/// orphaned under it (punched or discarded while pinned). `Ok(Some(pfn))` when that was
+/// the orphan's last pin: the caller frees the frame. `EINVAL` if the page holds no pin.
+fn drop_pin(
+    pins: &mut impl PinCounts,
+    orphans: &mut rustc_hash::FxHashMap<u64, Vec<(u32, u32)>>,
+    key: u64,
+) -> Result<Option<u32>> {
+    if pins.unpin(key) {
+        return Ok(None);
+    }
+    let Some(list) = orphans.get_mut(&key) else {
+        return Err(einval(format!(
+            "page at offset {:#x} is not pinned",
+            key << PAGE_SHIFT
+        )));
+    };
+    let last = list.last_mut().expect("orphan lists are never empty");
+    last.1 -= 1;
+    if last.1 > 0 {
+        return Ok(None);
+    }
+    let pfn = last.0;
+    list.pop();
+    if list.is_empty() {
+        orphans.remove(&key);
+    }
+    Ok(Some(pfn))
 }
