@@ -497,6 +497,13 @@ def goals(r: Results) -> str:
     )
 
 
+def _log_axes(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
+    """Log-log axes with their labels, and a legend if anything was plotted."""
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**legend)
+
+
 def plot(r: Results, path: Path) -> None:
     import matplotlib
 
@@ -510,15 +517,12 @@ def plot(r: Results, path: Path) -> None:
         pts = [(x, y) for x, y in pts if y]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="pages converted (uniform map, 2^24-page guest)",
-        ylabel="seconds per conversion",
-        title="Range conversion vs range size",
+    _log_axes(
+        ax,
+        "pages converted (uniform map, 2^24-page guest)",
+        "seconds per conversion",
+        "Range conversion vs range size",
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
     ax = axes[1]
     ns = (10**3, 10**4, 10**5, 10**6)
     series = {
@@ -544,15 +548,13 @@ def plot(r: Results, path: Path) -> None:
         pts = [(x, y) for x, y in zip(ns, ys, strict=True) if y]
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="intervals in the attribute map",
-        ylabel="seconds per operation",
-        title="Cost vs number of intervals",
+    _log_axes(
+        ax,
+        "intervals in the attribute map",
+        "seconds per operation",
+        "Cost vs number of intervals",
+        fontsize=8,
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
     ax = axes[2]
     sizes = {"2^20": 1 << 20, "2^24": 1 << 24, "2^28": 1 << 28}
     for s in STRATEGIES:
@@ -568,15 +570,12 @@ def plot(r: Results, path: Path) -> None:
                 pts.append((pages, tot_t / tot_n))
         if pts:
             ax.plot(*zip(*pts, strict=True), marker="o", label=s)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel="guest size (pages)",
-        ylabel="seconds per event (all workloads)",
-        title="vm.apply cost per event vs guest size",
+    _log_axes(
+        ax,
+        "guest size (pages)",
+        "seconds per event (all workloads)",
+        "vm.apply cost per event vs guest size",
     )
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
