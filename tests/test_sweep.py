@@ -353,3 +353,29 @@ def test_dask_executor_without_dask_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed fails
     with pytest.raises(ImportError, match=r"pip install 'gmem\[dask\]'"):
         sweep(write_grid(tmp_path), executor="dask", out=tmp_path / "o", progress=False)
+
+
+def test_progress_bars_render_on_a_terminal(monkeypatch):
+    """The sweep's cell bar and the runs' lazy event bar (one shared rich layout) draw on
+    a terminal: description, done/total and, for cells, the failure count."""
+    import io
+
+    from gmem import reports
+    from gmem import sweep as sweep_mod
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    with sweep_mod._Progress(3, True) as cells:
+        cells.advance(True)
+        cells.advance(False)
+        cells.advance(True)
+    with reports.progress_bar(10, description="events", delay=0.0) as events:
+        events.advance(4)
+        events.advance(6)
+    out = term.getvalue()
+    for shown in ("cells", "1 failed", "3/3", "events"):
+        assert shown in out, shown

@@ -224,6 +224,30 @@ def plot_counters(
     return path
 
 
+def rich_bar(*, transient: bool = False):
+    """A `rich.progress.Progress` on stderr with gmem's columns: description, bar,
+    done/total, elapsed, remaining (shared by runs and sweeps)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=transient,
+    )
+
+
 class _LazyProgress:
     """A rich progress bar on stderr that appears only once the run has lasted
     ``delay`` seconds, so short runs print nothing."""
@@ -242,25 +266,7 @@ class _LazyProgress:
         return self
 
     def _start(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
+        self._progress = rich_bar(transient=True)
         self._progress.start()
         self._task = self._progress.add_task(
             self.description, total=self.total, completed=self.done
