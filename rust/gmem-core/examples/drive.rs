@@ -1,5 +1,6 @@
-//! Drive the core from Rust, for profiling (`perf stat`, `valgrind --tool=callgrind`) and
-//! as the "same work driven from Rust" baseline of the benchmarks.
+//! Drive the core from Rust, for profiling (`perf stat`, `valgrind --tool=callgrind`,
+//! `perf record`) without the Python binding. (The benchmarks' Rust baseline is
+//! `benches/baseline`'s `CoreDriver`; both lay the guest out as `gmem.setup.build_vm`.)
 //!
 //! `cargo run --release -p gmem-core --example drive -- [strategy] [log2 pages] [events]`
 //!
@@ -16,17 +17,24 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use gmem_core::{GmemArg, Host, MemRegion, StrategyKind, VmType, uapi};
 
-/// A host with one VM of `pages` pages: one guest_memfd memslot at gpa 0.
+/// A host with one VM of `pages` pages: one guest_memfd memslot at gpa 0, laid out as
+/// `gmem.setup.build_vm` does (`GUEST_MEMFD_FLAG_MMAP` on the private file only where the
+/// shared view is that same file, and on `two_offsets`' shared file).
 fn guest(strategy: StrategyKind, pages: u64) -> (Host, usize) {
     let bytes = pages << 12;
     let mut h = Host::new(bytes + (1 << 30)).expect("host");
     let vm = h.create_vm(VmType::SwProtected, strategy);
+    let mmap = h.supported_gmem_flags(vm) & uapi::GUEST_MEMFD_FLAG_MMAP;
+    let same_file = matches!(
+        strategy,
+        StrategyKind::Inplace | StrategyKind::Realloc | StrategyKind::AttrHook
+    );
     let f = h
-        .create_guest_memfd(vm, bytes, uapi::GUEST_MEMFD_FLAG_MMAP, 0)
+        .create_guest_memfd(vm, bytes, if same_file { mmap } else { 0 }, 0)
         .expect("gmem");
     let m = h.mmap_anonymous(bytes).expect("anon");
     let shared = if strategy == StrategyKind::TwoOffsets {
-        let s = h.create_guest_memfd(vm, bytes, 0, 0).expect("gmem");
+        let s = h.create_guest_memfd(vm, bytes, mmap, 0).expect("gmem");
         (GmemArg::Fd(i64::from(h.file(s).fd.expect("open"))), Some(0))
     } else {
         (GmemArg::None, None)
