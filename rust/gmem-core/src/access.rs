@@ -88,7 +88,7 @@ impl Host {
     }
 
     #[inline]
-    fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
+    pub(crate) fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
         if let Some(v) = write {
             self.content.set(u64::from(pfn), v);
             if !self.stale.is_empty() {

@@ -2,7 +2,7 @@
 //!
 //! A lazily built radix: 1 GiB leaves in an ordered map; 2 MiB slots (a 2 MiB leaf, or a
 //! table of 512 4 KiB entries with presence and private bitmaps) in a slab, found through
-//! a directory of 1 GiB regions (a hash map of 512 slab indices each). The directory is
+//! a directory of 1 GiB regions (512 slab indices each; indexed below 4 TiB, hashed above). The directory is
 //! small enough to stay cached, so a slot's address is known without touching the slot:
 //! `apply` prefetches the slots of the events ahead. Bitmaps, slot kinds and frames are
 //! separate arrays at the slot's index: a conversion's zap touches one line of bitmaps,
@@ -60,13 +60,61 @@ pub struct Leaf {
 }
 
 /// A 2 MiB slot: empty (on the free list), a 2 MiB leaf, or a table of `count` 4 KiB
-/// leaves whose bits and frames are in `Stage2::bits` and `Stage2::frames` at the same
-/// index.
+/// leaves whose bits are in `Stage2::bits` at the slot's index and whose frames are table
+/// `t` of `Stage2::frames`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Slot {
     Vacant,
     Leaf(u32),
-    Table(u32),
+    Table { count: u16, t: u32 },
+}
+
+/// Tables per segment of [`Frames`]: 64 x 2 KiB.
+const SEG_TABLES: usize = 64;
+
+/// The 512 4 KiB entries of every table, in segments of 64 tables (128 KiB) that never
+/// move: a table's entries are found from its index by arithmetic, with no per-table
+/// pointer to load first (so `apply` can prefetch an entry from the slot alone), and only
+/// tables take room (a 2 MiB leaf has no frames). Freed tables are reused; the arena stays
+/// at its high-water mark, as the slot slab does.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Frames {
+    segs: Vec<Box<[u32]>>,
+    free: Vec<u32>,
+    /// Tables handed out so far (in use or free).
+    len: u32,
+}
+
+impl Frames {
+    /// A table for a new slot (its entries are stale: the slot's bits say which are
+    /// present).
+    fn alloc(&mut self) -> u32 {
+        if let Some(t) = self.free.pop() {
+            return t;
+        }
+        let t = self.len;
+        if (t as usize).is_multiple_of(SEG_TABLES) {
+            self.segs.push(vec![0; SEG_TABLES * SLOTS].into());
+        }
+        self.len = t.checked_add(1).expect("fewer than 2^32 tables");
+        t
+    }
+
+    fn release(&mut self, t: u32) {
+        self.free.push(t);
+    }
+
+    #[inline]
+    fn table(&self, t: u32) -> &[u32] {
+        let t = t as usize;
+        &self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS..][..SLOTS]
+    }
+
+    #[inline]
+    fn table_mut(&mut self, t: u32) -> &mut [u32] {
+        let t = t as usize;
+        &mut self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS..][..SLOTS]
+    }
 }
 
 /// A table's bits: per 64-entry word `w`, `[present, private]` side by side, two cache
@@ -104,20 +152,117 @@ fn clear_word(word: &mut [u64; 2], mask: u64, filter: Option<bool>) -> u64 {
 /// 2 MiB slots per 1 GiB region.
 const SLOTS: usize = 512;
 
+/// Regions below this (4 TiB of guest physical space) are found by index, the rest
+/// through a hash map: a lookup is two dependent loads without hashing, and the index
+/// grows to the highest near region in use (8 bytes per GiB), never with the gfn space.
+const NEAR: u64 = 1 << 12;
+
+/// The 1 GiB regions of a [`Stage2`]: region `r` -> the slab index + 1 of each of its
+/// 512 2 MiB slots (0: none).
+#[derive(Debug, Clone, Default)]
+struct Directory {
+    near: Vec<Option<Box<[u32]>>>,
+    far: FxHashMap<u64, Box<[u32]>>,
+}
+
+impl Directory {
+    #[inline]
+    fn get(&self, r: u64) -> Option<&[u32]> {
+        if r < NEAR {
+            self.near.get(r as usize)?.as_deref()
+        } else {
+            self.far.get(&r).map(AsRef::as_ref)
+        }
+    }
+
+    fn get_mut(&mut self, r: u64) -> Option<&mut [u32]> {
+        if r < NEAR {
+            self.near.get_mut(r as usize)?.as_deref_mut()
+        } else {
+            self.far.get_mut(&r).map(AsMut::as_mut)
+        }
+    }
+
+    /// Region `r`, created empty if absent.
+    fn get_or_insert(&mut self, r: u64) -> &mut [u32] {
+        let empty = || vec![0; SLOTS].into_boxed_slice();
+        if r < NEAR {
+            let r = r as usize;
+            if r >= self.near.len() {
+                self.near.resize_with(r + 1, || None);
+            }
+            self.near[r].get_or_insert_with(empty)
+        } else {
+            self.far.entry(r).or_insert_with(empty)
+        }
+    }
+
+    fn remove(&mut self, r: u64) {
+        if r < NEAR {
+            if let Some(e) = self.near.get_mut(r as usize) {
+                *e = None;
+            }
+            // Shrink the index to the highest region left.
+            while self.near.last().is_some_and(Option::is_none) {
+                self.near.pop();
+            }
+        } else {
+            self.far.remove(&r);
+        }
+    }
+
+    /// The regions present, as `(r, slots)`, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u32])> {
+        let near = self
+            .near
+            .iter()
+            .enumerate()
+            .filter_map(|(r, e)| e.as_deref().map(|e| (r as u64, e)));
+        near.chain(self.far.iter().map(|(&r, e)| (r, e.as_ref())))
+    }
+}
+
+/// Stored as a map from region to slots (the encoding of snapshot format 2, whatever the
+/// in-memory split).
+impl serde::Serialize for Directory {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(self.iter().count()))?;
+        for (r, e) in self.iter() {
+            m.serialize_entry(&r, e)?;
+        }
+        m.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Directory {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = FxHashMap::<u64, Box<[u32]>>::deserialize(d)?;
+        let mut dir = Self::default();
+        for (r, e) in map {
+            if e.len() != SLOTS {
+                return Err(serde::de::Error::invalid_length(e.len(), &"512 slots"));
+            }
+            dir.get_or_insert(r).copy_from_slice(&e);
+        }
+        Ok(dir)
+    }
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stage2 {
     l1g: BTreeMap<u64, u32>,
     /// 1 GiB regions by `gfn >> 18`, each the slab index + 1 of its 512 2 MiB slots
     /// (0: none): 2 KiB per region with anything mapped at 4 KiB or 2 MiB.
-    dir: FxHashMap<u64, Box<[u32]>>,
+    dir: Directory,
     /// The slots, in a slab (freed entries are reused); the directory gives a slot's
     /// index without touching the slot, so a batch can prefetch it.
     slots: Vec<Slot>,
     /// The bitmaps of each table slot, at the slot's index: 128 bytes per 2 MiB (4 MiB
     /// for a 64 GiB guest: cache-resident).
     bits: Vec<Bits>,
-    /// The 512 4 KiB entries of each table slot, at the slot's index: a read's frame.
-    frames: Vec<Option<Box<[u32]>>>,
+    /// The 512 4 KiB entries of each table (`Slot::Table::t`): a read's frame.
+    frames: Frames,
     free: Vec<u32>,
     /// 2 MiB slots in use.
     used: u64,
@@ -147,7 +292,7 @@ impl Stage2 {
     /// Slab index of 2 MiB slot `k` (`gfn >> 9`), if it exists.
     #[inline]
     fn index(&self, k: u64) -> Option<usize> {
-        let r = self.dir.get(&(k >> 9))?;
+        let r = self.dir.get(k >> 9)?;
         let i = r[(k % SLOTS as u64) as usize];
         (i != 0).then(|| i as usize - 1)
     }
@@ -177,11 +322,10 @@ impl Stage2 {
                     private,
                 })
             }
-            Slot::Table(_) => {
+            Slot::Table { t, .. } => {
                 let i = (gfn & 511) as usize;
                 (self.bits[s].0[i / 64][0] & (1 << (i % 64)) != 0).then(|| {
-                    let f = self.frames[s].as_ref().expect("table frames");
-                    let (pfn, private) = unpack(f[i]);
+                    let (pfn, private) = unpack(self.frames.table(*t)[i]);
                     Leaf {
                         gfn,
                         level: Level::L4K,
@@ -195,21 +339,23 @@ impl Stage2 {
     }
 
     /// Hint the cache about `gfn`'s slot bits and, with `entry`, its 4 KiB entry (see
-    /// `BitAttrMap::prefetch`). Touches only the directory (2 KiB per GiB).
+    /// `BitAttrMap::prefetch`). Touches the directory (2 KiB per GiB) and, with `entry`,
+    /// the slot (8 bytes per 2 MiB).
     #[inline]
     pub fn prefetch(&self, gfn: u64, entry: bool) {
         if let Some(s) = self.index(gfn >> 9) {
             let i = (gfn & 511) as usize;
-            mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
             mem_prefetch::prefetch_write_data::<_, 3>(&self.bits[s].0[i / 64]);
-            if entry && let Some(f) = &self.frames[s] {
-                mem_prefetch::prefetch_read_data::<_, 3>(&f[i]);
+            if !entry {
+                mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
+            } else if let Slot::Table { t, .. } = self.slots[s] {
+                mem_prefetch::prefetch_read_data::<_, 3>(&self.frames.table(t)[i]);
             }
         }
     }
 
-    /// The slab index of slot `k`, creating it as an empty table if absent.
-    fn slot_for_table(&mut self, k: u64) -> usize {
+    /// The slab index of slot `k`, creating it as `slot` if absent.
+    fn slot_or_insert(&mut self, k: u64, slot: impl FnOnce(&mut Frames) -> Slot) -> usize {
         if let Some(s) = self.index(k) {
             return s;
         }
@@ -218,36 +364,33 @@ impl Stage2 {
         } else {
             self.slots.push(Slot::Vacant);
             self.bits.push(Bits::default());
-            self.frames.push(None);
             self.slots.len() - 1
         };
-        self.slots[s] = Slot::Table(0);
+        self.slots[s] = slot(&mut self.frames);
         self.bits[s] = Bits::default();
-        self.frames[s] = Some(vec![0; SLOTS].into());
         self.link(k, s);
         s
     }
 
     fn link(&mut self, k: u64, s: usize) {
-        let r = self
-            .dir
-            .entry(k >> 9)
-            .or_insert_with(|| vec![0; SLOTS].into());
+        let r = self.dir.get_or_insert(k >> 9);
         r[(k % SLOTS as u64) as usize] = u32::try_from(s + 1).expect("fewer than 2^32 slots");
         self.used += 1;
     }
 
     /// Free slot `k` (at slab index `s`).
     fn unlink(&mut self, k: u64, s: usize) {
+        if let Slot::Table { t, .. } = self.slots[s] {
+            self.frames.release(t);
+        }
         self.slots[s] = Slot::Vacant;
-        self.frames[s] = None;
         self.free
             .push(u32::try_from(s).expect("fewer than 2^32 slots"));
         self.used -= 1;
-        let r = self.dir.get_mut(&(k >> 9)).expect("linked slot");
+        let r = self.dir.get_mut(k >> 9).expect("linked slot");
         r[(k % SLOTS as u64) as usize] = 0;
         if r.iter().all(|&i| i == 0) {
-            self.dir.remove(&(k >> 9));
+            self.dir.remove(k >> 9);
         }
     }
 
@@ -264,16 +407,17 @@ impl Stage2 {
             }
             Level::L2M => {
                 // The range was zapped: no slot is left at `gfn >> 9`.
-                let k = gfn >> 9;
-                let s = self.slot_for_table(k);
-                self.slots[s] = Slot::Leaf(e);
-                self.frames[s] = None;
+                self.slot_or_insert(gfn >> 9, |_| Slot::Leaf(e));
             }
             Level::L4K => {
-                let s = self.slot_for_table(gfn >> 9);
-                let Slot::Table(count) = &mut self.slots[s] else {
+                let s = self.slot_or_insert(gfn >> 9, |f| Slot::Table {
+                    count: 0,
+                    t: f.alloc(),
+                });
+                let Slot::Table { count, t } = &mut self.slots[s] else {
                     unreachable!("range was zapped")
                 };
+                let t = *t;
                 let i = (gfn & 511) as usize;
                 let w = &mut self.bits[s].0[i / 64];
                 w[0] |= 1 << (i % 64);
@@ -281,7 +425,7 @@ impl Stage2 {
                     w[1] |= 1 << (i % 64);
                 }
                 *count += 1;
-                self.frames[s].as_mut().expect("table frames")[i] = e;
+                self.frames.table_mut(t)[i] = e;
             }
         }
         self.counts[level as usize] += 1;
@@ -298,10 +442,10 @@ impl Stage2 {
             let Some(s) = self.index(k) else {
                 return Zapped::default();
             };
-            if let Slot::Table(count) = &mut self.slots[s] {
+            if let Slot::Table { count, .. } = &mut self.slots[s] {
                 let i = (start & 511) as usize;
                 let n = clear_word(&mut self.bits[s].0[i / 64], 1 << (i % 64), filter);
-                *count -= n as u32;
+                *count -= n as u16;
                 self.counts[Level::L4K as usize] -= n;
                 if *count == 0 {
                     self.unlink(k, s);
@@ -348,7 +492,7 @@ impl Stage2 {
             }
         } else {
             let mut found: Vec<(u64, usize)> = Vec::new();
-            for (&r, idx) in &self.dir {
+            for (r, idx) in self.dir.iter() {
                 if r < k0 >> 9 || r > k1 >> 9 {
                     continue;
                 }
@@ -392,7 +536,7 @@ impl Stage2 {
                     true
                 }
             }
-            Slot::Table(count) => {
+            Slot::Table { count, .. } => {
                 let bits = &mut self.bits[s].0;
                 let lo = start.max(base) - base;
                 let hi = end.min(base + 512) - base;
@@ -405,7 +549,7 @@ impl Stage2 {
                         ((1u64 << span) - 1) << wlo
                     };
                     let n = clear_word(&mut bits[w as usize], mask, filter);
-                    *count -= n as u32;
+                    *count -= n as u16;
                     self.counts[Level::L4K as usize] -= n;
                     z.leaves += n;
                     z.pages += n;
@@ -423,7 +567,7 @@ impl Stage2 {
         let mut out: Vec<(u64, usize)> = self
             .dir
             .iter()
-            .flat_map(|(&r, idx)| {
+            .flat_map(|(r, idx)| {
                 idx.iter()
                     .enumerate()
                     .filter(|&(_, &i)| i != 0)
@@ -457,10 +601,9 @@ impl Stage2 {
                         private,
                     });
                 }
-                Slot::Table(_) => {
+                Slot::Table { t, .. } => {
                     let bits = &self.bits[s].0;
-                    let f = self.frames[s].as_ref().expect("table frames");
-                    for (i, &e) in f.iter().enumerate() {
+                    for (i, &e) in self.frames.table(*t).iter().enumerate() {
                         if bits[i / 64][0] >> (i % 64) & 1 == 1 {
                             let (pfn, private) = unpack(e);
                             out.push(Leaf {
@@ -484,13 +627,14 @@ impl Stage2 {
         let mut c = [0u64; 3];
         let linked = self.slots_sorted();
         if linked.len() as u64 != self.used
-            || self.slots.len() != self.frames.len()
             || self.slots.len() != self.bits.len()
             || linked.len() + self.free.len() != self.slots.len()
         {
             return Err("stage-2: slot directory and slab disagree".into());
         }
-        if self.dir.values().any(|r| r.iter().all(|&i| i == 0)) {
+        if self.dir.iter().any(|(_, r)| r.iter().all(|&i| i == 0))
+            || self.dir.near.last().is_some_and(Option::is_none)
+        {
             return Err("stage-2: empty directory region".into());
         }
         if self
@@ -500,6 +644,13 @@ impl Stage2 {
         {
             return Err("stage-2: a free slab entry is in use".into());
         }
+        let f = &self.frames;
+        if f.segs.len() != (f.len as usize).div_ceil(SEG_TABLES)
+            || f.segs.iter().any(|g| g.len() != SEG_TABLES * SLOTS)
+        {
+            return Err("stage-2: frame table segments misshapen".into());
+        }
+        let mut tables = std::collections::HashSet::new();
         for (k, s) in linked {
             if self.l1g.contains_key(&(k >> 9)) {
                 return Err(format!(
@@ -512,16 +663,19 @@ impl Stage2 {
                     return Err(format!("stage-2: slot {:#x} links a free entry", k << 9));
                 }
                 Slot::Leaf(_) => c[1] += 1,
-                Slot::Table(count) => {
+                Slot::Table { count, t } => {
                     let bits = &self.bits[s].0;
                     let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
-                    if n != *count || n == 0 {
+                    if n != u32::from(*count) || n == 0 {
                         return Err(format!("stage-2: table at gfn {:#x} miscounted", k << 9));
                     }
-                    let Some(f) = &self.frames[s] else {
-                        return Err(format!("stage-2: table at gfn {:#x} lacks frames", k << 9));
-                    };
-                    for (i, &e) in f.iter().enumerate() {
+                    if *t >= self.frames.len || !tables.insert(*t) {
+                        return Err(format!(
+                            "stage-2: table at gfn {:#x} has frames {t} out of range or shared",
+                            k << 9
+                        ));
+                    }
+                    for (i, &e) in self.frames.table(*t).iter().enumerate() {
                         let [present, private] = bits[i / 64];
                         if present >> (i % 64) & 1 == 1
                             && (private >> (i % 64) & 1 == 1) != unpack(e).1
@@ -541,6 +695,12 @@ impl Stage2 {
                     c[0] += u64::from(n);
                 }
             }
+        }
+        let f = &self.frames;
+        if tables.len() + f.free.len() != f.len as usize
+            || f.free.iter().any(|t| tables.contains(t) || *t >= f.len)
+        {
+            return Err("stage-2: frame tables and slots disagree".into());
         }
         c[2] = self.l1g.len() as u64;
         if c != self.counts {

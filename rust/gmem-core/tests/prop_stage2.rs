@@ -11,9 +11,10 @@ use proptest::prelude::*;
 
 const LEVELS: [Level; 3] = [Level::L4K, Level::L2M, Level::L1G];
 
-/// 1 GiB regions used: the bottom of the space and the top of the 52-bit gfn space (gpas
-/// must fit in 64 bits).
-const REGIONS: [u64; 4] = [0, 1, 2, (1 << 34) - 1];
+/// 1 GiB regions used: the bottom of the space, both sides of the table's indexed/hashed
+/// directory boundary (region 2^12), and the top of the 52-bit gfn space (gpas must fit
+/// in 64 bits).
+const REGIONS: [u64; 6] = [0, 1, 2, (1 << 12) - 1, 1 << 12, (1 << 34) - 1];
 
 fn end_of(l: &Leaf) -> u64 {
     l.gfn + l.level.pages()
