@@ -103,6 +103,9 @@ impl Host {
                 return Err(bad("mapping refers to a missing guest_memfd"));
             }
         }
+        if !self.content.shape_ok() {
+            return Err(bad("frame content store misshapen"));
+        }
         if self.va.values().any(|&m| m >= nm) || self.rmp.values().any(|&(v, _)| v >= nv) {
             return Err(bad("address space or RMP refers to a missing object"));
         }

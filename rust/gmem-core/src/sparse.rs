@@ -10,19 +10,30 @@ use rustc_hash::FxHashMap;
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
 
-/// One chunk: `CHUNK` entries and how many of them are not the default.
+/// One chunk of a [`Hashed`] store: `CHUNK` entries and how many of them are not the
+/// default.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Chunk<T> {
     live: u32,
     data: Box<[T]>,
 }
 
+/// A chunk as a store lends it out for writing: its count of non-default entries and its
+/// `CHUNK` entries.
+pub struct ChunkMut<'a, T> {
+    pub live: &'a mut u32,
+    pub data: &'a mut [T],
+}
+
 /// Where a [`SparseVec`] keeps its chunks, by chunk key (`index / CHUNK`).
 pub trait ChunkStore<T>: Default {
-    fn get(&self, key: u64) -> Option<&Chunk<T>>;
-    fn get_mut(&mut self, key: u64) -> Option<&mut Chunk<T>>;
-    fn get_or_insert(&mut self, key: u64, make: impl FnOnce() -> Chunk<T>) -> &mut Chunk<T>;
-    fn remove(&mut self, key: u64) -> Option<Chunk<T>>;
+    /// The `CHUNK` entries of chunk `key`, if held.
+    fn get(&self, key: u64) -> Option<&[T]>;
+    fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>>;
+    /// Chunk `key`, created all-default (with a live count of 0) if absent.
+    fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T>;
+    /// Drop chunk `key`; returns its live count, if it was held.
+    fn remove(&mut self, key: u64) -> Option<u32>;
     /// Chunks held.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -30,6 +41,9 @@ pub trait ChunkStore<T>: Default {
     }
     /// Keys held in `[k0, k1]`, in order, in O(min(k1 - k0, chunks held)).
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64>;
+    /// Whether the store's internal indices are in bounds and consistent (for a store
+    /// read from a snapshot, before anything indexes through it).
+    fn shape_ok(&self) -> bool;
 }
 
 /// Chunks in a hash map: for index spaces far larger than what is touched (a guest_memfd
@@ -43,21 +57,31 @@ impl<T> Default for Hashed<T> {
     }
 }
 
-impl<T> ChunkStore<T> for Hashed<T> {
+impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
     #[inline]
-    fn get(&self, key: u64) -> Option<&Chunk<T>> {
-        self.0.get(&key)
+    fn get(&self, key: u64) -> Option<&[T]> {
+        self.0.get(&key).map(|c| &*c.data)
     }
     #[inline]
-    fn get_mut(&mut self, key: u64) -> Option<&mut Chunk<T>> {
-        self.0.get_mut(&key)
+    fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
+        self.0.get_mut(&key).map(|c| ChunkMut {
+            live: &mut c.live,
+            data: &mut c.data,
+        })
     }
     #[inline]
-    fn get_or_insert(&mut self, key: u64, make: impl FnOnce() -> Chunk<T>) -> &mut Chunk<T> {
-        self.0.entry(key).or_insert_with(make)
+    fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T> {
+        let c = self.0.entry(key).or_insert_with(|| Chunk {
+            live: 0,
+            data: vec![T::default(); CHUNK as usize].into(),
+        });
+        ChunkMut {
+            live: &mut c.live,
+            data: &mut c.data,
+        }
     }
-    fn remove(&mut self, key: u64) -> Option<Chunk<T>> {
-        self.0.remove(&key)
+    fn remove(&mut self, key: u64) -> Option<u32> {
+        self.0.remove(&key).map(|c| c.live)
     }
     fn len(&self) -> usize {
         self.0.len()
@@ -75,22 +99,35 @@ impl<T> ChunkStore<T> for Hashed<T> {
         keys.sort_unstable();
         keys
     }
+    fn shape_ok(&self) -> bool {
+        self.0.values().all(|c| c.data.len() == CHUNK as usize)
+    }
 }
 
-/// One page of a [`Dense`] store: `PAGE_KEYS` chunk slots.
-type Page<T> = Box<[Option<Chunk<T>>]>;
-
-/// Chunk keys per page of a [`Dense`] store (a page covers 2^18 indices: 1 GiB of frames).
+/// Chunk keys per page of a [`Dense`] directory (a page covers 2^18 indices: 1 GiB of
+/// frames).
 const PAGE_KEYS: usize = 512;
 
-/// Chunks in a two-level array indexed by key: a directory, grown to the highest key
-/// stored (8 bytes per 2^18 indices), of pages of 512 chunk slots allocated on first use
-/// (12 KiB for `T = u64`). For a dense, bounded index space (host frames): a lookup is
-/// two loads from arrays that stay cached, so `apply` can prefetch an entry without a
-/// miss first. Memory follows the 2^18-index regions touched, not the size of the space.
+/// Chunks per arena segment of a [`Dense`] store (128 KiB for `T = u64`).
+const SEG_CHUNKS: usize = 32;
+
+/// Chunks in an arena found through a two-level array indexed by key: a directory, grown
+/// to the highest key stored (8 bytes per 2^18 indices), of pages of 512 chunk numbers
+/// (2 KiB, allocated on first use), and the chunks' entries in segments of 32 chunks that
+/// never move. For a dense, bounded index space (host frames): a lookup is two loads
+/// from small arrays that stay cached (64 KiB of pages for 2^24 frames) and the entry
+/// itself, found by arithmetic from the chunk number, so `apply` can prefetch an entry
+/// without a miss first. Memory follows the 2^18-index regions touched and the most
+/// chunks ever held at once (a freed chunk is reused), not the size of the space.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    dir: Vec<Option<Page<T>>>,
+    /// Pages of chunk number + 1 (0: no chunk).
+    dir: Vec<Option<Box<[u32]>>>,
+    segs: Vec<Box<[T]>>,
+    /// Live count of each chunk number.
+    live: Vec<u32>,
+    /// Chunk numbers free for reuse.
+    free: Vec<u32>,
     held: usize,
 }
 
@@ -98,6 +135,9 @@ impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
             dir: Vec::new(),
+            segs: Vec::new(),
+            live: Vec::new(),
+            free: Vec::new(),
             held: 0,
         }
     }
@@ -110,42 +150,82 @@ impl<T> Dense<T> {
         let k = usize::try_from(key).ok()?;
         Some((k / PAGE_KEYS, k % PAGE_KEYS))
     }
+
+    /// The chunk number of `key`, if held.
+    #[inline]
+    fn number(&self, key: u64) -> Option<usize> {
+        let (p, i) = Self::split(key)?;
+        let c = self.dir.get(p)?.as_ref()?[i];
+        (c != 0).then(|| c as usize - 1)
+    }
+
+    #[inline]
+    fn data(&self, c: usize) -> &[T] {
+        &self.segs[c / SEG_CHUNKS][(c % SEG_CHUNKS) * CHUNK as usize..][..CHUNK as usize]
+    }
+
+    #[inline]
+    fn chunk_mut(&mut self, c: usize) -> ChunkMut<'_, T> {
+        ChunkMut {
+            live: &mut self.live[c],
+            data: &mut self.segs[c / SEG_CHUNKS][(c % SEG_CHUNKS) * CHUNK as usize..]
+                [..CHUNK as usize],
+        }
+    }
 }
 
-impl<T> ChunkStore<T> for Dense<T> {
+impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     #[inline]
-    fn get(&self, key: u64) -> Option<&Chunk<T>> {
-        let (p, i) = Self::split(key)?;
-        self.dir.get(p)?.as_ref()?[i].as_ref()
+    fn get(&self, key: u64) -> Option<&[T]> {
+        self.number(key).map(|c| self.data(c))
     }
     #[inline]
-    fn get_mut(&mut self, key: u64) -> Option<&mut Chunk<T>> {
-        let (p, i) = Self::split(key)?;
-        self.dir.get_mut(p)?.as_mut()?[i].as_mut()
+    fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
+        self.number(key).map(|c| self.chunk_mut(c))
     }
-    fn get_or_insert(&mut self, key: u64, make: impl FnOnce() -> Chunk<T>) -> &mut Chunk<T> {
+    fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T> {
+        if let Some(c) = self.number(key) {
+            return self.chunk_mut(c);
+        }
         let (p, i) = Self::split(key).expect("dense chunk key fits in usize");
+        let c = if let Some(c) = self.free.pop() {
+            let c = c as usize;
+            self.live[c] = 0;
+            self.chunk_mut(c).data.fill(T::default());
+            c
+        } else {
+            let c = self.live.len();
+            if c.is_multiple_of(SEG_CHUNKS) {
+                self.segs
+                    .push(vec![T::default(); SEG_CHUNKS * CHUNK as usize].into());
+            }
+            self.live.push(0);
+            c
+        };
         if p >= self.dir.len() {
             self.dir.resize_with(p + 1, || None);
         }
-        let page = self.dir[p].get_or_insert_with(|| (0..PAGE_KEYS).map(|_| None).collect());
-        let slot = &mut page[i];
-        if slot.is_none() {
-            self.held += 1;
-        }
-        slot.get_or_insert_with(make)
+        let page = self.dir[p].get_or_insert_with(|| vec![0; PAGE_KEYS].into());
+        page[i] = u32::try_from(c + 1).expect("fewer than 2^32 chunks");
+        self.held += 1;
+        self.chunk_mut(c)
     }
-    fn remove(&mut self, key: u64) -> Option<Chunk<T>> {
+    fn remove(&mut self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key)?;
         let page = self.dir.get_mut(p)?.as_mut()?;
-        let c = page[i].take();
-        if c.is_some() {
-            self.held -= 1;
-            if page.iter().all(Option::is_none) {
-                self.dir[p] = None;
+        let c = std::mem::take(&mut page[i]);
+        if c == 0 {
+            return None;
+        }
+        if page.iter().all(|&c| c == 0) {
+            self.dir[p] = None;
+            while self.dir.last().is_some_and(Option::is_none) {
+                self.dir.pop();
             }
         }
-        c
+        self.held -= 1;
+        self.free.push(c - 1);
+        Some(self.live[c as usize - 1])
     }
     fn len(&self) -> usize {
         self.held
@@ -163,12 +243,37 @@ impl<T> ChunkStore<T> for Dense<T> {
             let lo = k0.saturating_sub(base);
             let hi = (k1 - base).min(per - 1);
             for i in lo..=hi {
-                if page[i as usize].is_some() {
+                if page[i as usize] != 0 {
                     out.push(base + i);
                 }
             }
         }
         out
+    }
+    fn shape_ok(&self) -> bool {
+        let n = self.live.len();
+        let mut seen = vec![false; n];
+        let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
+        let mut held = 0;
+        for page in self.dir.iter().flatten() {
+            if page.len() != PAGE_KEYS {
+                return false;
+            }
+            for &c in page.iter().filter(|&&c| c != 0) {
+                held += 1;
+                if !mark(c as usize - 1) {
+                    return false;
+                }
+            }
+        }
+        held == self.held
+            && self.free.iter().all(|&c| mark(c as usize))
+            && held + self.free.len() == n
+            && self.segs.len() == n.div_ceil(SEG_CHUNKS)
+            && self
+                .segs
+                .iter()
+                .all(|g| g.len() == SEG_CHUNKS * CHUNK as usize)
     }
 }
 
@@ -204,7 +309,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
     #[inline]
     pub fn get(&self, idx: u64) -> T {
         match self.chunks.get(idx / CHUNK) {
-            Some(c) => c.data[(idx % CHUNK) as usize],
+            Some(c) => c[(idx % CHUNK) as usize],
             None => T::default(),
         }
     }
@@ -213,7 +318,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
     #[inline]
     pub fn prefetch(&self, idx: u64) {
         if let Some(c) = self.chunks.get(idx / CHUNK) {
-            mem_prefetch::prefetch_write_data::<_, 3>(&c.data[(idx % CHUNK) as usize]);
+            mem_prefetch::prefetch_write_data::<_, 3>(&c[(idx % CHUNK) as usize]);
         }
     }
 
@@ -230,22 +335,19 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
             let old = c.data[slot];
             if old != zero {
                 c.data[slot] = zero;
-                c.live -= 1;
+                *c.live -= 1;
                 self.live -= 1;
-                if c.live == 0 {
+                if *c.live == 0 {
                     self.chunks.remove(key);
                 }
             }
             return old;
         }
-        let c = self.chunks.get_or_insert(key, || Chunk {
-            live: 0,
-            data: vec![zero; CHUNK as usize].into(),
-        });
+        let c = self.chunks.get_or_insert(key);
         let old = c.data[slot];
         c.data[slot] = v;
         if old == zero {
-            c.live += 1;
+            *c.live += 1;
             self.live += 1;
         }
         old
@@ -279,7 +381,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
             let lo = start.max(base) - base;
             let hi = end.min(base.saturating_add(CHUNK)) - base;
             for i in lo..hi {
-                let v = c.data[i as usize];
+                let v = c[i as usize];
                 if v != zero {
                     out.push((base + i, v));
                 }
@@ -294,8 +396,8 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         for key in self.chunk_keys(start, end) {
             let base = key * CHUNK;
             if start <= base && base.checked_add(CHUNK).is_some_and(|e| end >= e) {
-                let c = self.chunks.remove(key).expect("key from chunk_keys");
-                self.live -= u64::from(c.live);
+                let live = self.chunks.remove(key).expect("key from chunk_keys");
+                self.live -= u64::from(live);
             } else {
                 for i in start.max(base)..end.min(base.saturating_add(CHUNK)) {
                     self.set(i, T::default());
@@ -310,6 +412,11 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
             .into_iter()
             .chain((self.get(u64::MAX) != T::default()).then(|| (u64::MAX, self.get(u64::MAX))))
             .collect()
+    }
+
+    /// Whether the chunk store is consistent (see [`ChunkStore::shape_ok`]).
+    pub fn shape_ok(&self) -> bool {
+        self.chunks.shape_ok()
     }
 
     /// Approximate heap bytes held.

@@ -102,6 +102,7 @@ fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64]) -> Result<(), TestCaseE
             }
         }
         compare(&v, &model)?;
+        prop_assert!(v.shape_ok(), "store indices inconsistent");
         for &p in probes {
             prop_assert_eq!(v.get(p), model.get(&p).copied().unwrap_or(0));
         }
