@@ -29,6 +29,11 @@ pub struct ChunkMut<'a, T> {
 pub trait ChunkStore<T>: Default {
     /// The `CHUNK` entries of chunk `key`, if held.
     fn get(&self, key: u64) -> Option<&[T]>;
+    /// Entry `idx` (of chunk `idx / CHUNK`), if its chunk is held.
+    #[inline]
+    fn entry(&self, idx: u64) -> Option<&T> {
+        self.get(idx / CHUNK).map(|c| &c[(idx % CHUNK) as usize])
+    }
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>>;
     /// Chunk `key`, created all-default (with a live count of 0) if absent.
     fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T>;
@@ -179,6 +184,13 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     fn get(&self, key: u64) -> Option<&[T]> {
         self.number(key).map(|c| self.data(c))
     }
+    #[inline(always)]
+    fn entry(&self, idx: u64) -> Option<&T> {
+        // One bounds check on the way to the entry.
+        let c = self.number(idx / CHUNK)?;
+        let j = (c % SEG_CHUNKS) * CHUNK as usize + (idx % CHUNK) as usize;
+        Some(&self.segs[c / SEG_CHUNKS][j])
+    }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
         self.number(key).map(|c| self.chunk_mut(c))
@@ -306,19 +318,16 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     pub fn get(&self, idx: u64) -> T {
-        match self.chunks.get(idx / CHUNK) {
-            Some(c) => c[(idx % CHUNK) as usize],
-            None => T::default(),
-        }
+        self.chunks.entry(idx).copied().unwrap_or_default()
     }
 
     /// Hint the cache about `idx`'s entry (see `BitAttrMap::prefetch`).
     #[inline]
     pub fn prefetch(&self, idx: u64) {
-        if let Some(c) = self.chunks.get(idx / CHUNK) {
-            mem_prefetch::prefetch_write_data::<_, 3>(&c[(idx % CHUNK) as usize]);
+        if let Some(e) = self.chunks.entry(idx) {
+            mem_prefetch::prefetch_read_data::<_, 3>(e);
         }
     }
 

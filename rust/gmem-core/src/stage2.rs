@@ -110,6 +110,13 @@ impl Frames {
         &self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS..][..SLOTS]
     }
 
+    /// Entry `i` of table `t`.
+    #[inline(always)]
+    fn entry(&self, t: u32, i: usize) -> &u32 {
+        let t = t as usize;
+        &self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS + i]
+    }
+
     #[inline]
     fn table_mut(&mut self, t: u32) -> &mut [u32] {
         let t = t as usize;
@@ -325,7 +332,7 @@ impl Stage2 {
             Slot::Table { t, .. } => {
                 let i = (gfn & 511) as usize;
                 (self.bits[s].0[i / 64][0] & (1 << (i % 64)) != 0).then(|| {
-                    let (pfn, private) = unpack(self.frames.table(*t)[i]);
+                    let (pfn, private) = unpack(*self.frames.entry(*t, i));
                     Leaf {
                         gfn,
                         level: Level::L4K,
@@ -345,11 +352,16 @@ impl Stage2 {
     pub fn prefetch(&self, gfn: u64, entry: bool) {
         if let Some(s) = self.index(gfn >> 9) {
             let i = (gfn & 511) as usize;
-            mem_prefetch::prefetch_write_data::<_, 3>(&self.bits[s].0[i / 64]);
+            let bits = &self.bits[s].0[i / 64];
             if !entry {
+                // A zap writes the bits.
+                mem_prefetch::prefetch_read_data::<_, 3>(bits);
                 mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
-            } else if let Slot::Table { t, .. } = self.slots[s] {
-                mem_prefetch::prefetch_read_data::<_, 3>(&self.frames.table(t)[i]);
+            } else {
+                mem_prefetch::prefetch_read_data::<_, 3>(bits);
+                if let Slot::Table { t, .. } = self.slots[s] {
+                    mem_prefetch::prefetch_read_data::<_, 3>(self.frames.entry(t, i));
+                }
             }
         }
     }
