@@ -184,6 +184,7 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     fn get(&self, key: u64) -> Option<&[T]> {
         self.number(key).map(|c| self.data(c))
     }
+    #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, idx: u64) -> Option<&T> {
         // One bounds check on the way to the entry.
@@ -318,6 +319,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         }
     }
 
+    #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     pub fn get(&self, idx: u64) -> T {
         self.chunks.entry(idx).copied().unwrap_or_default()

@@ -60,13 +60,17 @@ pub struct Leaf {
 }
 
 /// A 2 MiB slot: empty (on the free list), a 2 MiB leaf, or a table of `count` 4 KiB
-/// leaves whose bits are in `Stage2::bits` at the slot's index and whose frames are table
-/// `t` of `Stage2::frames`.
+/// leaves whose present and private bits are in `Stage2::bits` at the slot's index, with
+/// their frames either in table `t` of `Stage2::frames` or, while every leaf of the slot
+/// maps frame `base + index` (what faulting a range in on a fresh host gives), implied by
+/// `base` alone: such a run costs no frame array, and a read of it loads no entry. The
+/// first leaf that breaks the run turns the slot into a table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Slot {
     Vacant,
     Leaf(u32),
     Table { count: u16, t: u32 },
+    Run { count: u16, base: u32 },
 }
 
 /// Tables per segment of [`Frames`]: 64 x 2 KiB.
@@ -111,6 +115,7 @@ impl Frames {
     }
 
     /// Entry `i` of table `t`.
+    #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, t: u32, i: usize) -> &u32 {
         let t = t as usize;
@@ -341,6 +346,16 @@ impl Stage2 {
                     }
                 })
             }
+            Slot::Run { base, .. } => {
+                let i = (gfn & 511) as usize;
+                let [present, private] = self.bits[s].0[i / 64];
+                (present >> (i % 64) & 1 == 1).then(|| Leaf {
+                    gfn,
+                    level: Level::L4K,
+                    pfn: base + i as u32,
+                    private: private >> (i % 64) & 1 == 1,
+                })
+            }
             Slot::Vacant => None,
         }
     }
@@ -353,15 +368,15 @@ impl Stage2 {
         if let Some(s) = self.index(gfn >> 9) {
             let i = (gfn & 511) as usize;
             let bits = &self.bits[s].0[i / 64];
-            if !entry {
-                // A zap writes the bits.
-                mem_prefetch::prefetch_read_data::<_, 3>(bits);
-                mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
-            } else {
+            if entry {
                 mem_prefetch::prefetch_read_data::<_, 3>(bits);
                 if let Slot::Table { t, .. } = self.slots[s] {
                     mem_prefetch::prefetch_read_data::<_, 3>(self.frames.entry(t, i));
                 }
+            } else {
+                // A zap writes the bits.
+                mem_prefetch::prefetch_write_data::<_, 3>(bits);
+                mem_prefetch::prefetch_read_data::<_, 3>(&self.slots[s]);
             }
         }
     }
@@ -422,26 +437,54 @@ impl Stage2 {
                 self.slot_or_insert(gfn >> 9, |_| Slot::Leaf(e));
             }
             Level::L4K => {
-                let s = self.slot_or_insert(gfn >> 9, |f| Slot::Table {
-                    count: 0,
-                    t: f.alloc(),
-                });
-                let Slot::Table { count, t } = &mut self.slots[s] else {
-                    unreachable!("range was zapped")
-                };
-                let t = *t;
                 let i = (gfn & 511) as usize;
+                let s = self.slot_or_insert(gfn >> 9, |f| match pfn.checked_sub(i as u32) {
+                    Some(base) => Slot::Run { count: 0, base },
+                    None => Slot::Table {
+                        count: 0,
+                        t: f.alloc(),
+                    },
+                });
+                if let Slot::Run { base, .. } = self.slots[s]
+                    && base + i as u32 != pfn
+                {
+                    self.materialize(s);
+                }
                 let w = &mut self.bits[s].0[i / 64];
                 w[0] |= 1 << (i % 64);
                 if private {
                     w[1] |= 1 << (i % 64);
                 }
-                *count += 1;
-                self.frames.table_mut(t)[i] = e;
+                match &mut self.slots[s] {
+                    Slot::Table { count, t } => {
+                        *count += 1;
+                        let t = *t;
+                        self.frames.table_mut(t)[i] = e;
+                    }
+                    Slot::Run { count, .. } => *count += 1,
+                    _ => unreachable!("range was zapped"),
+                }
             }
         }
         self.counts[level as usize] += 1;
         replaced
+    }
+
+    /// Turn run slot `s` into a table holding the frames the run implies.
+    fn materialize(&mut self, s: usize) {
+        let Slot::Run { count, base } = self.slots[s] else {
+            return;
+        };
+        let t = self.frames.alloc();
+        let bits = &self.bits[s].0;
+        let table = self.frames.table_mut(t);
+        for (i, e) in table.iter_mut().enumerate() {
+            let [present, private] = bits[i / 64];
+            if present >> (i % 64) & 1 == 1 {
+                *e = pack(base + i as u32, private >> (i % 64) & 1 == 1);
+            }
+        }
+        self.slots[s] = Slot::Table { count, t };
     }
 
     /// Remove every leaf intersecting `[start, end)` whose private flag matches `filter`
@@ -454,7 +497,7 @@ impl Stage2 {
             let Some(s) = self.index(k) else {
                 return Zapped::default();
             };
-            if let Slot::Table { count, .. } = &mut self.slots[s] {
+            if let Slot::Table { count, .. } | Slot::Run { count, .. } = &mut self.slots[s] {
                 let i = (start & 511) as usize;
                 let n = clear_word(&mut self.bits[s].0[i / 64], 1 << (i % 64), filter);
                 *count -= n as u16;
@@ -548,7 +591,7 @@ impl Stage2 {
                     true
                 }
             }
-            Slot::Table { count, .. } => {
+            Slot::Table { count, .. } | Slot::Run { count, .. } => {
                 let bits = &mut self.bits[s].0;
                 let lo = start.max(base) - base;
                 let hi = end.min(base + 512) - base;
@@ -613,17 +656,11 @@ impl Stage2 {
                         private,
                     });
                 }
-                Slot::Table { t, .. } => {
+                Slot::Table { .. } | Slot::Run { .. } => {
                     let bits = &self.bits[s].0;
-                    for (i, &e) in self.frames.table(*t).iter().enumerate() {
+                    for i in 0..SLOTS {
                         if bits[i / 64][0] >> (i % 64) & 1 == 1 {
-                            let (pfn, private) = unpack(e);
-                            out.push(Leaf {
-                                gfn: (k << 9) + i as u64,
-                                level: Level::L4K,
-                                pfn,
-                                private,
-                            });
+                            out.push(self.lookup((k << 9) + i as u64).expect("present"));
                         }
                     }
                 }
@@ -701,6 +738,20 @@ impl Stage2 {
                     if bits.iter().any(|w| w[1] & !w[0] != 0) {
                         return Err(format!(
                             "stage-2: private bits without entries at {:#x}",
+                            k << 9
+                        ));
+                    }
+                    c[0] += u64::from(n);
+                }
+                Slot::Run { count, base } => {
+                    let bits = &self.bits[s].0;
+                    let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
+                    if n != u32::from(*count) || n == 0 {
+                        return Err(format!("stage-2: run at gfn {:#x} miscounted", k << 9));
+                    }
+                    if *base >= PRIVATE_BIT || bits.iter().any(|w| w[1] & !w[0] != 0) {
+                        return Err(format!(
+                            "stage-2: run at gfn {:#x} has frames out of range or private bits without entries",
                             k << 9
                         ));
                     }
