@@ -47,14 +47,23 @@ WORKING_SET = size(1 << 20)
 
 class MappedGuest:
     """A ``strategy`` guest, all private, whose first ``populated`` pages were written by
-    the guest (so that they are allocated and mapped in stage-2)."""
+    the guest (so that they are allocated and mapped in stage-2): in order, 512 pages per
+    event (a fresh host hands out consecutive frames, so each 2 MiB of the guest maps a
+    run of frames), or with ``scattered`` one page per event in random order (so frames
+    follow no pattern and every 2 MiB slot of stage-2 keeps an array of frames)."""
 
-    def __init__(self, strategy: str, pages: int, populated: int):
+    def __init__(self, strategy: str, pages: int, populated: int, scattered: bool = False):
         self.host, g = guest(pages, strategy)
         self.vm = g.vm
         self.pages = pages
         assert not self.vm.apply(events(Op.CONVERT_PRIVATE, [0], pages)).any()
-        populate(self.vm, 0, populated)
+        if scattered:
+            order = np.random.default_rng(2).permutation(populated).astype(np.uint64)
+            for part in np.array_split(order, max(1, populated >> 20)):
+                ev = events(Op.GUEST_WRITE_PRIVATE, part, 1, part + np.uint64(1))
+                assert not self.vm.apply(ev).any(), "populating writes failed"
+        else:
+            populate(self.vm, 0, populated)
         self.shared: np.ndarray = np.zeros(0, np.uint64)
 
     def fragment(self, intervals: int) -> None:
@@ -81,21 +90,36 @@ class MappedGuest:
         return setup
 
 
+_BIG_GUESTS: dict[str, MappedGuest] = {}
+
+
 @pytest.fixture(scope="module")
 def big_guest():
-    """The 2^24-page ``dual`` guest of the goal benchmarks, every page populated."""
-    return MappedGuest("dual", PAGES, PAGES)
+    """The 2^24-page ``dual`` guests of the goal benchmarks, every page populated: by
+    frame layout (``runs`` / ``scattered``, see `MappedGuest`), built on first use."""
+
+    def get(frames: str) -> MappedGuest:
+        if frames not in _BIG_GUESTS:
+            _BIG_GUESTS[frames] = MappedGuest("dual", PAGES, PAGES, frames == "scattered")
+        return _BIG_GUESTS[frames]
+
+    yield get
+    _BIG_GUESTS.clear()
 
 
 @pytest.mark.benchmark(group="apply-vs-numpy")
-@pytest.mark.parametrize("impl", ["gmem", "numpy"])
+@pytest.mark.parametrize(
+    ("frames", "impl"), [("runs", "gmem"), ("runs", "numpy"), ("scattered", "gmem")]
+)
 @pytest.mark.parametrize("op", ["convert", "read"])
 @pytest.mark.parametrize("intervals", [10**5, 10**6])
-def test_apply_vs_numpy(benchmark, big_guest, intervals, op, impl):
+def test_apply_vs_numpy(benchmark, big_guest, intervals, op, frames, impl):
     """Random single-page conversion (private -> shared, mapped) or private read (mapped)
     of `BATCH` pages: ``gmem`` one `vm.apply` batch, ``numpy`` one scatter / gather over a
-    ``uint64`` table of `PAGES` entries. ns per event = median / ``ops``."""
-    g = big_guest
+    ``uint64`` table of `PAGES` entries. ns per event = median / ``ops``. ``frames``: how
+    the guest was populated (`MappedGuest`); numpy's table has no such thing (measured
+    once, under ``runs``)."""
+    g = big_guest(frames)
     g.fragment(intervals)
     gfns = g.targets(BATCH, PAGES)
     benchmark.extra_info.update(guest_pages=PAGES, intervals=intervals, ops=int(gfns.size))

@@ -110,7 +110,8 @@ _RSS_DRIVER = textwrap.dedent(
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) * 1024
 
-    strategy, guest_pages, host_pages, touch, unit = sys.argv[1], *map(int, sys.argv[2:])
+    strategy, frames = sys.argv[1], sys.argv[2]
+    guest_pages, host_pages, touch, unit = map(int, sys.argv[3:])
     out = {"rss_start": rss()}
     host = gmem.Host(host_pages * 4096)
     g = build_vm(host, guest_pages, "sw_protected", strategy)
@@ -119,8 +120,14 @@ _RSS_DRIVER = textwrap.dedent(
     # `touch` pages in `unit`-page runs at random unit-aligned places all over the guest.
     rng = np.random.default_rng(0)
     starts = rng.choice(guest_pages // unit, size=touch // unit, replace=False) * unit
-    ev = np.zeros(starts.size, gmem.EVENT_DTYPE)
-    ev["op"], ev["gfn"], ev["npages"], ev["value"] = 4, np.sort(starts), unit, 1
+    if frames == "runs":
+        ev = np.zeros(starts.size, gmem.EVENT_DTYPE)
+        ev["op"], ev["gfn"], ev["npages"], ev["value"] = 4, np.sort(starts), unit, 1
+    else:
+        # The same pages, one per event in random order: frames follow no pattern.
+        gfns = (starts[:, None] + np.arange(unit, dtype=starts.dtype)).ravel()
+        ev = np.zeros(gfns.size, gmem.EVENT_DTYPE)
+        ev["op"], ev["gfn"], ev["npages"], ev["value"] = 4, rng.permutation(gfns), 1, 1
     out["rss_before"] = rss()
     t = time.perf_counter()
     assert not g.vm.apply(ev).any()
@@ -132,25 +139,35 @@ _RSS_DRIVER = textwrap.dedent(
 )
 
 
-def _rss_run(strategy: str, guest_pages: int, host_pages: int, touch: int, unit: int) -> dict:
-    cmd = [sys.executable, "-c", _RSS_DRIVER, strategy]
+def _rss_run(
+    strategy: str, guest_pages: int, host_pages: int, touch: int, unit: int, frames: str = "runs"
+) -> dict:
+    cmd = [sys.executable, "-c", _RSS_DRIVER, strategy, frames]
     cmd += [str(x) for x in (guest_pages, host_pages, touch, unit)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout)
 
 
 @pytest.mark.benchmark(group="memory-per-page")
+@pytest.mark.parametrize("frames", ["runs", "scattered"])
 @pytest.mark.parametrize("strategy", gmem.STRATEGIES)
-def test_rss_per_page(benchmark, strategy):
+def test_rss_per_page(benchmark, strategy, frames):
     """Bytes of process RSS per populated 4 KiB page: a 2^24-page guest, 2^20 pages
-    populated by private guest writes (in 512-page runs), in a fresh interpreter. The
-    timing is the whole child process; ``populate_ns_per_page`` is the populating alone."""
+    populated by private guest writes, in a fresh interpreter: 512 pages per event at
+    random 2 MiB-aligned places (``runs``: a fresh host hands out consecutive frames, so
+    stage-2 keeps no frame array), or the same pages one per event in random order
+    (``scattered``: every 2 MiB slot keeps its 512 frames). The timing is the whole
+    child process; ``populate_ns_per_page`` is the populating alone."""
     pages, touch = size(1 << 24), size(1 << 20)
     out = benchmark.pedantic(
-        _rss_run, args=(strategy, pages, 2 * pages + 512, touch, 512), rounds=1, iterations=1
+        _rss_run,
+        args=(strategy, pages, 2 * pages + 512, touch, 512, frames),
+        rounds=1,
+        iterations=1,
     )
     benchmark.extra_info.update(
         strategy=strategy,
+        frames=frames,
         guest_pages=pages,
         populated=touch,
         ops=touch,

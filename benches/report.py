@@ -19,6 +19,7 @@ from pathlib import Path
 SPANS = ("4K", "2M", "1G", "64G")
 SPAN_PAGES = {"4K": 1, "2M": 512, "1G": 1 << 18, "64G": 1 << 24}
 STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
+FRAMES = ("runs", "scattered")
 
 
 def fmt_time(s: float | None) -> str:
@@ -162,24 +163,30 @@ def apply_tables(r: Results) -> list[str]:
     rows = []
     for n in (10**5, 10**6):
         for op, np_name in (("convert", "scatter"), ("read", "gather")):
-            a, b = (
-                r.per_op(g, intervals=n, op=op, impl="gmem"),
-                r.per_op(g, intervals=n, op=op, impl="numpy"),
-            )
-            zaps = r.extra(g, "stage2_zaps_per_event", intervals=n, op=op, impl="gmem")
-            rows.append(
-                [
-                    f"{n:.0e}",
-                    op,
-                    fmt_time(a),
-                    f"numpy {np_name} {fmt_time(b)}",
-                    fmt_ratio(_ratio(a, b)),
-                    "-" if zaps is None else f"{zaps:.2f}",
-                ]
-            )
+            for frames in FRAMES:
+                a, b = (
+                    r.per_op(g, intervals=n, op=op, frames=frames, impl="gmem"),
+                    r.per_op(g, intervals=n, op=op, impl="numpy"),
+                )
+                if a is None:
+                    continue
+                zaps = r.extra(
+                    g, "stage2_zaps_per_event", intervals=n, op=op, frames=frames, impl="gmem"
+                )
+                rows.append(
+                    [
+                        f"{n:.0e}",
+                        op,
+                        frames,
+                        fmt_time(a),
+                        f"numpy {np_name} {fmt_time(b)}",
+                        fmt_ratio(_ratio(a, b)),
+                        "-" if zaps is None else f"{zaps:.2f}",
+                    ]
+                )
     out.append(
         "### vm.apply vs numpy, 2^24 pages, 10^5 random mapped private pages (per event)\n\n"
-        + table(["intervals", "op", "gmem", "numpy", "gmem / numpy", "zaps/event"], rows)
+        + table(["intervals", "op", "frames", "gmem", "numpy", "gmem / numpy", "zaps/event"], rows)
     )
     g = "apply-strategy"
     rows = []
@@ -322,13 +329,14 @@ def scale_tables(r: Results) -> list[str]:
         )
     g = "memory-per-page"
     rows = []
-    for s in STRATEGIES:
-        b = r.find(g, strategy=s)
+    for s, frames in ((s, f) for f in FRAMES for s in STRATEGIES):
+        b = r.find(g, strategy=s, frames=frames)
         if b:
             e = b["extra_info"]
             rows.append(
                 [
                     s,
+                    frames,
                     f"{e['populated']:,}",
                     f"{e['bytes_per_page']:.1f} B",
                     f"{e['populate_ns_per_page']:.0f} ns",
@@ -337,7 +345,7 @@ def scale_tables(r: Results) -> list[str]:
     out.append(
         "### RSS per populated 4 KiB page (2^24-page guest, 2^20 pages written; fresh "
         "interpreter)\n\n"
-        + table(["strategy", "pages populated", "RSS / page", "populate / page"], rows)
+        + table(["strategy", "frames", "pages populated", "RSS / page", "populate / page"], rows)
     )
     g = "memory-1tib"
     rows = []
@@ -429,31 +437,32 @@ def goals(r: Results) -> str:
         )
     g = "apply-vs-numpy"
     for op, name in (("convert", "scatter"), ("read", "gather")):
-        for n in (10**5, 10**6):
+        for n, frames in ((n, f) for f in FRAMES for n in (10**5, 10**6)):
             x = _ratio(
-                r.per_op(g, intervals=n, op=op, impl="gmem"),
+                r.per_op(g, intervals=n, op=op, frames=frames, impl="gmem"),
                 r.per_op(g, intervals=n, op=op, impl="numpy"),
             )
             add(
-                f"vm.apply random {op} / numpy {name} ({n:.0e} intervals)",
+                f"vm.apply random {op} / numpy {name} ({n:.0e} intervals, frames {frames})",
                 fmt_ratio(x),
                 "<= 10x",
                 None if x is None else x <= 10,
                 f"numpy {fmt_time(r.per_op(g, intervals=n, op=op, impl='numpy'))}/elem",
             )
-    worst = None
-    for s in STRATEGIES:
-        v = r.extra("memory-per-page", "bytes_per_page", strategy=s)
-        if v is not None and (worst is None or v > worst[1]):
-            worst = (s, v)
-    if worst:
-        add(
-            "RSS per populated 4 KiB page (worst strategy)",
-            f"{worst[1]:.1f} B ({worst[0]})",
-            "<= 16 B",
-            worst[1] <= 16,
-            "kernel ≈ 80 B",
-        )
+    for frames in FRAMES:
+        worst = None
+        for s in STRATEGIES:
+            v = r.extra("memory-per-page", "bytes_per_page", strategy=s, frames=frames)
+            if v is not None and (worst is None or v > worst[1]):
+                worst = (s, v)
+        if worst:
+            add(
+                f"RSS per populated 4 KiB page (worst strategy, frames {frames})",
+                f"{worst[1]:.1f} B ({worst[0]})",
+                "<= 16 B",
+                worst[1] <= 16,
+                "kernel ≈ 80 B",
+            )
     tib = r.find("memory-1tib", guest_size="2^28")
     if tib:
         e = tib["extra_info"]

@@ -4,10 +4,11 @@
 //!
 //! `cargo run --release -p gmem-core --example drive -- [strategy] [log2 pages] [events]`
 //!
-//! `... --example drive -- goal [log2 pages] [events] [rounds]` runs the scenario of the
-//! `apply-vs-numpy` benchmark instead: a `dual` guest, all private and mapped, fragmented
-//! to ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of
-//! mapped private pages (remapped, untimed, between rounds) and private reads of them.
+//! `... --example drive -- goal [log2 pages] [events] [rounds] [runs|scattered]` runs the
+//! scenario of the `apply-vs-numpy` benchmark instead: a `dual` guest, all private and
+//! mapped (populated in order, so frames come in runs, or in random order), fragmented to
+//! ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of mapped
+//! private pages (remapped, untimed, between rounds) and private reads of them.
 
 use std::time::Instant;
 
@@ -109,18 +110,28 @@ fn timed_read(h: &mut Host, vm: usize, o: &[u8], g: &[u64], n: &[u64], v: &[u64]
     h.apply(vm, o, g, n, v, None).expect("apply")
 }
 
-fn goal(log2: u32, events: usize, rounds: usize) {
+fn goal(log2: u32, events: usize, rounds: usize, scattered: bool) {
     let pages = 1u64 << log2;
     let (mut h, vm) = guest(StrategyKind::Dual, pages);
     let bytes = pages << 12;
     h.set_memory_attributes(vm, 0, bytes, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
         .expect("private");
-    // Populate: private writes in 512-page events.
-    let n = usize::try_from(pages / 512).expect("fits");
-    let g: Vec<u64> = (0..pages).step_by(512).collect();
-    let st = h
-        .apply(vm, &vec![4; n], &g, &vec![512; n], &g, None)
-        .expect("apply");
+    // Populate: private writes in 512-page events (frames in runs), or one page per
+    // event in random order (`scattered`: frames follow no pattern).
+    let st = if scattered {
+        let mut g: Vec<u64> = (0..pages).collect();
+        let mut next = rng(0x2545_F491_4F6C_DD1D);
+        for i in (1..g.len()).rev() {
+            g.swap(i, usize::try_from(next() % (i as u64 + 1)).expect("fits"));
+        }
+        let n = g.len();
+        h.apply(vm, &vec![4; n], &g, &vec![1; n], &g, None)
+    } else {
+        let n = usize::try_from(pages / 512).expect("fits");
+        let g: Vec<u64> = (0..pages).step_by(512).collect();
+        h.apply(vm, &vec![4; n], &g, &vec![512; n], &g, None)
+    }
+    .expect("apply");
     assert!(st.iter().all(|&s| s == 0));
     // Fragment: every stride-th page shared, for ~10^5 and then ~10^6 runs.
     let mut shared = std::collections::HashSet::new();
@@ -172,7 +183,8 @@ fn goal(log2: u32, events: usize, rounds: usize) {
         v[v.len() / 2]
     };
     println!(
-        "goal at 2^{log2} pages, {} intervals, {k} events x {rounds} rounds: conversion {:.1} ns/event, read {:.1} ns/event (medians)",
+        "goal at 2^{log2} pages, frames {}, {} intervals, {k} events x {rounds} rounds: conversion {:.1} ns/event, read {:.1} ns/event (medians)",
+        if scattered { "scattered" } else { "in runs" },
         h.vm(vm).attrs.intervals(),
         median(&mut conv),
         median(&mut read)
@@ -185,7 +197,8 @@ fn main() {
         let log2: u32 = args.get(2).map_or(24, |s| s.parse().expect("log2 pages"));
         let events = args.get(3).map_or(100_000, |s| s.parse().expect("events"));
         let rounds = args.get(4).map_or(7, |s| s.parse().expect("rounds"));
-        goal(log2, events, rounds);
+        let scattered = args.get(5).map(String::as_str) == Some("scattered");
+        goal(log2, events, rounds, scattered);
         return;
     }
     let strategy =
