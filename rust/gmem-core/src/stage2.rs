@@ -681,6 +681,10 @@ impl Stage2 {
         {
             return Err("stage-2: slot directory and slab disagree".into());
         }
+        let n = self.slots.len();
+        if linked.iter().any(|&(_, s)| s >= n) || self.free.iter().any(|&f| f as usize >= n) {
+            return Err("stage-2: slab index out of range".into());
+        }
         if self.dir.iter().any(|(_, r)| r.iter().all(|&i| i == 0))
             || self.dir.near.last().is_some_and(Option::is_none)
         {
