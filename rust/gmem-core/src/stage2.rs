@@ -1,14 +1,18 @@
 //! The stage-2 (EPT/NPT) page table of one VM: gfn -> (pfn, level, private).
 //!
-//! A lazily built radix: 1 GiB leaves in an ordered map; 2 MiB slots (a 2 MiB leaf, or a
-//! table of 512 4 KiB entries with presence and private bitmaps) in a slab, found through
-//! a directory of 1 GiB regions (512 slab indices each; indexed below 4 TiB, hashed above). The directory is
-//! small enough to stay cached, so a slot's address is known without touching the slot:
-//! `apply` prefetches the slots of the events ahead. Bitmaps, slot kinds and frames are
-//! separate arrays at the slot's index: a conversion's zap touches one line of bitmaps,
-//! only a read the frames. Only what is mapped exists; a range zap probes the slots of a
-//! small range or walks the present regions of a large one, and clears 4 KiB leaves
-//! through the bitmaps alone. Live leaf counts per level are kept incrementally.
+//! A lazily built radix: 1 GiB leaves in an ordered map; 2 MiB slots (a 2 MiB leaf, or
+//! 512 4 KiB entries with presence and private bitmaps) in a slab, found through a
+//! directory of 1 GiB regions (512 slab indices each; an array below 4 TiB of guest
+//! physical space, a hash map above). The directory is small enough to stay cached, so a
+//! slot's address is known without touching the slot: `apply` prefetches the slots of the
+//! events ahead. Slot kinds and bitmaps are arrays at the slot's index: a conversion's zap
+//! touches one line of bitmaps. The frames of 4 KiB entries are either implied (a *run*:
+//! every leaf of the slot maps `base + index`, as faulting a range in on a fresh host
+//! gives) or held in a table of 512 in an arena of fixed segments, found from the slot by
+//! arithmetic; only a read of a table slot touches them. Only what is mapped exists; a
+//! range zap probes the slots of a small range or walks the present regions of a large
+//! one, and clears 4 KiB leaves through the bitmaps alone. Live leaf counts per level are
+//! kept incrementally.
 
 use std::collections::BTreeMap;
 
@@ -273,7 +277,8 @@ pub struct Stage2 {
     /// The bitmaps of each table slot, at the slot's index: 128 bytes per 2 MiB (4 MiB
     /// for a 64 GiB guest: cache-resident).
     bits: Vec<Bits>,
-    /// The 512 4 KiB entries of each table (`Slot::Table::t`): a read's frame.
+    /// The 512 4 KiB entries of each table slot (`Slot::Table { t, .. }`): a read's
+    /// frame (a run slot has none).
     frames: Frames,
     free: Vec<u32>,
     /// 2 MiB slots in use.
