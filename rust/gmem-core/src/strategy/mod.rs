@@ -2,9 +2,9 @@
 //! guest_memfd review (see `docs/strategies.md`).
 //!
 //! The shared conversion path (`Host::convert`) validates, asks the strategy's
-//! [`Strategy::gate`] whether the conversion may proceed (before anything changes), stores
+//! `Strategy::gate` whether the conversion may proceed (before anything changes), stores
 //! the attributes, zaps stage-2 mappings of the old type, then lets the strategy do its
-//! backing work in [`Strategy::after_convert`].
+//! backing work in `Strategy::after_convert`.
 
 mod attr_hook;
 mod dual;
