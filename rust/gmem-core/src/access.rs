@@ -59,9 +59,9 @@ impl Host {
     ) -> Result<u64> {
         let gfn = gpa >> PAGE_SHIFT;
         if let Some(l) = leaf
-            && l.private == private
+            && let Some(v) = self.access_mapped(vm, gfn, private, write, l)
         {
-            return Ok(self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write));
+            return Ok(v);
         }
         let pfn = match self.guest_fault(vm, gfn, private) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
@@ -87,8 +87,22 @@ impl Host {
         Ok(self.touch(vm, pfn, write))
     }
 
+    /// The access to `gfn` when `leaf` (its stage-2 leaf) maps it as the access asks
+    /// (private or shared): no fault, just the frame's value; `None` otherwise.
     #[inline]
-    pub(crate) fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
+    pub(crate) fn access_mapped(
+        &mut self,
+        vm: usize,
+        gfn: u64,
+        private: bool,
+        write: Option<u64>,
+        leaf: Leaf,
+    ) -> Option<u64> {
+        (leaf.private == private).then(|| self.touch(vm, leaf.pfn + (gfn - leaf.gfn) as u32, write))
+    }
+
+    #[inline]
+    fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
         if let Some(v) = write {
             self.content.set(u64::from(pfn), v);
             if !self.stale.is_empty() {

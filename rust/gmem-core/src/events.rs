@@ -47,14 +47,12 @@ impl Op {
             _ => return None,
         })
     }
-}
 
-impl Op {
-    /// For a guest access op (`op` as a byte): whether it is private, and the value it
-    /// writes (`None` for a read).
+    /// For a guest access: whether it is private, and the value it writes (`None` for a
+    /// read).
     #[inline]
-    fn guest_access(op: u8, value: u64) -> Option<(bool, Option<u64>)> {
-        match Op::from_u8(op)? {
+    fn guest_access(self, value: u64) -> Option<(bool, Option<u64>)> {
+        match self {
             Op::GuestReadPrivate => Some((true, None)),
             Op::GuestReadShared => Some((false, None)),
             Op::GuestWritePrivate => Some((true, Some(value))),
@@ -222,13 +220,12 @@ impl Host {
                 && !self.strict
                 && let Some(Lookup(Some(l))) = leaf
                 && np == 1
-                && let Some((private, write)) = Op::guest_access(op, value)
-                && l.private == private
+                && let Some((private, write)) = Op::from_u8(op).and_then(|o| o.guest_access(value))
+                && self.access_mapped(vm, gfn, private, write, l).is_some()
             {
-                // A guest access to a page mapped as it asks (the common case of a batch):
-                // what `event` would do, without its dispatch. A mapped gfn lies in a
-                // memslot, so its range is valid.
-                self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write);
+                // A guest access to a page mapped as it asks (the common case of a batch),
+                // done by the condition above: what `event` would do, without its
+                // dispatch. A mapped gfn lies in a memslot, so its range is valid.
                 self.vms[vm].stats.events += 1;
                 out.push(0);
                 continue;
@@ -350,7 +347,7 @@ impl Host {
             | Op::GuestReadShared
             | Op::GuestWritePrivate
             | Op::GuestWriteShared => {
-                let (private, write) = Op::guest_access(op as u8, value).expect("an access");
+                let (private, write) = op.guest_access(value).expect("an access");
                 if let Some(Lookup(l)) = leaf {
                     last = self.guest_access_at(vm, gfn << PAGE_SHIFT, private, write, l)?;
                 } else {
