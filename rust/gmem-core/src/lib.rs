@@ -7,6 +7,7 @@
 
 pub mod access;
 pub mod alloc;
+pub mod arena;
 pub mod attr_map;
 pub mod bit_attr_map;
 pub mod check;

@@ -7,8 +7,13 @@
 
 use rustc_hash::FxHashMap;
 
+use crate::arena::{BLOCK, BlockArena};
+
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
+
+// A chunk of a [`Dense`] store is one block of its arena.
+const _: () = assert!(BLOCK as u64 == CHUNK);
 
 /// One chunk of a [`Hashed`] store: `CHUNK` entries and how many of them are not the
 /// default.
@@ -113,26 +118,21 @@ impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
 /// frames).
 const PAGE_KEYS: usize = 512;
 
-/// Chunks per arena segment of a [`Dense`] store (128 KiB for `T = u64`).
-const SEG_CHUNKS: usize = 32;
-
-/// Chunks in an arena found through a two-level array indexed by key: a directory, grown
-/// to the highest key stored (8 bytes per 2^18 indices), of pages of 512 chunk numbers
-/// (2 KiB, allocated on first use), and the chunks' entries in segments of 32 chunks that
-/// never move. For a dense, bounded index space (host frames): a lookup is two loads
-/// from small arrays that stay cached (64 KiB of pages for 2^24 frames) and the entry
-/// itself, found by arithmetic from the chunk number, so `apply` can prefetch an entry
-/// without a miss first. Memory follows the 2^18-index regions touched and the most
-/// chunks ever held at once (a freed chunk is reused), not the size of the space.
+/// Chunks in a [`BlockArena`] found through a two-level array indexed by key: a
+/// directory, grown to the highest key stored (8 bytes per 2^18 indices), of pages of 512
+/// chunk numbers (2 KiB, allocated on first use). For a dense, bounded index space (host
+/// frames): a lookup is two loads from small arrays that stay cached (64 KiB of pages for
+/// 2^24 frames) and the entry itself, found by arithmetic from the chunk number, so
+/// `apply` can prefetch an entry without a miss first. Memory follows the 2^18-index
+/// regions touched and the most chunks ever held at once (a freed chunk is reused), not
+/// the size of the space.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
     /// Pages of chunk number + 1 (0: no chunk).
     dir: Vec<Option<Box<[u32]>>>,
-    segs: Vec<Box<[T]>>,
+    arena: BlockArena<T>,
     /// Live count of each chunk number.
     live: Vec<u32>,
-    /// Chunk numbers free for reuse.
-    free: Vec<u32>,
     held: usize,
 }
 
@@ -140,9 +140,8 @@ impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
             dir: Vec::new(),
-            segs: Vec::new(),
+            arena: BlockArena::default(),
             live: Vec::new(),
-            free: Vec::new(),
             held: 0,
         }
     }
@@ -158,23 +157,19 @@ impl<T> Dense<T> {
 
     /// The chunk number of `key`, if held.
     #[inline]
-    fn number(&self, key: u64) -> Option<usize> {
+    fn number(&self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key)?;
         let c = self.dir.get(p)?.as_ref()?[i];
-        (c != 0).then(|| c as usize - 1)
+        (c != 0).then(|| c - 1)
     }
+}
 
+impl<T: Copy + Default> Dense<T> {
     #[inline]
-    fn data(&self, c: usize) -> &[T] {
-        &self.segs[c / SEG_CHUNKS][(c % SEG_CHUNKS) * CHUNK as usize..][..CHUNK as usize]
-    }
-
-    #[inline]
-    fn chunk_mut(&mut self, c: usize) -> ChunkMut<'_, T> {
+    fn chunk_mut(&mut self, c: u32) -> ChunkMut<'_, T> {
         ChunkMut {
-            live: &mut self.live[c],
-            data: &mut self.segs[c / SEG_CHUNKS][(c % SEG_CHUNKS) * CHUNK as usize..]
-                [..CHUNK as usize],
+            live: &mut self.live[c as usize],
+            data: self.arena.block_mut(c),
         }
     }
 }
@@ -182,15 +177,13 @@ impl<T> Dense<T> {
 impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     #[inline]
     fn get(&self, key: u64) -> Option<&[T]> {
-        self.number(key).map(|c| self.data(c))
+        self.number(key).map(|c| self.arena.block(c))
     }
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, idx: u64) -> Option<&T> {
-        // One bounds check on the way to the entry.
         let c = self.number(idx / CHUNK)?;
-        let j = (c % SEG_CHUNKS) * CHUNK as usize + (idx % CHUNK) as usize;
-        Some(&self.segs[c / SEG_CHUNKS][j])
+        Some(self.arena.entry(c, (idx % CHUNK) as usize))
     }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
@@ -201,25 +194,19 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             return self.chunk_mut(c);
         }
         let (p, i) = Self::split(key).expect("dense chunk key fits in usize");
-        let c = if let Some(c) = self.free.pop() {
-            let c = c as usize;
-            self.live[c] = 0;
-            self.chunk_mut(c).data.fill(T::default());
-            c
-        } else {
-            let c = self.live.len();
-            if c.is_multiple_of(SEG_CHUNKS) {
-                self.segs
-                    .push(vec![T::default(); SEG_CHUNKS * CHUNK as usize].into());
-            }
+        let c = self.arena.alloc();
+        if c as usize == self.live.len() {
             self.live.push(0);
-            c
-        };
+        } else {
+            // A reused chunk: clear what it held.
+            self.live[c as usize] = 0;
+            self.arena.block_mut(c).fill(T::default());
+        }
         if p >= self.dir.len() {
             self.dir.resize_with(p + 1, || None);
         }
         let page = self.dir[p].get_or_insert_with(|| vec![0; PAGE_KEYS].into());
-        page[i] = u32::try_from(c + 1).expect("fewer than 2^32 chunks");
+        page[i] = c.checked_add(1).expect("fewer than 2^32 - 1 chunks");
         self.held += 1;
         self.chunk_mut(c)
     }
@@ -237,7 +224,7 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             }
         }
         self.held -= 1;
-        self.free.push(c - 1);
+        self.arena.release(c - 1);
         Some(self.live[c as usize - 1])
     }
     fn len(&self) -> usize {
@@ -264,7 +251,11 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         out
     }
     fn shape_ok(&self) -> bool {
-        let n = self.live.len();
+        let n = self.arena.len() as usize;
+        if !self.arena.shape_ok() || self.live.len() != n {
+            return false;
+        }
+        // Every chunk number is held by one key or free, never both.
         let mut seen = vec![false; n];
         let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
         let mut held = 0;
@@ -280,13 +271,8 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             }
         }
         held == self.held
-            && self.free.iter().all(|&c| mark(c as usize))
-            && held + self.free.len() == n
-            && self.segs.len() == n.div_ceil(SEG_CHUNKS)
-            && self
-                .segs
-                .iter()
-                .all(|g| g.len() == SEG_CHUNKS * CHUNK as usize)
+            && self.arena.free().iter().all(|&c| mark(c as usize))
+            && held + self.arena.free().len() == n
     }
 }
 

@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
+use crate::arena::{BLOCK, BlockArena};
+
 /// Mapping levels, as page orders: 4 KiB (0), 2 MiB (9), 1 GiB (18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
@@ -77,61 +79,8 @@ enum Slot {
     Run { count: u16, base: u32 },
 }
 
-/// Tables per segment of [`Frames`]: 64 x 2 KiB.
-const SEG_TABLES: usize = 64;
-
-/// The 512 4 KiB entries of every table, in segments of 64 tables (128 KiB) that never
-/// move: a table's entries are found from its index by arithmetic, with no per-table
-/// pointer to load first (so `apply` can prefetch an entry from the slot alone), and only
-/// tables take room (a 2 MiB leaf has no frames). Freed tables are reused; the arena stays
-/// at its high-water mark, as the slot slab does.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-struct Frames {
-    segs: Vec<Box<[u32]>>,
-    free: Vec<u32>,
-    /// Tables handed out so far (in use or free).
-    len: u32,
-}
-
-impl Frames {
-    /// A table for a new slot (its entries are stale: the slot's bits say which are
-    /// present).
-    fn alloc(&mut self) -> u32 {
-        if let Some(t) = self.free.pop() {
-            return t;
-        }
-        let t = self.len;
-        if (t as usize).is_multiple_of(SEG_TABLES) {
-            self.segs.push(vec![0; SEG_TABLES * SLOTS].into());
-        }
-        self.len = t.checked_add(1).expect("fewer than 2^32 tables");
-        t
-    }
-
-    fn release(&mut self, t: u32) {
-        self.free.push(t);
-    }
-
-    #[inline]
-    fn table(&self, t: u32) -> &[u32] {
-        let t = t as usize;
-        &self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS..][..SLOTS]
-    }
-
-    /// Entry `i` of table `t`.
-    #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
-    #[inline(always)]
-    fn entry(&self, t: u32, i: usize) -> &u32 {
-        let t = t as usize;
-        &self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS + i]
-    }
-
-    #[inline]
-    fn table_mut(&mut self, t: u32) -> &mut [u32] {
-        let t = t as usize;
-        &mut self.segs[t / SEG_TABLES][(t % SEG_TABLES) * SLOTS..][..SLOTS]
-    }
-}
+// A table's 512 4 KiB entries are one block of the frame arena.
+const _: () = assert!(BLOCK == SLOTS);
 
 /// A table's bits: per 64-entry word `w`, `[present, private]` side by side, two cache
 /// lines per table, so a 1-page zap decides from one line without touching the frames.
@@ -277,9 +226,10 @@ pub struct Stage2 {
     /// The bitmaps of each table slot, at the slot's index: 128 bytes per 2 MiB (4 MiB
     /// for a 64 GiB guest: cache-resident).
     bits: Vec<Bits>,
-    /// The 512 4 KiB entries of each table slot (`Slot::Table { t, .. }`): a read's
-    /// frame (a run slot has none).
-    frames: Frames,
+    /// The 512 4 KiB entries of each table slot (`Slot::Table { t, .. }`, block `t`): a
+    /// read's frame (a run slot and a 2 MiB leaf have none). A reused block holds stale
+    /// entries: the slot's bits say which are present.
+    frames: BlockArena<u32>,
     free: Vec<u32>,
     /// 2 MiB slots in use.
     used: u64,
@@ -387,7 +337,7 @@ impl Stage2 {
     }
 
     /// The slab index of slot `k`, creating it as `slot` if absent.
-    fn slot_or_insert(&mut self, k: u64, slot: impl FnOnce(&mut Frames) -> Slot) -> usize {
+    fn slot_or_insert(&mut self, k: u64, slot: impl FnOnce(&mut BlockArena<u32>) -> Slot) -> usize {
         if let Some(s) = self.index(k) {
             return s;
         }
@@ -464,7 +414,7 @@ impl Stage2 {
                     Slot::Table { count, t } => {
                         *count += 1;
                         let t = *t;
-                        self.frames.table_mut(t)[i] = e;
+                        self.frames.block_mut(t)[i] = e;
                     }
                     Slot::Run { count, .. } => *count += 1,
                     _ => unreachable!("range was zapped"),
@@ -482,7 +432,7 @@ impl Stage2 {
         };
         let t = self.frames.alloc();
         let bits = &self.bits[s].0;
-        let table = self.frames.table_mut(t);
+        let table = self.frames.block_mut(t);
         for (i, e) in table.iter_mut().enumerate() {
             let [present, private] = bits[i / 64];
             if present >> (i % 64) & 1 == 1 {
@@ -702,11 +652,8 @@ impl Stage2 {
         {
             return Err("stage-2: a free slab entry is in use".into());
         }
-        let f = &self.frames;
-        if f.segs.len() != (f.len as usize).div_ceil(SEG_TABLES)
-            || f.segs.iter().any(|g| g.len() != SEG_TABLES * SLOTS)
-        {
-            return Err("stage-2: frame table segments misshapen".into());
+        if !self.frames.shape_ok() {
+            return Err("stage-2: frame table arena misshapen".into());
         }
         let mut tables = std::collections::HashSet::new();
         for (k, s) in linked {
@@ -727,13 +674,13 @@ impl Stage2 {
                     if n != u32::from(*count) || n == 0 {
                         return Err(format!("stage-2: table at gfn {:#x} miscounted", k << 9));
                     }
-                    if *t >= self.frames.len || !tables.insert(*t) {
+                    if *t >= self.frames.len() || !tables.insert(*t) {
                         return Err(format!(
                             "stage-2: table at gfn {:#x} has frames {t} out of range or shared",
                             k << 9
                         ));
                     }
-                    for (i, &e) in self.frames.table(*t).iter().enumerate() {
+                    for (i, &e) in self.frames.block(*t).iter().enumerate() {
                         let [present, private] = bits[i / 64];
                         if present >> (i % 64) & 1 == 1
                             && (private >> (i % 64) & 1 == 1) != unpack(e).1
@@ -769,8 +716,8 @@ impl Stage2 {
             }
         }
         let f = &self.frames;
-        if tables.len() + f.free.len() != f.len as usize
-            || f.free.iter().any(|t| tables.contains(t) || *t >= f.len)
+        if tables.len() + f.free().len() != f.len() as usize
+            || f.free().iter().any(|t| tables.contains(t))
         {
             return Err("stage-2: frame tables and slots disagree".into());
         }
