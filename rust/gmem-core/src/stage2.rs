@@ -187,8 +187,8 @@ impl Directory {
     }
 }
 
-/// Stored as a map from region to slots (the encoding of snapshot format 2, whatever the
-/// in-memory split).
+/// Stored as a map from region to slots (the encoding of the hash map it replaced,
+/// whatever the in-memory split).
 impl serde::Serialize for Directory {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
@@ -668,28 +668,12 @@ impl Stage2 {
                     return Err(format!("stage-2: slot {:#x} links a free entry", k << 9));
                 }
                 Slot::Leaf(_) => c[1] += 1,
-                Slot::Table { count, t } => {
+                slot @ (Slot::Table { count, .. } | Slot::Run { count, .. }) => {
+                    // What 4 KiB slots share: counts and bits.
                     let bits = &self.bits[s].0;
                     let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
                     if n != u32::from(*count) || n == 0 {
-                        return Err(format!("stage-2: table at gfn {:#x} miscounted", k << 9));
-                    }
-                    if *t >= self.frames.len() || !tables.insert(*t) {
-                        return Err(format!(
-                            "stage-2: table at gfn {:#x} has frames {t} out of range or shared",
-                            k << 9
-                        ));
-                    }
-                    for (i, &e) in self.frames.block(*t).iter().enumerate() {
-                        let [present, private] = bits[i / 64];
-                        if present >> (i % 64) & 1 == 1
-                            && (private >> (i % 64) & 1 == 1) != unpack(e).1
-                        {
-                            return Err(format!(
-                                "stage-2: private bit of gfn {:#x} disagrees with its entry",
-                                (k << 9) + i as u64
-                            ));
-                        }
+                        return Err(format!("stage-2: slot at gfn {:#x} miscounted", k << 9));
                     }
                     if bits.iter().any(|w| w[1] & !w[0] != 0) {
                         return Err(format!(
@@ -698,20 +682,34 @@ impl Stage2 {
                         ));
                     }
                     c[0] += u64::from(n);
-                }
-                Slot::Run { count, base } => {
-                    let bits = &self.bits[s].0;
-                    let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
-                    if n != u32::from(*count) || n == 0 {
-                        return Err(format!("stage-2: run at gfn {:#x} miscounted", k << 9));
+                    match *slot {
+                        Slot::Table { t, .. } => {
+                            if t >= self.frames.len() || !tables.insert(t) {
+                                return Err(format!(
+                                    "stage-2: table at gfn {:#x} has frames {t} out of range or shared",
+                                    k << 9
+                                ));
+                            }
+                            for (i, &e) in self.frames.block(t).iter().enumerate() {
+                                let [present, private] = bits[i / 64];
+                                if present >> (i % 64) & 1 == 1
+                                    && (private >> (i % 64) & 1 == 1) != unpack(e).1
+                                {
+                                    return Err(format!(
+                                        "stage-2: private bit of gfn {:#x} disagrees with its entry",
+                                        (k << 9) + i as u64
+                                    ));
+                                }
+                            }
+                        }
+                        Slot::Run { base, .. } if base >= PRIVATE_BIT => {
+                            return Err(format!(
+                                "stage-2: run at gfn {:#x} has frames out of range",
+                                k << 9
+                            ));
+                        }
+                        _ => {}
                     }
-                    if *base >= PRIVATE_BIT || bits.iter().any(|w| w[1] & !w[0] != 0) {
-                        return Err(format!(
-                            "stage-2: run at gfn {:#x} has frames out of range or private bits without entries",
-                            k << 9
-                        ));
-                    }
-                    c[0] += u64::from(n);
                 }
             }
         }
