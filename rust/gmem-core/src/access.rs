@@ -101,7 +101,8 @@ impl Host {
         (leaf.private == private).then(|| self.touch(vm, leaf.pfn + (gfn - leaf.gfn) as u32, write))
     }
 
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
         if let Some(v) = write {
             self.content.set(u64::from(pfn), v);

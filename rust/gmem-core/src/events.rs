@@ -82,6 +82,15 @@ pub struct Detail {
 #[derive(Debug, Clone, Copy)]
 struct Lookup(Option<Leaf>);
 
+/// A stage-2 lookup made ahead by `apply`'s pipeline: of `gfn`, at table generation
+/// `generation`.
+#[derive(Debug, Clone, Copy)]
+struct Ahead {
+    generation: u64,
+    gfn: u64,
+    leaf: Option<Leaf>,
+}
+
 /// How many events ahead `apply` issues cache hints.
 const AHEAD: usize = 16;
 
@@ -189,11 +198,17 @@ impl Host {
         mut details: Option<&mut Vec<Detail>>,
     ) -> Result<Vec<i32>> {
         let n = events.len();
-        let mut out = Vec::with_capacity(n);
-        // Stage-2 lookups made by the second prefetch pass, by event index modulo `AHEAD`,
-        // with the table generation they were made at: an event reuses its lookup when no
-        // mapping changed since.
-        let mut known: [Option<(u64, u64, Lookup)>; AHEAD] = [None; AHEAD];
+        // Statuses are written only for events that fail.
+        let mut out = vec![0; n];
+        // A guest access to a page mapped as it asks skips the generic dispatch, unless
+        // the caller wants details or a check after every event.
+        let fast = details.is_none() && !self.strict;
+        // Events done by that fast path, added to the VM's count at the end (the fast
+        // path never runs in strict mode, the only way out of the loop before the end).
+        let mut fast_events = 0;
+        // Stage-2 lookups made by the second prefetch pass, by event index modulo `AHEAD`:
+        // an event reuses its lookup when no mapping changed since.
+        let mut known: [Option<Ahead>; AHEAD] = [None; AHEAD];
         for i in 0..n {
             // Software pipeline: hint the structures of the events `AHEAD` and `AHEAD / 2`
             // ahead, so that the cache misses of ~`AHEAD` random events overlap instead of
@@ -206,28 +221,29 @@ impl Host {
             if i + AHEAD / 2 < n {
                 let j = i + AHEAD / 2;
                 let (op, gfn, np, _) = events.get(j);
-                if let Some(leaf) = self.prefetch_event(vm, op, gfn, np, true) {
-                    known[j % AHEAD] = Some((self.vms[vm].s2.generation(), gfn, leaf));
+                if let Some(Lookup(leaf)) = self.prefetch_event(vm, op, gfn, np, true) {
+                    let generation = self.vms[vm].s2.generation();
+                    known[j % AHEAD] = Some(Ahead {
+                        generation,
+                        gfn,
+                        leaf,
+                    });
                 }
             }
             let (op, gfn, np, value) = events.get(i);
-            let generation = self.vms[vm].s2.generation();
-            let leaf = known[i % AHEAD]
-                .take()
-                .filter(|&(g, at, _)| g == generation && at == gfn)
-                .map(|(_, _, l)| l);
-            if details.is_none()
-                && !self.strict
-                && let Some(Lookup(Some(l))) = leaf
+            let leaf = known[i % AHEAD].take().and_then(|a| {
+                (a.gfn == gfn && a.generation == self.vms[vm].s2.generation())
+                    .then_some(Lookup(a.leaf))
+            });
+            if fast
                 && np == 1
+                && let Some(Lookup(Some(l))) = leaf
                 && let Some((private, write)) = Op::from_u8(op).and_then(|o| o.guest_access(value))
                 && self.access_mapped(vm, gfn, private, write, l).is_some()
             {
-                // A guest access to a page mapped as it asks (the common case of a batch),
-                // done by the condition above: what `event` would do, without its
-                // dispatch. A mapped gfn lies in a memslot, so its range is valid.
-                self.vms[vm].stats.events += 1;
-                out.push(0);
+                // What `event` would do, without its dispatch. A mapped gfn lies in a
+                // memslot, so its range is valid.
+                fast_events += 1;
                 continue;
             }
             let before = details.as_ref().map(|_| {
@@ -240,11 +256,9 @@ impl Host {
             if self.strict {
                 self.check_vm(vm)?;
             }
-            let code = match &r {
-                Ok(_) => 0,
-                Err(e) => -e.errno(),
-            };
-            out.push(code);
+            if let Err(e) = &r {
+                out[i] = -e.errno();
+            }
             if let Some(d) = details.as_deref_mut() {
                 let (a0, f0) = before.expect("set with details");
                 let s = &self.vms[vm].stats;
@@ -269,6 +283,7 @@ impl Host {
                 d.push(det);
             }
         }
+        self.vms[vm].stats.events += fast_events;
         Ok(out)
     }
 
@@ -276,7 +291,8 @@ impl Host {
     /// pass the attribute word and the stage-2 slot, the second (`late`) the frame's
     /// content, which needs the stage-2 entry loaded by then. The second pass returns the
     /// stage-2 lookup of a guest access, for the event to reuse.
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn prefetch_event(
         &self,
         vm: usize,

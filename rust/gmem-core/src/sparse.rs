@@ -311,11 +311,12 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         self.chunks.entry(idx).copied().unwrap_or_default()
     }
 
-    /// Hint the cache about `idx`'s entry (see `BitAttrMap::prefetch`).
+    /// Hint the cache about `idx`'s entry (see `BitAttrMap::prefetch`), non-temporally:
+    /// the entry is read once, a few events later (see `Stage2::prefetch`).
     #[inline]
     pub fn prefetch(&self, idx: u64) {
         if let Some(e) = self.chunks.entry(idx) {
-            mem_prefetch::prefetch_read_data::<_, 3>(e);
+            mem_prefetch::prefetch_read_data::<_, 0>(e);
         }
     }
 
