@@ -1,14 +1,19 @@
 //! A sparse array: fixed chunks of 512 entries allocated on first non-default store and
 //! released when they return to all-default. Memory follows what is touched, never the
 //! size of the index space (a guest_memfd may be 2^51 pages long). Where the chunks live is
-//! a [`ChunkStore`]: a hash map ([`Hashed`], the default: page caches, mappings) or
-//! segments of 512 chunks in place ([`Dense`]: host frame contents, looked up on every read
-//! and prefetched ahead by `apply`).
+//! a [`ChunkStore`]: a hash map ([`Hashed`], the default: page caches, mappings) or a
+//! two-level array ([`Dense`]: host frame contents, looked up on every read and prefetched
+//! ahead by `apply`).
 
 use rustc_hash::FxHashMap;
 
+use crate::arena::{BLOCK, BlockArena};
+
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
+
+// A chunk of a [`Dense`] store is one block of its arena.
+const _: () = assert!(BLOCK as u64 == CHUNK);
 
 /// One chunk of a [`Hashed`] store: `CHUNK` entries and how many of them are not the
 /// default.
@@ -49,8 +54,6 @@ pub trait ChunkStore<T>: Default {
     /// Whether the store's internal indices are in bounds and consistent (for a store
     /// read from a snapshot, before anything indexes through it).
     fn shape_ok(&self) -> bool;
-    /// Approximate heap bytes held.
-    fn heap_bytes(&self) -> usize;
 }
 
 /// Chunks in a hash map: for index spaces far larger than what is touched (a guest_memfd
@@ -109,175 +112,138 @@ impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
     fn shape_ok(&self) -> bool {
         self.0.values().all(|c| c.data.len() == CHUNK as usize)
     }
-    fn heap_bytes(&self) -> usize {
-        self.0.len() * (CHUNK as usize * std::mem::size_of::<T>() + 32)
-    }
 }
 
-/// Chunk keys per segment of a [`Dense`] store (a segment covers 2^18 indices: 1 GiB of
+/// Chunk keys per page of a [`Dense`] directory (a page covers 2^18 indices: 1 GiB of
 /// frames).
-const SEG_KEYS: usize = 512;
-/// Entries per segment.
-const SEG_LEN: u64 = SEG_KEYS as u64 * CHUNK;
-/// Chunk keys a [`Dense`] store takes (indices below 2^32: host frames are below 2^31).
-const DENSE_KEYS: u64 = (1 << 32) / CHUNK;
+const PAGE_KEYS: usize = 512;
 
-/// One segment of a [`Dense`] store: the entries of its `SEG_KEYS` chunks in place, which
-/// chunks are held, and the live count of each.
-#[derive(Debug, Clone)]
-struct Seg<T> {
-    data: Box<[T]>,
-    live: Box<[u32]>,
-    held: [u64; SEG_KEYS / 64],
-    count: u32,
-}
-
-impl<T: Copy + Default> Seg<T> {
-    fn new() -> Self {
-        Self {
-            data: vec![T::default(); SEG_LEN as usize].into(),
-            live: vec![0; SEG_KEYS].into(),
-            held: [0; SEG_KEYS / 64],
-            count: 0,
-        }
-    }
-}
-
-impl<T> Seg<T> {
-    #[inline]
-    fn holds(&self, i: usize) -> bool {
-        self.held[i / 64] >> (i % 64) & 1 == 1
-    }
-}
-
-/// Chunks in place in segments of 512 (2^18 indices, 1 GiB of frames), by key: an entry
-/// is found from its index by arithmetic and one load from a table of segments that stays
-/// in L1 (64 segments for 2^24 frames), so `apply` can prefetch an entry and read it
-/// without walking an index. For a dense, bounded index space (host frames, below 2^31,
-/// which the buddy allocator hands out lowest first): memory follows the 2^18-index
-/// regions holding a live chunk (a segment is allocated when its first chunk is held and
-/// freed when its last is released), not the size of the space. Keys from 2^23 up
-/// (indices from 2^32) are refused.
-///
-/// Measured against the previous store (chunks in an arena behind pages of chunk numbers),
-/// `drive goal 24 100000 7 scattered`: random reads of mapped pages ~5 ns faster (the
-/// page of chunk numbers, an L2 line, was on the path to every content prefetch).
-#[derive(Debug, Clone)]
+/// Chunks in a [`BlockArena`] found through a two-level array indexed by key: a
+/// directory, grown to the highest key stored (8 bytes per 2^18 indices), of pages of 512
+/// chunk numbers (2 KiB, allocated on first use). For a dense, bounded index space (host
+/// frames): a lookup is two loads from small arrays that stay cached (64 KiB of pages for
+/// 2^24 frames) and the entry itself, found by arithmetic from the chunk number, so
+/// `apply` can prefetch an entry without a miss first. Memory follows the 2^18-index
+/// regions touched and the most chunks ever held at once (a freed chunk is reused), not
+/// the size of the space.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    /// Segment `key / SEG_KEYS`, grown to the highest segment held.
-    segs: Vec<Option<Seg<T>>>,
+    /// Pages of chunk number + 1 (0: no chunk).
+    dir: Vec<Option<Box<[u32]>>>,
+    arena: BlockArena<T>,
+    /// Live count of each chunk number.
+    live: Vec<u32>,
     held: usize,
 }
 
 impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
-            segs: Vec::new(),
+            dir: Vec::new(),
+            arena: BlockArena::default(),
+            live: Vec::new(),
             held: 0,
         }
     }
 }
 
 impl<T> Dense<T> {
-    /// (segment, chunk in segment) of `key`, if in range.
+    /// (page, slot) of `key`, if it fits in usize.
     #[inline]
     fn split(key: u64) -> Option<(usize, usize)> {
-        (key < DENSE_KEYS).then(|| {
-            (
-                (key / SEG_KEYS as u64) as usize,
-                (key % SEG_KEYS as u64) as usize,
-            )
-        })
+        let k = usize::try_from(key).ok()?;
+        Some((k / PAGE_KEYS, k % PAGE_KEYS))
     }
 
+    /// The chunk number of `key`, if held.
     #[inline]
-    fn seg(&self, s: usize) -> Option<&Seg<T>> {
-        self.segs.get(s)?.as_ref()
+    fn number(&self, key: u64) -> Option<u32> {
+        let (p, i) = Self::split(key)?;
+        let c = self.dir.get(p)?.as_ref()?[i];
+        (c != 0).then(|| c - 1)
     }
 }
 
-impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
+impl<T: Copy + Default> Dense<T> {
+    #[inline]
+    fn chunk_mut(&mut self, c: u32) -> ChunkMut<'_, T> {
+        ChunkMut {
+            live: &mut self.live[c as usize],
+            data: self.arena.block_mut(c),
+        }
+    }
+}
+
+impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     #[inline]
     fn get(&self, key: u64) -> Option<&[T]> {
-        let (s, i) = Self::split(key)?;
-        let seg = self.seg(s)?;
-        seg.holds(i)
-            .then(|| &seg.data[i * CHUNK as usize..(i + 1) * CHUNK as usize])
+        self.number(key).map(|c| self.arena.block(c))
     }
-    /// Entry `idx` if its segment is held: a chunk not held inside it reads as default,
-    /// as it is (a chunk is released only once all-default, or cleared on release).
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, idx: u64) -> Option<&T> {
-        let seg = self
-            .segs
-            .get(usize::try_from(idx / SEG_LEN).ok()?)?
-            .as_ref()?;
-        Some(&seg.data[(idx % SEG_LEN) as usize])
+        let c = self.number(idx / CHUNK)?;
+        Some(self.arena.entry(c, (idx % CHUNK) as usize))
     }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
-        let (s, i) = Self::split(key)?;
-        let seg = self.segs.get_mut(s)?.as_mut()?;
-        seg.holds(i).then(|| ChunkMut {
-            live: &mut seg.live[i],
-            data: &mut seg.data[i * CHUNK as usize..(i + 1) * CHUNK as usize],
-        })
+        self.number(key).map(|c| self.chunk_mut(c))
     }
     fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T> {
-        let (s, i) = Self::split(key).expect("dense chunk key below 2^23");
-        if s >= self.segs.len() {
-            self.segs.resize_with(s + 1, || None);
+        if let Some(c) = self.number(key) {
+            return self.chunk_mut(c);
         }
-        let seg = self.segs[s].get_or_insert_with(Seg::new);
-        if !seg.holds(i) {
-            seg.held[i / 64] |= 1 << (i % 64);
-            seg.count += 1;
-            self.held += 1;
+        let (p, i) = Self::split(key).expect("dense chunk key fits in usize");
+        let c = self.arena.alloc();
+        if c as usize == self.live.len() {
+            self.live.push(0);
+        } else {
+            // A reused chunk: clear what it held.
+            self.live[c as usize] = 0;
+            self.arena.block_mut(c).fill(T::default());
         }
-        ChunkMut {
-            live: &mut seg.live[i],
-            data: &mut seg.data[i * CHUNK as usize..(i + 1) * CHUNK as usize],
+        if p >= self.dir.len() {
+            self.dir.resize_with(p + 1, || None);
         }
+        let page = self.dir[p].get_or_insert_with(|| vec![0; PAGE_KEYS].into());
+        page[i] = c.checked_add(1).expect("fewer than 2^32 - 1 chunks");
+        self.held += 1;
+        self.chunk_mut(c)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
-        let (s, i) = Self::split(key)?;
-        let seg = self.segs.get_mut(s)?.as_mut()?;
-        if !seg.holds(i) {
+        let (p, i) = Self::split(key)?;
+        let page = self.dir.get_mut(p)?.as_mut()?;
+        let c = std::mem::take(&mut page[i]);
+        if c == 0 {
             return None;
         }
-        let live = std::mem::take(&mut seg.live[i]);
-        if live != 0 {
-            seg.data[i * CHUNK as usize..(i + 1) * CHUNK as usize].fill(T::default());
-        }
-        seg.held[i / 64] &= !(1 << (i % 64));
-        seg.count -= 1;
-        self.held -= 1;
-        if seg.count == 0 {
-            self.segs[s] = None;
-            while self.segs.last().is_some_and(Option::is_none) {
-                self.segs.pop();
+        if page.iter().all(|&c| c == 0) {
+            self.dir[p] = None;
+            while self.dir.last().is_some_and(Option::is_none) {
+                self.dir.pop();
             }
         }
-        Some(live)
+        self.held -= 1;
+        self.arena.release(c - 1);
+        Some(self.live[c as usize - 1])
     }
     fn len(&self) -> usize {
         self.held
     }
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64> {
-        // Only the segments overlapping [k0, k1], and in them only the chunks inside it.
+        // Only the pages overlapping [k0, k1], and in them only the slots inside it.
         let mut out = Vec::new();
-        let per = SEG_KEYS as u64;
-        let last = (self.segs.len() as u64).min(k1 / per + 1);
-        for s in k0 / per..last {
-            let Some(seg) = &self.segs[s as usize] else {
+        let per = PAGE_KEYS as u64;
+        let last = (self.dir.len() as u64).min(k1 / per + 1);
+        for p in k0 / per..last {
+            let Some(page) = &self.dir[p as usize] else {
                 continue;
             };
-            let base = s * per;
+            let base = p * per;
             let lo = k0.saturating_sub(base);
             let hi = (k1 - base).min(per - 1);
             for i in lo..=hi {
-                if seg.holds(i as usize) {
+                if page[i as usize] != 0 {
                     out.push(base + i);
                 }
             }
@@ -285,87 +251,28 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
         out
     }
     fn shape_ok(&self) -> bool {
+        let n = self.arena.len() as usize;
+        if !self.arena.shape_ok() || self.live.len() != n {
+            return false;
+        }
+        // Every chunk number is held by one key or free, never both.
+        let mut seen = vec![false; n];
+        let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
         let mut held = 0;
-        for seg in self.segs.iter().flatten() {
-            let n: u32 = seg.held.iter().map(|w| w.count_ones()).sum();
-            if seg.data.len() != SEG_LEN as usize
-                || seg.live.len() != SEG_KEYS
-                || n != seg.count
-                || n == 0
-            {
+        for page in self.dir.iter().flatten() {
+            if page.len() != PAGE_KEYS {
                 return false;
             }
-            // A chunk not held is all default and counts no live entry; a held one counts
-            // exactly its non-default entries.
-            for (i, chunk) in seg.data.chunks(CHUNK as usize).enumerate() {
-                let live = chunk.iter().filter(|&&v| v != T::default()).count();
-                // (A chunk is held only while it holds a live entry.)
-                let want = if seg.holds(i) {
-                    seg.live[i] as usize
-                } else {
-                    0
-                };
-                if live != want || seg.live[i] as usize != want || (seg.holds(i) && want == 0) {
+            for &c in page.iter().filter(|&&c| c != 0) {
+                held += 1;
+                if !mark(c as usize - 1) {
                     return false;
                 }
             }
-            held += n as usize;
         }
-        held == self.held && !matches!(self.segs.last(), Some(None))
-    }
-    fn heap_bytes(&self) -> usize {
-        self.segs.iter().flatten().count() * Self::segment_bytes()
-            + self.segs.len() * Self::segment_slot_bytes()
-    }
-}
-
-impl<T> Dense<T> {
-    /// Heap bytes of one segment (entries and live counts).
-    pub const fn segment_bytes() -> usize {
-        SEG_LEN as usize * std::mem::size_of::<T>() + SEG_KEYS * 4
-    }
-
-    /// Bytes of one slot of the segment table (held or not, up to the highest held).
-    pub const fn segment_slot_bytes() -> usize {
-        std::mem::size_of::<Option<Seg<T>>>()
-    }
-}
-
-/// A [`Dense`] store in a snapshot: its held chunks as `(key, live count, entries)`, in key
-/// order (segments are not written whole).
-type DenseRepr<T> = Vec<(u64, u32, Vec<T>)>;
-
-impl<T: Copy + Default + PartialEq + serde::Serialize> serde::Serialize for Dense<T> {
-    fn serialize<S: serde::Serializer>(&self, ser: S) -> Result<S::Ok, S::Error> {
-        let chunks: DenseRepr<T> = self
-            .keys_in(0, DENSE_KEYS - 1)
-            .into_iter()
-            .map(|k| {
-                let (s, i) = Self::split(k).expect("a held key");
-                let seg = self.seg(s).expect("a held segment");
-                (k, seg.live[i], self.get(k).expect("a held chunk").to_vec())
-            })
-            .collect();
-        chunks.serialize(ser)
-    }
-}
-
-impl<'de, T: Copy + Default + PartialEq + serde::Deserialize<'de>> serde::Deserialize<'de>
-    for Dense<T>
-{
-    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        let chunks = DenseRepr::<T>::deserialize(de)?;
-        let mut d = Self::default();
-        for (key, live, data) in chunks {
-            if Self::split(key).is_none() || data.len() != CHUNK as usize || d.get(key).is_some() {
-                return Err(D::Error::custom(format!("dense chunk {key:#x} misshapen")));
-            }
-            let c = d.get_or_insert(key);
-            c.data.copy_from_slice(&data);
-            *c.live = live;
-        }
-        Ok(d)
+        held == self.held
+            && self.arena.free().iter().all(|&c| mark(c as usize))
+            && held + self.arena.free().len() == n
     }
 }
 
@@ -512,7 +419,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
 
     /// Approximate heap bytes held.
     pub fn heap_bytes(&self) -> usize {
-        self.chunks.heap_bytes()
+        self.chunks.len() * (CHUNK as usize * std::mem::size_of::<T>() + 32)
     }
 }
 

@@ -51,38 +51,19 @@ fn model_entries(model: &BTreeMap<u64, u32>, start: u64, end: u64) -> Vec<(u64, 
     model.range(start..end).map(|(&k, &v)| (k, v)).collect()
 }
 
-/// Heap bytes a store should hold for the chunks of `keys` (sorted, deduplicated).
-type Heap = fn(&[u64]) -> usize;
-
-/// Hashed: one boxed chunk per chunk with a live entry.
-fn hashed_heap(keys: &[u64]) -> usize {
-    keys.len() * (CHUNK as usize * 4 + 32)
-}
-
-/// Dense: one segment per 512 chunks holding one with a live entry, plus the segment
-/// table up to the highest.
-fn dense_heap(keys: &[u64]) -> usize {
-    let mut segs: Vec<u64> = keys.iter().map(|k| k / 512).collect();
-    segs.dedup();
-    let table = segs.last().map_or(0, |&s| s as usize + 1);
-    segs.len() * Dense::<u32>::segment_bytes() + table * Dense::<u32>::segment_slot_bytes()
-}
-
 fn compare<S: ChunkStore<u32>>(
     v: &SparseVec<u32, S>,
     model: &BTreeMap<u64, u32>,
-    heap: Heap,
 ) -> Result<(), TestCaseError> {
     prop_assert_eq!(v.len(), model.len() as u64);
     prop_assert_eq!(v.is_empty(), model.is_empty());
     for (&k, &val) in model {
         prop_assert_eq!(v.get(k), val, "get({:#x})", k);
     }
-    // Chunks are released when they return to all-default: memory follows live chunks
-    // (whole segments of them, for the dense store).
+    // Chunks are released when they return to all-default: memory follows live chunks.
     let mut chunks: Vec<u64> = model.keys().map(|k| k / CHUNK).collect();
     chunks.dedup();
-    prop_assert_eq!(v.heap_bytes(), heap(&chunks));
+    prop_assert_eq!(v.heap_bytes(), chunks.len() * (CHUNK as usize * 4 + 32));
     prop_assert_eq!(
         v.all(),
         model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>()
@@ -91,7 +72,7 @@ fn compare<S: ChunkStore<u32>>(
 }
 
 /// Run `ops` on a fresh `SparseVec` with store `S` and on the model, comparing after each.
-fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64], heap: Heap) -> Result<(), TestCaseError> {
+fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64]) -> Result<(), TestCaseError> {
     let mut v: SparseVec<u32, S> = SparseVec::new();
     let mut model: BTreeMap<u64, u32> = BTreeMap::new();
     for op in ops {
@@ -120,7 +101,7 @@ fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64], heap: Heap) -> Result<(
                 );
             }
         }
-        compare(&v, &model, heap)?;
+        compare(&v, &model)?;
         prop_assert!(v.shape_ok(), "store indices inconsistent");
         for &p in probes {
             prop_assert_eq!(v.get(p), model.get(&p).copied().unwrap_or(0));
@@ -128,7 +109,7 @@ fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64], heap: Heap) -> Result<(
     }
     v.clear_range(0, u64::MAX - 1);
     model.retain(|&k, _| k >= u64::MAX - 1);
-    compare(&v, &model, heap)
+    compare(&v, &model)
 }
 
 proptest! {
@@ -136,12 +117,12 @@ proptest! {
 
     #[test]
     fn sparse_matches_btreemap(ops in prop::collection::vec(op(&CHUNKS), 1..120), probes in prop::collection::vec(index(&CHUNKS), 8)) {
-        run::<Hashed<u32>>(ops, &probes, hashed_heap)?;
+        run::<Hashed<u32>>(ops, &probes)?;
     }
 
     #[test]
     fn dense_sparse_matches_btreemap(ops in prop::collection::vec(op(&DENSE_CHUNKS), 1..120), probes in prop::collection::vec(index(&DENSE_CHUNKS), 8)) {
-        run::<Dense<u32>>(ops, &probes, dense_heap)?;
+        run::<Dense<u32>>(ops, &probes)?;
     }
 }
 
