@@ -146,6 +146,13 @@ fn goal(log2: u32, events: usize, rounds: usize, scattered: bool) {
         h.apply(vm, &vec![1; k], &g, &vec![1; k], &vec![0; k], None)
             .expect("apply");
     }
+    // Targets are distinct private pages, drawn at random: ask for at most half of them.
+    let private = pages - shared.len() as u64;
+    assert!(
+        events as u64 <= private / 2,
+        "{events} events need at least {} private pages; 2^{log2} pages have {private}",
+        2 * events
+    );
     let mut next = rng(0x9E37_79B9_7F4A_7C15);
     let mut seen = std::collections::HashSet::new();
     let mut targets = Vec::with_capacity(events);
