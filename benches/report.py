@@ -173,9 +173,13 @@ def apply_tables(r: Results) -> list[str]:
                 zaps = r.extra(
                     g, "stage2_zaps_per_event", intervals=n, op=op, frames=frames, impl="gmem"
                 )
+                present = r.extra(
+                    g, "attr_intervals", intervals=n, op=op, frames=frames, impl="gmem"
+                )
                 rows.append(
                     [
                         f"{n:.0e}",
+                        "-" if present is None else f"{present:,}",
                         op,
                         frames,
                         fmt_time(a),
@@ -186,7 +190,19 @@ def apply_tables(r: Results) -> list[str]:
                 )
     out.append(
         "### vm.apply vs numpy, 2^24 pages, 10^5 random mapped private pages (per event)\n\n"
-        + table(["intervals", "op", "frames", "gmem", "numpy", "gmem / numpy", "zaps/event"], rows)
+        + table(
+            [
+                "intervals",
+                "present",
+                "op",
+                "frames",
+                "gmem",
+                "numpy",
+                "gmem / numpy",
+                "zaps/event",
+            ],
+            rows,
+        )
     )
     g = "apply-strategy"
     rows = []
