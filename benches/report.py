@@ -3,6 +3,8 @@ and the log-log scaling plot.
 
     python benches/report.py benches/results/bench-YYYY-MM-DD.json [--png benches/scaling.png]
 
+The plot is written only with ``--png``.
+
 Prints markdown to stdout: one table per benchmark group (medians, per-operation costs
 where a benchmark does many operations — ``extra_info["ops"]`` — and ratios against the
 baseline measured in the same run), then the issue-5 goals with their measured ratios.
@@ -608,12 +610,14 @@ def plot(r: Results, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("json", type=Path)
-    ap.add_argument("--png", type=Path, default=Path(__file__).with_name("scaling.png"))
+    # No default: the committed plot is written only when asked for.
+    ap.add_argument("--png", type=Path, help="write the scaling plot here")
     args = ap.parse_args(argv)
     r = Results(args.json)
     parts = [goals(r), *attr_tables(r), *apply_tables(r), *scale_tables(r)]
     print("\n\n".join(parts))
-    plot(r, args.png)
+    if args.png is not None:
+        plot(r, args.png)
 
 
 if __name__ == "__main__":

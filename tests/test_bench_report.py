@@ -1,0 +1,71 @@
+"""`benches/report.py`: a benchmark JSON becomes BENCHMARKS.md's tables and goal verdicts;
+the plot is written only when asked for."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benches" / "report.py")
+    assert spec
+    assert spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _bench(op: str, impl: str, frames: str, median: float, **extra) -> dict:
+    return {
+        "group": "apply-vs-numpy",
+        "params": {"intervals": 10**5, "op": op, "frames": frames, "impl": impl},
+        "stats": {"median": median},
+        "extra_info": {"ops": 1000, **extra},
+    }
+
+
+@pytest.fixture
+def results(tmp_path: Path) -> Path:
+    """Reads: gmem 55 us and numpy 5 us per 1000 events (11x, over the goal); conversions:
+    gmem 40 us and numpy 5 us (8x, within it)."""
+    benches = [
+        _bench("read", "gmem", "scattered", 55e-6, attr_intervals=100_002),
+        _bench("read", "numpy", "runs", 5e-6, attr_intervals=100_002),
+        _bench("convert", "gmem", "scattered", 40e-6, attr_intervals=99_999),
+        _bench("convert", "numpy", "runs", 5e-6, attr_intervals=99_999),
+    ]
+    p = tmp_path / "bench.json"
+    p.write_text(json.dumps({"benchmarks": benches}))
+    return p
+
+
+def test_goal_rows_and_present_intervals(report, results, capsys, monkeypatch):
+    plots = []
+    monkeypatch.setattr(report, "plot", lambda r, path: plots.append(path))
+    report.main([str(results)])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()}
+    read = rows["vm.apply random read / numpy gather (1e+05 intervals, frames scattered)"]
+    assert "11x" in read
+    assert "**missed**" in read
+    conv = rows["vm.apply random convert / numpy scatter (1e+05 intervals, frames scattered)"]
+    assert "8x" in conv
+    assert "| met |" in conv
+    # The per-event table shows the intervals the run found beside the target count.
+    assert "| 1e+05 | 100,002 | read | scattered | 55 ns | numpy gather 5 ns | 11x |" in out
+    assert "| 1e+05 | 99,999 | convert | scattered | 40 ns |" in out
+    assert plots == [], "no plot without --png"
+
+
+def test_plot_only_where_asked(report, results, tmp_path, monkeypatch):
+    plots = []
+    monkeypatch.setattr(report, "plot", lambda r, path: plots.append(path))
+    report.main([str(results), "--png", str(tmp_path / "p.png")])
+    assert plots == [tmp_path / "p.png"]
