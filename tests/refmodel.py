@@ -59,6 +59,8 @@ U32_MAX = (1 << 32) - 1
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+#: x86 kvm_mmu_max_gfn(): at most 52 bits of guest physical address.
+MAX_GPA_BITS = 52
 KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
@@ -68,7 +70,9 @@ GUEST_MEMFD_FLAG_HUGETLB = 1 << 4
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
 KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_READONLY_MEM = 81
 KVM_CAP_USER_MEMORY2 = 231
+KVM_CAP_MEMORY_FAULT_INFO = 232
 KVM_CAP_MEMORY_ATTRIBUTES = 233
 KVM_CAP_GUEST_MEMFD = 234
 KVM_CAP_GUEST_MEMFD_FLAGS = 244
@@ -143,6 +147,16 @@ def _int(x: object, bits: int = 64) -> int:
     if x < 0 or x >= (1 << bits):
         raise OverflowError(f"{x} does not fit in u{bits}")
     return x
+
+
+def _mmap_length(length: int) -> int:
+    """mmap(2): length 0 is EINVAL, the rest is rounded up to pages (ENOMEM past 2^47)."""
+    if length <= 0:
+        raise _err(E.EINVAL, "mmap length 0")
+    length = -(-length // PAGE_SIZE) * PAGE_SIZE
+    if length > 1 << 47:
+        raise _err(E.ENOMEM, f"mmap length {length:#x} exceeds the user address space")
+    return length
 
 
 def _aligned(x: int) -> bool:
@@ -280,9 +294,7 @@ class Host:
 
     # -- anonymous memory
     def mmap_anonymous(self, length: int, *, addr: int | None = None) -> Mapping:
-        length = _int(length)
-        if length == 0 or not _aligned(length):
-            raise _err(E.EINVAL, f"length {length:#x} must be page aligned and > 0")
+        length = _mmap_length(_int(length))
         if addr is None:
             addr = self._next_addr
             self._next_addr += length + PAGE_SIZE  # a guard gap between mappings
@@ -372,6 +384,8 @@ class Vm:
             KVM_CAP_MEMORY_ATTRIBUTES: self.strat.attributes_cap(self),
             KVM_CAP_USER_MEMORY2: 1,
             KVM_CAP_NR_MEMSLOTS: KVM_USER_MEM_SLOTS,
+            KVM_CAP_MEMORY_FAULT_INFO: 1,
+            KVM_CAP_READONLY_MEM: 1,  # sw_protected: no protected state
         }.get(cap, 0)
 
     # -- guest_memfd
@@ -413,6 +427,8 @@ class Vm:
         elif obj is None:
             raise _err(E.EBADF, "no guest_memfd given")
         elif isinstance(obj, int) and not isinstance(obj, bool):
+            if obj in (0, 1, 2):  # the standard streams: open, not guest_memfds
+                raise _err(E.EINVAL, f"fd {obj} is not a guest_memfd")
             if obj == self.host.fd or any(v.fd == obj for v in self.host.vms):
                 raise _err(E.EINVAL, f"fd {obj} is not a guest_memfd")
             f = self.host.files.get(obj)
@@ -498,6 +514,9 @@ class Vm:
             pgoff = offset >> PAGE_SHIFT
             if any(pgoff <= i < pgoff + npages for i in f.bindings):
                 raise _err(E.EINVAL, "guest_memfd range already bound")
+        # kvm_arch_prepare_memory_region(): the slot must end below kvm_mmu_max_gfn().
+        if base + npages - 1 > (1 << (MAX_GPA_BITS - PAGE_SHIFT)) - 1:
+            raise _err(E.EINVAL, "memslot beyond the guest physical address width")
         if old is not None:  # MOVE / FLAGS_ONLY of a non-guest_memfd memslot
             old.base_gfn, old.flags = base, flags
             self._claim_mappings()
@@ -583,7 +602,9 @@ class Vm:
         self.counters["memory_faults"] += 1
         return MemoryFault(gfn << PAGE_SHIFT, KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0)
 
-    def _guest_page(self, gpa: int, private: bool) -> tuple[dict[int, int], int, object]:
+    def _guest_page(
+        self, gpa: int, private: bool, write: bool = False
+    ) -> tuple[dict[int, int], int, object]:
         """Fault the page in; returns (page dict, index, owner) with the page allocated."""
         gfn = _int(gpa) >> PAGE_SHIFT
         private = bool(private)
@@ -598,6 +619,8 @@ class Vm:
             return s.gmem.pages, idx, s.gmem
         if s is None:
             raise _err(E.EFAULT, f"no memslot at gfn {gfn:#x} (emulated MMIO)")
+        if write and s.flags & KVM_MEM_READONLY:
+            raise _err(E.EFAULT, f"write to read-only memslot at gfn {gfn:#x} (emulated MMIO)")
         hva = s.userspace_addr + (gfn - s.base_gfn) * PAGE_SIZE
         m, idx = self.host._find_anon(hva)
         if m is None:
@@ -612,7 +635,7 @@ class Vm:
 
     def guest_write(self, gpa: int, value: int, *, private: bool) -> None:
         value = _int(value)
-        pages, idx, _ = self._guest_page(gpa, private)
+        pages, idx, _ = self._guest_page(gpa, private, write=True)
         pages[idx] = value
         self._update_peak()
 
@@ -755,8 +778,9 @@ class GuestMemfd:
         if not shared:
             raise _err(E.EINVAL, "guest_memfd mappings must be MAP_SHARED")
         length = self.size - offset if length is None else _int(length)
-        if length == 0 or not _aligned(length) or not _aligned(offset):
-            raise _err(E.EINVAL, "bad mmap offset/length")
+        if not _aligned(offset):
+            raise _err(E.EINVAL, f"mmap offset {offset:#x} not page aligned")
+        length = _mmap_length(length)
         m = Mapping(self.vm.host, self.vm.host._next_addr, length, gmem=self, gmem_offset=offset)
         self.vm.host._next_addr += length + PAGE_SIZE
         self.vm.host.mappings.append(m)

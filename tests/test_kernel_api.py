@@ -81,10 +81,15 @@ def test_create_vm_defaults_and_attributes(host):
     assert other.fd != vm.fd
 
 
-@pytest.mark.parametrize("length", [0, 1, PAGE - 1, PAGE + 1])
-def test_mmap_anonymous_bad_length(api, host, length):
+def test_mmap_anonymous_bad_length(api, host):
     with raises_errno(errno.EINVAL):
-        host.mmap_anonymous(length)
+        host.mmap_anonymous(0)
+
+
+@pytest.mark.parametrize(("length", "pages"), [(1, 1), (PAGE - 1, 1), (PAGE + 1, 2)])
+def test_mmap_anonymous_rounds_length_up(api, host, length, pages):
+    """mmap(2) takes any nonzero length and maps whole pages."""
+    assert host.mmap_anonymous(length).length == pages * PAGE
 
 
 def test_anonymous_pages_allocate_on_first_write_only(host):
@@ -211,7 +216,9 @@ def test_check_extension_dual_sw_protected(api, vm):
     assert flags & api.GUEST_MEMFD_FLAG_MMAP
     # Mainline refuses INIT_SHARED for every VM with private memory.
     assert not flags & api.GUEST_MEMFD_FLAG_INIT_SHARED
-    for unknown in (0, 1, 9999, 232, 245):
+    assert vm.check_extension(api.KVM_CAP_MEMORY_FAULT_INFO) == 1
+    assert vm.check_extension(api.KVM_CAP_READONLY_MEM) == 1
+    for unknown in (0, 1, 9999, 230, 245):
         assert vm.check_extension(unknown) == 0
 
 

@@ -1167,9 +1167,10 @@ def test_two_offsets_without_a_shared_range_uses_userspace_memory():
 
 @pytest.mark.parametrize("vm_type", ["sw_protected", "tdx", "snp"])
 def test_populate_loads_the_initial_image(vm_type):
-    """kvm_gmem_populate(): private, guest_memfd-backed gfns only (EINVAL otherwise, and
-    nothing changes); the image is what the guest reads, not zeros; TDX adds each page
-    (no later AUG/ACCEPT), SNP assigns it in the RMP."""
+    """kvm_gmem_populate(): private, guest_memfd-backed gfns only (EINVAL when the first
+    is not, and nothing changes); it stops at the first shared gfn and returns the pages
+    done; the image is what the guest reads, not zeros; TDX adds each page (no later
+    AUG/ACCEPT), SNP assigns it in the RMP."""
     host = gmem.Host(64 * MiB)
     vm = host.create_vm(vm_type, "dual")
     size = 8 * PAGE
@@ -1179,9 +1180,9 @@ def test_populate_loads_the_initial_image(vm_type):
     vm.set_memory_attributes(0, 4 * PAGE, PRIV)
     before = vm.stats()
     with raises_errno(errno.EINVAL):
-        vm.populate(0, 5 * PAGE, 0xC0DE)  # page 4 is shared
+        vm.populate(4 * PAGE, PAGE, 0xC0DE)  # page 4 is shared
     assert vm.stats() == before
-    assert vm.populate(0, 4 * PAGE, 0xC0DE) == 4
+    assert vm.populate(0, 5 * PAGE, 0xC0DE) == 4  # stops before page 4
     assert vm.guest_read(PAGE, private=True) == 0xC0DE
     s = vm.stats()
     assert s["zeroed_pages"] == 0

@@ -58,10 +58,16 @@ impl Host {
         leaf: Option<Leaf>,
     ) -> Result<u64> {
         let gfn = gpa >> PAGE_SHIFT;
+        // A shared write to a read-only memslot; a private access, or one whose
+        // private-ness differs from the gfn's, exits as a memory fault first (mainline
+        // `kvm_mmu_faultin_pfn()`), which the path below reports.
+        if write.is_some() && !private && self.vms[vm].readonly_slots != 0 {
+            self.check_writable(vm, gfn)?;
+        }
         if let Some(l) = leaf
-            && let Some(v) = self.access_mapped(vm, gfn, private, write, l)
+            && l.private == private
         {
-            return Ok(v);
+            return Ok(self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write));
         }
         let pfn = match self.guest_fault(vm, gfn, private) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
@@ -88,7 +94,8 @@ impl Host {
     }
 
     /// The access to `gfn` when `leaf` (its stage-2 leaf) maps it as the access asks
-    /// (private or shared): no fault, just the frame's value; `None` otherwise.
+    /// (private or shared): no fault, just the frame's value; `None` otherwise, and for a
+    /// shared write while the VM has read-only memslots (the caller's checked path decides).
     #[inline]
     pub(crate) fn access_mapped(
         &mut self,
@@ -98,7 +105,34 @@ impl Host {
         write: Option<u64>,
         leaf: Leaf,
     ) -> Option<u64> {
-        (leaf.private == private).then(|| self.touch(vm, leaf.pfn + (gfn - leaf.gfn) as u32, write))
+        if leaf.private != private
+            || (write.is_some() && !private && self.vms[vm].readonly_slots != 0)
+        {
+            return None;
+        }
+        Some(self.touch(vm, leaf.pfn + (gfn - leaf.gfn) as u32, write))
+    }
+
+    /// A guest write to a `KVM_MEM_READONLY` memslot is emulated MMIO: `KVM_RUN` returns to
+    /// userspace with `KVM_EXIT_MMIO` (api.rst, `KVM_SET_USER_MEMORY_REGION`), reported
+    /// like an access outside every memslot (EFAULT); the page is not written.
+    /// Out of line and cold: only VMs with read-only memslots come here.
+    #[cold]
+    #[inline(never)]
+    fn check_writable(&self, vm: usize, gfn: u64) -> Result<()> {
+        if self.gfn_private(vm, gfn) {
+            return Ok(());
+        }
+        match self.vms[vm].slot_at(gfn) {
+            Some(s) if s.flags & uapi::KVM_MEM_READONLY != 0 => Err(err(
+                errno::EFAULT,
+                format!(
+                    "guest write to read-only memslot at gpa {:#x} (emulated MMIO)",
+                    gfn << PAGE_SHIFT
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     #[allow(clippy::inline_always)]
@@ -633,11 +667,15 @@ impl Host {
 
 impl Host {
     /// `kvm_gmem_populate()` as SNP `LAUNCH_UPDATE` / TDX `INIT_MEM_REGION` use it: load the
-    /// initial image into private guest_memfd pages `[gpa, gpa + size)` before the guest
-    /// runs. Every gfn must be private and backed by guest_memfd (`EINVAL`); the pages are
-    /// written, not zeroed (they become uptodate with the image). TDX adds each page with
-    /// `TDH.MEM.PAGE.ADD` (mapped in the S-EPT, no later AUG/ACCEPT); SNP assigns it in the
-    /// RMP. Returns the pages populated.
+    /// initial image into private guest_memfd pages from `gpa` on, before the guest runs.
+    /// The pages are written, not zeroed (they become uptodate with the image). TDX adds
+    /// each page with `TDH.MEM.PAGE.ADD` (mapped in the S-EPT, no later AUG/ACCEPT); SNP
+    /// assigns it in the RMP.
+    ///
+    /// As mainline: the memslot of the first gfn must have guest_memfd (`EINVAL`; its file
+    /// closed: `EFAULT`); the range is cut at that memslot's end; pages are populated in
+    /// order up to the first gfn that is not private. Returns the pages populated, or the
+    /// error when that is none (`EINVAL` for a first gfn that is not private).
     pub fn populate(&mut self, vm: usize, gpa: u64, size: u64, value: u64) -> Result<u64> {
         if size == 0
             || !gpa.is_multiple_of(PAGE_SIZE)
@@ -646,23 +684,41 @@ impl Host {
         {
             return Err(einval(format!("populate range {gpa:#x}+{size:#x} invalid")));
         }
-        let (g0, g1) = (gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT);
-        // Check the whole range first: a failed call changes nothing.
+        let g0 = gpa >> PAGE_SHIFT;
+        let Some(slot) = self.vms[vm].slot_at(g0) else {
+            return Err(einval(format!("populate: no memslot at gpa {gpa:#x}")));
+        };
+        let Some((f, off0, live)) = slot.offset_of(g0) else {
+            return Err(einval(format!(
+                "populate: the memslot at gpa {gpa:#x} has no guest_memfd"
+            )));
+        };
+        if !live {
+            return Err(err(errno::EFAULT, "populate: the guest_memfd is closed"));
+        }
+        let g1 = (g0 + (size >> PAGE_SHIFT)).min(slot.end_gfn());
         let mut targets = Vec::new();
         for gfn in g0..g1 {
             if !self.gfn_private(vm, gfn) {
-                return Err(einval(format!("populate: gfn {gfn:#x} is not private")));
+                if gfn == g0 {
+                    return Err(einval(format!("populate: gfn {gfn:#x} is not private")));
+                }
+                break;
             }
-            let Some((f, off, true)) = self.vms[vm].slot_at(gfn).and_then(|s| s.offset_of(gfn))
-            else {
-                return Err(einval(format!("populate: gfn {gfn:#x} has no guest_memfd")));
-            };
-            targets.push((gfn, f, off));
+            targets.push((gfn, f, off0 + (gfn - g0)));
         }
+        let mut done = 0;
         for (gfn, f, off) in targets {
-            if self.files[f].page(off).is_none() {
-                self.gmem_alloc_folio(f, off)?;
+            if self.files[f].page(off).is_none()
+                && let Err(e) = self.gmem_alloc_folio(f, off)
+            {
+                // Out of host memory: the pages done so far stay populated.
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
             }
+            done += 1;
             let r = self.files[f].page(off).expect("just allocated");
             self.files[f].mark_uptodate(off, r);
             self.content.set(u64::from(r.pfn), value);
@@ -688,7 +744,7 @@ impl Host {
             }
         }
         self.strict_check(vm)?;
-        Ok(g1 - g0)
+        Ok(done)
     }
 }
 

@@ -1,10 +1,12 @@
 //! Invariants: `check_vm` verifies every structural rule and names the one broken.
 
+use crate::cover::Cover;
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::platform::VmType;
 use crate::stage2::Level;
+use crate::{PAGE_SHIFT, uapi};
 
 fn broken(msg: String) -> Error {
     Error::Invariant(msg)
@@ -142,6 +144,31 @@ impl Host {
             return Err(broken(format!(
                 "huge_bound {} disagrees with the live bindings",
                 v.huge_bound
+            )));
+        }
+        let cover = Cover::of(
+            v.slots
+                .values()
+                .filter(|s| self.slot_shared_in_userspace(vm, s))
+                .map(|s| {
+                    (
+                        s.userspace_addr,
+                        s.userspace_addr + (s.npages << PAGE_SHIFT),
+                    )
+                }),
+        );
+        if cover != v.anon_cover {
+            return Err(broken("anon_cover disagrees with the memslots".into()));
+        }
+        let ro = v
+            .slots
+            .values()
+            .filter(|s| s.flags & uapi::KVM_MEM_READONLY != 0)
+            .count();
+        if ro != v.readonly_slots as usize {
+            return Err(broken(format!(
+                "readonly_slots {} != {ro} read-only memslots",
+                v.readonly_slots
             )));
         }
         self.check_frames()

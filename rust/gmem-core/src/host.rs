@@ -37,6 +37,8 @@ pub enum Fd {
 pub enum GmemArg {
     None,
     Fd(i64),
+    /// A file object of another `Host`: to the kernel, a guest_memfd of another VM.
+    Foreign,
 }
 
 /// `struct kvm_userspace_memory_region2`, plus the `two_offsets` shared range.
@@ -217,7 +219,10 @@ impl Host {
     pub fn check_extension(&self, vm: usize, cap: u64) -> u64 {
         let v = &self.vms[vm];
         match cap {
-            uapi::KVM_CAP_USER_MEMORY2 | uapi::KVM_CAP_GUEST_MEMFD => 1,
+            // Memory-fault exits fill `kvm_run.memory_fault` (x86 and arm64 report 1).
+            uapi::KVM_CAP_USER_MEMORY2
+            | uapi::KVM_CAP_GUEST_MEMFD
+            | uapi::KVM_CAP_MEMORY_FAULT_INFO => 1,
             uapi::KVM_CAP_MEMORY_ATTRIBUTES => {
                 // The in-place series deprecates VM-scoped PRIVATE tracking.
                 if v.strategy == StrategyKind::Inplace {
@@ -228,6 +233,7 @@ impl Host {
             }
             uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
             uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),
+            uapi::KVM_CAP_READONLY_MEM => u64::from(v.vm_type.has_readonly_mem()),
             _ => 0,
         }
     }
@@ -698,15 +704,10 @@ impl Host {
             return Err(einval("guest_memfd cannot be mapped MAP_PRIVATE"));
         }
         let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
-        if !offset.is_multiple_of(PAGE_SIZE)
-            || length == 0
-            || !length.is_multiple_of(PAGE_SIZE)
-            || length > (1 << 47)
-        {
-            return Err(einval(format!(
-                "mmap offset {offset:#x} / length {length:#x} invalid"
-            )));
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
         }
+        let length = mmap_length(length)?;
         Ok(self.add_mapping(
             length >> PAGE_SHIFT,
             MapKind::Gmem {
@@ -754,11 +755,7 @@ impl Host {
 
     /// Anonymous `MAP_SHARED` memory of the VMM.
     pub fn mmap_anonymous(&mut self, length: u64) -> Result<usize> {
-        if length == 0 || !length.is_multiple_of(PAGE_SIZE) || length > (1 << 47) {
-            return Err(einval(format!(
-                "mmap length {length:#x} is zero, unaligned or too large"
-            )));
-        }
+        let length = mmap_length(length)?;
         Ok(self.add_mapping(
             length >> PAGE_SHIFT,
             MapKind::Anon {
@@ -782,8 +779,16 @@ impl Host {
     fn resolve_gmem(&self, vm: usize, arg: GmemArg) -> Result<usize> {
         let fd = match arg {
             GmemArg::None => return Err(err(errno::EBADF, "no guest_memfd given")),
+            GmemArg::Foreign => {
+                return Err(einval("the guest_memfd belongs to another host's VM"));
+            }
             GmemArg::Fd(fd) => fd,
         };
+        // fds 0-2 are the VMM's standard streams: open, but not guest_memfds (the
+        // kernel's `fget()` succeeds, `kvm_gmem_bind()` then fails with EINVAL).
+        if (0..3).contains(&fd) {
+            return Err(einval(format!("fd {fd} is not a guest_memfd")));
+        }
         let Some(kind) = i32::try_from(fd).ok().and_then(|f| self.fds.get(&f)) else {
             return Err(err(errno::EBADF, format!("fd {fd} is not open")));
         };
@@ -815,6 +820,12 @@ impl Host {
             return Err(einval(
                 "KVM_MEM_GUEST_MEMFD cannot be combined with dirty logging or read-only",
             ));
+        }
+        if r.flags & uapi::KVM_MEM_READONLY != 0 && !self.vms[vm].vm_type.has_readonly_mem() {
+            return Err(einval(format!(
+                "{} VMs have no read-only memslots",
+                self.vms[vm].vm_type.name()
+            )));
         }
         if !r.memory_size.is_multiple_of(PAGE_SIZE) {
             return Err(einval(format!(
@@ -889,6 +900,7 @@ impl Host {
             if self.overlaps(vm, r.slot, base_gfn, npages) {
                 return Err(err(errno::EEXIST, "memslot overlaps another memslot"));
             }
+            check_max_gfn(base_gfn, npages)?;
             // MOVE: delete and recreate at the new base.
             let mut moved = old.clone();
             self.delete_slot(vm, r.slot);
@@ -924,7 +936,7 @@ impl Host {
                 let soff = r.shared_offset.unwrap_or(0);
                 let sf = match r.shared_guest_memfd {
                     GmemArg::None => f,
-                    a @ GmemArg::Fd(_) => self.resolve_gmem(vm, a)?,
+                    a => self.resolve_gmem(vm, a)?,
                 };
                 if !soff.is_multiple_of(PAGE_SIZE) || soff.checked_add(r.memory_size).is_none() {
                     return Err(einval(format!(
@@ -951,6 +963,8 @@ impl Host {
                 "shared_guest_memfd/shared_offset need KVM_MEM_GUEST_MEMFD",
             ));
         }
+        // x86 `kvm_arch_prepare_memory_region()`, after the bind (which it undoes).
+        check_max_gfn(base_gfn, npages)?;
         let slot = Memslot {
             id: r.slot,
             base_gfn,
@@ -1006,8 +1020,70 @@ impl Host {
         let v = &mut self.vms[vm];
         v.by_gfn.insert(base, id);
         v.slots.insert(id, slot);
-        self.recount_pages(vm);
-        self.bindings_changed(vm);
+        // What a new slot changes, found from the slot alone (adding the kernel's 32764
+        // memslots one by one stays linear): the footprint only if it points at
+        // anonymous pages that exist, the double backing by its own pages, `huge_bound`
+        // only towards true.
+        let slot = &self.vms[vm].slots[&id];
+        let dbl = self.slot_double(vm, slot);
+        let huge = self.slot_huge(slot);
+        let ro = slot.flags & uapi::KVM_MEM_READONLY != 0;
+        let newly = self.cover_slot(vm, id, true);
+        let v = &mut self.vms[vm];
+        v.stats.pages_allocated += newly;
+        v.stats.peak_pages_allocated = v.stats.peak_pages_allocated.max(v.stats.pages_allocated);
+        v.stats.double_backed_pages += dbl;
+        v.huge_bound |= huge;
+        v.readonly_slots += u32::from(ro);
+    }
+
+    /// Count memslot `id` of `vm` into (`add`) or out of the VM's cover of host addresses,
+    /// if its shared view is userspace memory; returns the anonymous pages (and pinned
+    /// orphans) that the change brings into or takes out of the VM's footprint.
+    fn cover_slot(&mut self, vm: usize, id: u32, add: bool) -> u64 {
+        let slot = &self.vms[vm].slots[&id];
+        if !self.slot_shared_in_userspace(vm, slot) {
+            return 0;
+        }
+        let a0 = slot.userspace_addr;
+        let a1 = a0 + (slot.npages << PAGE_SHIFT);
+        let edges = self.vms[vm].anon_cover.change(a0, a1, add);
+        edges
+            .into_iter()
+            .map(|(s, e)| self.anon_pages_in(s, e))
+            .sum()
+    }
+
+    /// Anonymous pages (and pinned orphans) of the VMM's mappings in `[a0, a1)`.
+    fn anon_pages_in(&self, a0: u64, a1: u64) -> u64 {
+        let mut n = 0;
+        // Mappings never overlap and are keyed by start: walk down from the last one
+        // starting below `a1` until one ends at or below `a0`.
+        for (_, &m) in self.va.range(..a1).rev() {
+            let map = &self.maps[m];
+            if map.end() <= a0 {
+                break;
+            }
+            if let MapKind::Anon { pages, orphans, .. } = &map.kind {
+                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                if !pages.is_empty() {
+                    n += pages.entries(i0, i1).len() as u64;
+                }
+                n += orphans
+                    .iter()
+                    .filter(|&(&i, _)| i >= i0 && i < i1)
+                    .map(|(_, l)| l.len() as u64)
+                    .sum::<u64>();
+            }
+        }
+        n
+    }
+
+    /// Whether `slot` binds a live private side of huge (HugeTLB) folios.
+    fn slot_huge(&self, slot: &Memslot) -> bool {
+        slot.gmem
+            .is_some_and(|b| b.live && self.files[b.file].order > 0)
     }
 
     /// VMs whose memslots point at anonymous page `idx` of mapping `m` (each VM once): the
@@ -1016,14 +1092,7 @@ impl Host {
     pub(crate) fn anon_vms(&self, m: usize, idx: u64) -> Vec<usize> {
         let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
         (0..self.vms.len())
-            .filter(|&v| {
-                let vm = &self.vms[v];
-                vm.slots.values().any(|s| {
-                    self.slot_shared_in_userspace(v, s)
-                        && hva >= s.userspace_addr
-                        && hva - s.userspace_addr < s.npages << PAGE_SHIFT
-                })
-            })
+            .filter(|&v| self.vms[v].anon_cover.at(hva) > 0)
             .collect()
     }
 
@@ -1089,15 +1158,13 @@ impl Host {
         n + anon.iter().map(|a| a.2).sum::<u64>()
     }
 
-    /// Re-derive a VM's footprint after its memslots changed what they point at.
-    fn recount_pages(&mut self, vm: usize) {
-        let n = self.count_pages(vm);
-        let s = &mut self.vms[vm].stats;
-        s.pages_allocated = n;
-        s.peak_pages_allocated = s.peak_pages_allocated.max(n);
-    }
-
     fn delete_slot(&mut self, vm: usize, id: u32) {
+        // As for `insert_slot`: only what this slot contributed changes.
+        let slot = &self.vms[vm].slots[&id];
+        let dbl = self.slot_double(vm, slot);
+        let huge = self.slot_huge(slot);
+        let gone = self.cover_slot(vm, id, false);
+        self.vms[vm].stats.pages_allocated -= gone;
         let slot = self.vms[vm].slots.remove(&id).expect("exists");
         self.vms[vm].by_gfn.remove(&slot.base_gfn);
         for b in [slot.gmem, slot.shared].into_iter().flatten() {
@@ -1106,8 +1173,11 @@ impl Host {
             }
         }
         self.zap(vm, slot.base_gfn, slot.end_gfn(), None);
-        self.recount_pages(vm);
-        self.bindings_changed(vm);
+        self.vms[vm].stats.double_backed_pages -= dbl;
+        self.vms[vm].readonly_slots -= u32::from(slot.flags & uapi::KVM_MEM_READONLY != 0);
+        if huge {
+            self.vms[vm].huge_bound = self.has_huge_binding(vm);
+        }
     }
 
     // ---------------------------------------------------------------- double backing
@@ -1176,6 +1246,10 @@ impl Host {
     pub(crate) fn double_update_anon(&mut self, m: usize, idx: u64, alloc: bool) {
         let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
         for vm in 0..self.vms.len() {
+            // Only memslots whose shared view is userspace memory count (`anon_cover`).
+            if self.vms[vm].anon_cover.at(hva) == 0 {
+                continue;
+            }
             let hits: Vec<(u32, u64)> = self.vms[vm]
                 .slots
                 .values()
@@ -1230,19 +1304,26 @@ impl Host {
         if v.strategy.shared_side() == SharedSide::SameFile {
             return 0;
         }
-        let mut n = 0;
-        for slot in v.slots.values() {
-            let Some(b) = slot.gmem else { continue };
-            if !b.live {
-                continue;
-            }
-            let offs = self.present_offsets(b.file, b.pgoff, b.pgoff + slot.npages);
-            for off in offs {
-                let gfn = slot.base_gfn + (off - b.pgoff);
-                n += u64::from(self.shared_page_present(vm, slot, gfn));
-            }
+        v.slots
+            .values()
+            .map(|slot| self.slot_double(vm, slot))
+            .sum()
+    }
+
+    /// Pages of `slot` backed twice (its private page and a distinct shared one).
+    fn slot_double(&self, vm: usize, slot: &Memslot) -> u64 {
+        if self.vms[vm].strategy.shared_side() == SharedSide::SameFile {
+            return 0;
         }
-        n
+        let Some(b) = slot.gmem.filter(|b| b.live) else {
+            return 0;
+        };
+        let offs = self.present_offsets(b.file, b.pgoff, b.pgoff + slot.npages);
+        offs.into_iter()
+            .map(|off| {
+                u64::from(self.shared_page_present(vm, slot, slot.base_gfn + (off - b.pgoff)))
+            })
+            .sum()
     }
 
     /// File pages present in `[start, end)`: O(pages present), never O(range).
@@ -1275,5 +1356,34 @@ impl Host {
     /// Snapshot of a VM's counters with the stage-2 counts refreshed.
     pub fn stats(&self, vm: usize) -> Stats {
         self.vms[vm].stats
+    }
+}
+
+/// A memslot created or moved must end at or below the largest gfn the MMU maps
+/// (`kvm_mmu_max_gfn()`, see `uapi::MAX_GPA_BITS`).
+fn check_max_gfn(base_gfn: u64, npages: u64) -> Result<()> {
+    let max_gfn = (1u64 << (uapi::MAX_GPA_BITS - PAGE_SHIFT)) - 1;
+    if base_gfn + npages - 1 > max_gfn {
+        return Err(einval(format!(
+            "memslot ends at gpa {:#x}, beyond the {}-bit guest physical space",
+            (base_gfn + npages) << PAGE_SHIFT,
+            uapi::MAX_GPA_BITS
+        )));
+    }
+    Ok(())
+}
+
+/// An `mmap(2)` length as the kernel takes it: 0 is `EINVAL`; anything else is rounded up
+/// to whole pages, and more than the 47-bit user address space is `ENOMEM`.
+fn mmap_length(length: u64) -> Result<u64> {
+    if length == 0 {
+        return Err(einval("mmap length 0"));
+    }
+    match length.checked_next_multiple_of(PAGE_SIZE) {
+        Some(l) if l <= 1 << 47 => Ok(l),
+        _ => Err(err(
+            errno::ENOMEM,
+            format!("mmap length {length:#x} exceeds the user address space"),
+        )),
     }
 }

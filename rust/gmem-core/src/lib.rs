@@ -13,6 +13,7 @@ pub mod bit_attr_map;
 pub mod check;
 pub mod convert;
 pub mod cost;
+pub mod cover;
 pub mod error;
 pub mod events;
 pub mod guest_memfd;

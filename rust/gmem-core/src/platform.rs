@@ -53,6 +53,13 @@ impl VmType {
         matches!(self, VmType::Pkvm)
     }
 
+    /// Whether memslots may be `KVM_MEM_READONLY` (`kvm_arch_has_readonly_mem()`): on x86
+    /// not for VMs with protected state (SEV-ES, SEV-SNP, TDX: writes to read-only memory
+    /// are emulated MMIO, which KVM cannot emulate for them), on arm64 (pKVM) always.
+    pub fn has_readonly_mem(self) -> bool {
+        matches!(self, VmType::SwProtected | VmType::Pkvm)
+    }
+
     /// Largest stage-2 level for private memory. TDX and SNP map private memory at most at
     /// 2 MiB (S-EPT / 2 MiB RMP entries); pKVM and software protection allow 1 GiB.
     pub fn max_private_level(self) -> Level {

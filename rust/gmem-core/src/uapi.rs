@@ -16,7 +16,9 @@ pub const FALLOC_FL_KEEP_SIZE: u32 = 1;
 pub const FALLOC_FL_PUNCH_HOLE: u32 = 2;
 
 pub const KVM_CAP_NR_MEMSLOTS: u64 = 10;
+pub const KVM_CAP_READONLY_MEM: u64 = 81;
 pub const KVM_CAP_USER_MEMORY2: u64 = 231;
+pub const KVM_CAP_MEMORY_FAULT_INFO: u64 = 232;
 pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
 pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
 pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
@@ -25,5 +27,10 @@ pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
 pub const KVM_USER_MEM_SLOTS: u32 = 32764;
 /// `KVM_MEM_MAX_NR_PAGES`: `(1UL << 31) - 1`.
 pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
+/// Guest physical address bits a memslot may reach: x86 `kvm_mmu_max_gfn()` is
+/// `(1 << (max_gpa_bits - PAGE_SHIFT)) - 1`, with `max_gpa_bits` the host's MAXPHYADDR
+/// under TDP and 52 otherwise; 52 is the architectural maximum, so the model refuses only
+/// what no x86 host accepts.
+pub const MAX_GPA_BITS: u32 = 52;
 /// x86-64 user address space (`TASK_SIZE_MAX` with 4-level paging).
 pub const TASK_SIZE: u64 = (1 << 47) - 4096;

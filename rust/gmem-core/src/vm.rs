@@ -1,5 +1,6 @@
 //! A VM: memslots, the VM-scoped attribute map, stage-2 and counters.
 
+use crate::cover::Cover;
 use std::collections::BTreeMap;
 
 use smallvec::SmallVec;
@@ -120,6 +121,12 @@ pub struct Vm {
     /// Some live private-side binding is a huge-folio file (kept by
     /// `Host::bindings_changed`): conversions skip folio splitting and merging otherwise.
     pub huge_bound: bool,
+    /// Memslots with `KVM_MEM_READONLY` (kept by `Host::insert_slot`/`delete_slot`): while
+    /// there are none, a guest write needs no memslot lookup.
+    pub readonly_slots: u32,
+    /// How many of its memslots point at each host address with their shared view (see
+    /// `Host::slot_shared_in_userspace`): the anonymous pages it counts in its footprint.
+    pub anon_cover: Cover,
 }
 
 impl Vm {
@@ -136,6 +143,8 @@ impl Vm {
             opts: Options::default(),
             closed: false,
             huge_bound: false,
+            readonly_slots: 0,
+            anon_cover: Cover::default(),
         }
     }
 

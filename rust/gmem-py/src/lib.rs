@@ -315,24 +315,36 @@ struct PyVm {
     id: usize,
 }
 
-fn gmem_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<GmemArg> {
+/// The fd a file argument stands for, seen from the host `host`; a file object of another
+/// `Host` is `GmemArg::Foreign` (its fd number means nothing here).
+fn gmem_arg(host: &Arc<Shared>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<GmemArg> {
     let Some(o) = obj else {
         return Ok(GmemArg::None);
     };
     if o.is_none() {
         return Ok(GmemArg::None);
     }
+    let foreign = |s: &Arc<Shared>| !Arc::ptr_eq(s, host);
     if let Ok(g) = o.cast::<PyGuestMemfd>() {
+        if foreign(&g.get().shared) {
+            return Ok(GmemArg::Foreign);
+        }
         let fd = g.get().shared.lock().file(g.get().id).fd;
         // A closed file has no fd: the kernel sees a number that is no longer open.
         return Ok(GmemArg::Fd(fd.map_or(-1, i64::from)));
     }
     if let Ok(v) = o.cast::<PyVm>() {
+        if foreign(&v.get().shared) {
+            return Ok(GmemArg::Foreign);
+        }
         return Ok(GmemArg::Fd(i64::from(
             v.get().shared.lock().vm(v.get().id).fd,
         )));
     }
     if let Ok(h) = o.cast::<PyHost>() {
+        if foreign(&h.get().shared) {
+            return Ok(GmemArg::Foreign);
+        }
         return Ok(GmemArg::Fd(i64::from(h.get().shared.lock().kvm_fd())));
     }
     if let Ok(fd) = o.extract::<i64>() {
@@ -399,9 +411,9 @@ impl PyVm {
             guest_phys_addr,
             memory_size,
             userspace_addr,
-            guest_memfd: gmem_arg(guest_memfd)?,
+            guest_memfd: gmem_arg(&self.shared, guest_memfd)?,
             guest_memfd_offset,
-            shared_guest_memfd: gmem_arg(shared_guest_memfd)?,
+            shared_guest_memfd: gmem_arg(&self.shared, shared_guest_memfd)?,
             shared_offset,
         };
         Ok(self
