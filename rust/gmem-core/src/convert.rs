@@ -494,7 +494,8 @@ impl Host {
         self.vms[vm].stats.violations += lost;
     }
 
-    /// Gfns of `[g0, g1)` whose side being left (`!private`) has a page.
+    /// Gfns of `[g0, g1)` whose side being left (`!private`) has a page (in no particular
+    /// order).
     fn old_side_gfns(
         &self,
         vm: usize,
@@ -525,14 +526,9 @@ impl Host {
         }
         let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
         let mut out = Vec::new();
-        for (_, &m) in self.va.range(..a1) {
+        for (m, i0, i1) in self.maps_in(a0, a1) {
             let map = &self.maps[m];
-            if map.end() <= a0 {
-                continue;
-            }
             if let MapKind::Anon { pages, .. } = &map.kind {
-                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
                 for (idx, _) in pages.entries(i0, i1) {
                     let hva = map.addr + (idx << PAGE_SHIFT);
                     out.push(slot.base_gfn + ((hva - slot.userspace_addr) >> PAGE_SHIFT));

@@ -1054,19 +1054,27 @@ impl Host {
             .sum()
     }
 
+    /// The VMM's mappings overlapping `[a0, a1)`, with the page indices of the overlap in
+    /// each: `(mapping, i0, i1)`. Mappings never overlap and are keyed by start: walks down
+    /// from the last one starting below `a1` until one ends at or below `a0`.
+    pub(crate) fn maps_in(&self, a0: u64, a1: u64) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+        self.va
+            .range(..a1)
+            .rev()
+            .map(|(_, &m)| (m, &self.maps[m]))
+            .take_while(move |(_, map)| map.end() > a0)
+            .map(move |(m, map)| {
+                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                (m, i0, i1)
+            })
+    }
+
     /// Anonymous pages (and pinned orphans) of the VMM's mappings in `[a0, a1)`.
     fn anon_pages_in(&self, a0: u64, a1: u64) -> u64 {
         let mut n = 0;
-        // Mappings never overlap and are keyed by start: walk down from the last one
-        // starting below `a1` until one ends at or below `a0`.
-        for (_, &m) in self.va.range(..a1).rev() {
-            let map = &self.maps[m];
-            if map.end() <= a0 {
-                break;
-            }
-            if let MapKind::Anon { pages, orphans, .. } = &map.kind {
-                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+        for (m, i0, i1) in self.maps_in(a0, a1) {
+            if let MapKind::Anon { pages, orphans, .. } = &self.maps[m].kind {
                 if !pages.is_empty() {
                     n += pages.entries(i0, i1).len() as u64;
                 }
@@ -1136,14 +1144,8 @@ impl Host {
                 s.userspace_addr,
                 s.userspace_addr + (s.npages << PAGE_SHIFT),
             );
-            for (_, &m) in self.va.range(..a1) {
-                let map = &self.maps[m];
-                if map.end() <= a0 {
-                    continue;
-                }
-                if let MapKind::Anon { pages, orphans, .. } = &map.kind {
-                    let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                    let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+            for (m, i0, i1) in self.maps_in(a0, a1) {
+                if let MapKind::Anon { pages, orphans, .. } = &self.maps[m].kind {
                     anon.extend(pages.entries(i0, i1).into_iter().map(|(i, _)| (m, i, 1)));
                     for (&i, l) in orphans {
                         if i >= i0 && i < i1 {
