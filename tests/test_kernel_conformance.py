@@ -1,7 +1,7 @@
 """Kernel rules checked against set_memory_region_test.c, guest_memfd_test.c and api.rst
 that the other suites do not cover: the memslot limit at full scale, read-only memslots,
 guest_memfds of another VM or host, the guest physical address width, `mmap(2)` lengths,
-capabilities and `kvm_gmem_populate()`'s partial progress.
+capabilities, and `kvm_gmem_populate()`'s partial progress and the arch hooks' refusals.
 """
 
 from __future__ import annotations
@@ -238,4 +238,30 @@ def test_populate_stops_at_the_memslot_end():
     assert vm.guest_read(4 * PAGE, private=True) == 0  # not populated: zeroed on use
     with raises_errno(errno.EINVAL):
         vm.populate(1 << 30, PAGE, 1)  # no memslot
+    vm.check()
+
+
+@pytest.mark.parametrize(("vm_type", "code"), [("snp", errno.EINVAL), ("tdx", errno.EIO)])
+def test_populate_refuses_a_page_loaded_before(vm_type, code):
+    """The arch post-populate hooks refuse a page already loaded: SNP finds it assigned in
+    the RMP (EINVAL), TDX finds the gfn mapped in the S-EPT (EIO). The page keeps its
+    content; a range stops there, returning the pages done before it."""
+    host = gmem.Host(16 * MiB)
+    vm = host.create_vm(vm_type, "dual")
+    f = vm.create_guest_memfd(8 * PAGE)
+    anon = host.mmap_anonymous(8 * PAGE)
+    vm.set_user_memory_region2(0, GM, 0, 8 * PAGE, anon.addr, f, 0)
+    vm.set_memory_attributes(0, 8 * PAGE, PRIV)
+    assert vm.populate(2 * PAGE, PAGE, 0x11) == 1
+    with raises_errno(code):
+        vm.populate(2 * PAGE, PAGE, 0x22)
+    assert vm.guest_read(2 * PAGE, private=True) == 0x11
+    # Pages 0 and 1 are new, page 2 was loaded: two done, then the stop.
+    assert vm.populate(0, 4 * PAGE, 0x33) == 2
+    assert [vm.guest_read(g * PAGE, private=True) for g in range(4)] == [0x33, 0x33, 0x11, 0]
+    # A page the guest faulted in privately is prepared (SNP) / mapped (TDX) as well.
+    vm.guest_write(5 * PAGE, 0x44, private=True)
+    with raises_errno(code):
+        vm.populate(5 * PAGE, PAGE, 0x55)
+    assert vm.guest_read(5 * PAGE, private=True) == 0x44
     vm.check()

@@ -676,6 +676,12 @@ impl Host {
     /// closed: `EFAULT`); the range is cut at that memslot's end; pages are populated in
     /// order up to the first gfn that is not private. Returns the pages populated, or the
     /// error when that is none (`EINVAL` for a first gfn that is not private).
+    ///
+    /// The arch hooks refuse a page loaded before, and the loop stops there as for any
+    /// error: SNP (`sev_gmem_post_populate()`) when the page is already assigned in the RMP
+    /// (populated, or prepared by a private guest fault): `EINVAL`; TDX
+    /// (`tdx_gmem_post_populate()`) when the gfn is already mapped in the S-EPT (the TDP
+    /// MMU's map of the page is not `RET_PF_FIXED`): `EIO`. The page keeps its content.
     pub fn populate(&mut self, vm: usize, gpa: u64, size: u64, value: u64) -> Result<u64> {
         if size == 0
             || !gpa.is_multiple_of(PAGE_SIZE)
@@ -709,6 +715,12 @@ impl Host {
         }
         let mut done = 0;
         for (gfn, f, off) in targets {
+            if let Err(e) = self.populate_refused(vm, gfn, f, off) {
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
             if self.files[f].page(off).is_none()
                 && let Err(e) = self.gmem_alloc_folio(f, off)
             {
@@ -745,6 +757,31 @@ impl Host {
         }
         self.strict_check(vm)?;
         Ok(done)
+    }
+
+    /// The arch post-populate hook's refusal of a page already loaded (see `populate`).
+    fn populate_refused(&self, vm: usize, gfn: u64, f: usize, off: u64) -> Result<()> {
+        match self.vms[vm].vm_type {
+            VmType::Snp => {
+                if let Some(r) = self.files[f].page(off)
+                    && self.rmp.contains_key(&r.pfn)
+                {
+                    return Err(einval(format!(
+                        "populate: gfn {gfn:#x}: its page is already assigned in the RMP"
+                    )));
+                }
+            }
+            VmType::Tdx => {
+                if self.vms[vm].s2.lookup(gfn).is_some_and(|l| l.private) {
+                    return Err(err(
+                        errno::EIO,
+                        format!("populate: gfn {gfn:#x} is already mapped in the S-EPT"),
+                    ));
+                }
+            }
+            VmType::SwProtected | VmType::Pkvm => {}
+        }
+        Ok(())
     }
 }
 
