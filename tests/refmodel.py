@@ -61,6 +61,7 @@ KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 #: x86 kvm_mmu_max_gfn(): at most 52 bits of guest physical address.
 MAX_GPA_BITS = 52
+TDX_SHARED_GPA_BIT = 51
 KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
@@ -514,8 +515,10 @@ class Vm:
             pgoff = offset >> PAGE_SHIFT
             if any(pgoff <= i < pgoff + npages for i in f.bindings):
                 raise _err(E.EINVAL, "guest_memfd range already bound")
-        # kvm_arch_prepare_memory_region(): the slot must end below kvm_mmu_max_gfn().
-        if base + npages - 1 > (1 << (MAX_GPA_BITS - PAGE_SHIFT)) - 1:
+        # kvm_arch_prepare_memory_region(): the slot must end below kvm_mmu_max_gfn()
+        # (and, on TDX, below the shared-GPA bit: kvm_is_gfn_alias()).
+        bits = TDX_SHARED_GPA_BIT if self.vm_type == "tdx" else MAX_GPA_BITS
+        if base + npages - 1 > (1 << (bits - PAGE_SHIFT)) - 1:
             raise _err(E.EINVAL, "memslot beyond the guest physical address width")
         if old is not None:  # MOVE / FLAGS_ONLY of a non-guest_memfd memslot
             old.base_gfn, old.flags = base, flags

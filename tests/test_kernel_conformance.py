@@ -115,6 +115,29 @@ def test_memslot_beyond_the_guest_physical_width(api):
     vm.check()
 
 
+
+def test_tdx_memslot_must_not_carry_the_shared_bit():
+    """x86 kvm_arch_prepare_memory_region(): on TDX the shared-GPA bit (51, 5-level S-EPT)
+    is the VM's direct bit, and a memslot whose last gfn carries it is an alias (EINVAL);
+    other VM types take the full 52-bit space."""
+    host = gmem.Host(16 * MiB)
+    mem = host.mmap_anonymous(2 * PAGE)
+    shared_bit = 1 << 51
+    tdx = host.create_vm("tdx", "dual")
+    tdx.set_user_memory_region(0, 0, shared_bit - 4 * PAGE, 2 * PAGE, mem.addr)
+    tdx.set_user_memory_region(2, 0, shared_bit - 2 * PAGE, PAGE, mem.addr)  # below: fine
+    with raises_errno(errno.EINVAL):
+        tdx.set_user_memory_region(1, 0, shared_bit, 2 * PAGE, mem.addr)
+    with raises_errno(errno.EINVAL):  # straddling the bit: the last gfn carries it
+        tdx.set_user_memory_region(1, 0, shared_bit - PAGE, 2 * PAGE, mem.addr)
+    with raises_errno(errno.EINVAL):  # a MOVE onto it
+        tdx.set_user_memory_region(0, 0, shared_bit, 2 * PAGE, mem.addr)
+    snp = host.create_vm("snp", "dual")
+    snp.set_user_memory_region(0, 0, shared_bit, 2 * PAGE, mem.addr)
+    tdx.check()
+    snp.check()
+
+
 # --------------------------------------------------------------------------- read-only
 
 

@@ -900,7 +900,7 @@ impl Host {
             if self.overlaps(vm, r.slot, base_gfn, npages) {
                 return Err(err(errno::EEXIST, "memslot overlaps another memslot"));
             }
-            check_max_gfn(base_gfn, npages)?;
+            check_max_gfn(self.vms[vm].vm_type, base_gfn, npages)?;
             // MOVE: delete and recreate at the new base.
             let mut moved = old.clone();
             self.delete_slot(vm, r.slot);
@@ -964,7 +964,7 @@ impl Host {
             ));
         }
         // x86 `kvm_arch_prepare_memory_region()`, after the bind (which it undoes).
-        check_max_gfn(base_gfn, npages)?;
+        check_max_gfn(self.vms[vm].vm_type, base_gfn, npages)?;
         let slot = Memslot {
             id: r.slot,
             base_gfn,
@@ -1362,14 +1362,23 @@ impl Host {
 }
 
 /// A memslot created or moved must end at or below the largest gfn the MMU maps
-/// (`kvm_mmu_max_gfn()`, see `uapi::MAX_GPA_BITS`).
-fn check_max_gfn(base_gfn: u64, npages: u64) -> Result<()> {
-    let max_gfn = (1u64 << (uapi::MAX_GPA_BITS - PAGE_SHIFT)) - 1;
+/// (`kvm_mmu_max_gfn()`, see `uapi::MAX_GPA_BITS`); on TDX its last gfn must not carry the
+/// shared-GPA bit either (`kvm_is_gfn_alias()`, see `uapi::TDX_SHARED_GPA_BIT`).
+fn check_max_gfn(vm_type: VmType, base_gfn: u64, npages: u64) -> Result<()> {
+    let bits = match vm_type {
+        VmType::Tdx => uapi::TDX_SHARED_GPA_BIT,
+        VmType::SwProtected | VmType::Snp | VmType::Pkvm => uapi::MAX_GPA_BITS,
+    };
+    let max_gfn = (1u64 << (bits - PAGE_SHIFT)) - 1;
     if base_gfn + npages - 1 > max_gfn {
         return Err(einval(format!(
-            "memslot ends at gpa {:#x}, beyond the {}-bit guest physical space",
+            "memslot ends at gpa {:#x}, beyond the {bits}-bit guest physical space{}",
             (base_gfn + npages) << PAGE_SHIFT,
-            uapi::MAX_GPA_BITS
+            if vm_type == VmType::Tdx {
+                " below TDX's shared bit"
+            } else {
+                ""
+            }
         )));
     }
     Ok(())

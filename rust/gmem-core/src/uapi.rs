@@ -32,5 +32,9 @@ pub const KVM_MEM_MAX_NR_PAGES: u64 = (1 << 31) - 1;
 /// under TDP and 52 otherwise; 52 is the architectural maximum, so the model refuses only
 /// what no x86 host accepts.
 pub const MAX_GPA_BITS: u32 = 52;
+/// The TDX shared-GPA bit with a 5-level S-EPT (GPAW 52): `tdx_td_init()` makes it the VM's
+/// direct bits, and x86 `kvm_arch_prepare_memory_region()` refuses a memslot whose last
+/// gfn carries it (`kvm_is_gfn_alias()`, EINVAL). (With a 4-level S-EPT it is bit 47.)
+pub const TDX_SHARED_GPA_BIT: u32 = 51;
 /// x86-64 user address space (`TASK_SIZE_MAX` with 4-level paging).
 pub const TASK_SIZE: u64 = (1 << 47) - 4096;
