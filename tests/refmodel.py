@@ -269,6 +269,7 @@ class Host:
         self.vms: list[Vm] = []
         self.mappings: list[Mapping] = []
         self._next_fd = 3
+        self._free_fds: set[int] = set()  # closed numbers below _next_fd
         self._next_addr = 0x7F00_0000_0000
         self._next_inode = 1
         self.fd = kvm_fd if kvm_fd is not None else self._new_fd()
@@ -279,6 +280,11 @@ class Host:
         self.sticky_mappings = sticky_mappings
 
     def _new_fd(self) -> int:
+        """The lowest fd number not open (get_unused_fd_flags(); 0-2 are stdio)."""
+        if self._free_fds:
+            fd = min(self._free_fds)
+            self._free_fds.discard(fd)
+            return fd
         fd = self._next_fd
         self._next_fd += 1
         return fd
@@ -803,6 +809,7 @@ class GuestMemfd:
             raise _err(E.EBADF, "guest_memfd already closed")
         self.fd_closed = True
         self.vm.host.files.pop(self.fd, None)
+        self.vm.host._free_fds.add(self.fd)
         if self.mmaps == 0:
             self._release()
 

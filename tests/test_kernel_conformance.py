@@ -138,6 +138,32 @@ def test_tdx_memslot_must_not_carry_the_shared_bit():
     snp.check()
 
 
+
+def test_fd_numbers_are_reused_lowest_first(api):
+    """__kvm_gmem_create() takes its number from get_unused_fd_flags(): the lowest one not
+    open, so a closed guest_memfd's number goes to the next file. The raw number then names
+    the new file; the closed file's object still refers to the closed file (EBADF)."""
+    host = api.Host(16 * MiB)
+    vm = host.create_vm("sw_protected", "dual")
+    f1, f2 = vm.create_guest_memfd(2 * PAGE), vm.create_guest_memfd(2 * PAGE)
+    n1, n2 = f1.fd, f2.fd
+    assert n1 not in (n2, host.fd, vm.fd)
+    f1.close()
+    f3 = vm.create_guest_memfd(4 * PAGE)
+    assert f3.fd == n1
+    f4 = vm.create_guest_memfd(2 * PAGE)
+    assert f4.fd > max(n1, n2)
+    with raises_errno(errno.EBADF):
+        vm.set_user_memory_region2(0, GM, 0, 2 * PAGE, 0, f1, 0)
+    vm.set_user_memory_region2(0, GM, 0, 4 * PAGE, 0, n1, 0)  # 4 pages: f3's size
+    with raises_errno(errno.EINVAL):  # f3's range is bound now
+        vm.set_user_memory_region2(1, GM, 1 << 30, PAGE, 0, f3, 0)
+    f2.close()
+    f3.close()
+    assert vm.create_guest_memfd(PAGE).fd == min(n1, n2)
+    vm.check()
+
+
 # --------------------------------------------------------------------------- read-only
 
 

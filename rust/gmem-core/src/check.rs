@@ -2,7 +2,7 @@
 
 use crate::cover::Cover;
 use crate::error::{Error, Result};
-use crate::host::Host;
+use crate::host::{Fd, Host};
 use crate::mapping::MapKind;
 use crate::platform::VmType;
 use crate::stage2::Level;
@@ -197,6 +197,7 @@ impl Host {
     /// Host-wide: each frame has at most one owner and no owned frame is free.
     pub fn check_frames(&self) -> Result<()> {
         self.alloc.check().map_err(broken)?;
+        self.check_fds()?;
         let mut owned: Vec<(u32, u32)> = Vec::new(); // (pfn, count)
         for f in &self.files {
             for (_, pfn) in f.small_pages_in(0, u64::MAX) {
@@ -238,6 +239,47 @@ impl Host {
         for &pfn in self.rmp.keys() {
             if self.alloc.is_free(pfn) {
                 return Err(broken(format!("SNP RMP assigns free pfn {pfn:#x}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fd table: numbers from 3 below `next_fd` are each open or free, never both; an
+    /// open guest_memfd fd is its file's, a VM fd its VM's.
+    fn check_fds(&self) -> Result<()> {
+        let open = self.fds.len() + self.free_fds.len();
+        if self.free_fds.iter().any(|fd| self.fds.contains_key(fd))
+            || self
+                .fds
+                .keys()
+                .chain(&self.free_fds)
+                .any(|&fd| fd < 3 || fd >= self.next_fd)
+            || i64::try_from(open).ok() != Some(i64::from(self.next_fd) - 3)
+        {
+            return Err(broken(format!(
+                "fd table: {} open and {} free numbers do not make up 3..{}",
+                self.fds.len(),
+                self.free_fds.len(),
+                self.next_fd
+            )));
+        }
+        for (&fd, kind) in &self.fds {
+            let ok = match *kind {
+                Fd::Kvm => fd == self.kvm_fd(),
+                Fd::Vm(v) => self.vms.get(v).is_some_and(|vm| vm.fd == fd),
+                Fd::Gmem(f) => self.files.get(f).is_some_and(|g| g.fd == Some(fd)),
+            };
+            if !ok {
+                return Err(broken(format!("fd {fd} does not belong to what it names")));
+            }
+        }
+        for (i, g) in self.files.iter().enumerate() {
+            if let Some(fd) = g.fd
+                && !matches!(self.fds.get(&fd), Some(&Fd::Gmem(f)) if f == i)
+            {
+                return Err(broken(format!(
+                    "guest_memfd {i}'s fd {fd} is not in the table"
+                )));
             }
         }
         Ok(())

@@ -3,7 +3,7 @@
 //! All state of one simulated host lives in one `Host` value; VMs, files and mappings are
 //! addressed by index. Callers that share a host between threads wrap it in one lock.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rustc_hash::FxHashMap;
 
@@ -72,6 +72,9 @@ pub struct Host {
     pub(crate) va: BTreeMap<u64, usize>,
     pub(crate) next_va: u64,
     pub(crate) fds: BTreeMap<i32, Fd>,
+    /// Every number below `next_fd` is open (in `fds`) or free (here): a new fd is the
+    /// lowest free number, as `get_unused_fd_flags()` gives.
+    pub(crate) free_fds: BTreeSet<i32>,
     pub(crate) next_fd: i32,
     pub(crate) next_inode: u64,
     /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
@@ -114,6 +117,7 @@ impl Host {
             va: BTreeMap::new(),
             next_va: VA_BASE,
             fds: BTreeMap::new(),
+            free_fds: BTreeSet::new(),
             next_fd: 3,
             next_inode: 1,
             rmp: FxHashMap::default(),
@@ -128,9 +132,13 @@ impl Host {
         3
     }
 
+    /// The lowest fd number not open (POSIX `open(2)`; the kernel's
+    /// `get_unused_fd_flags()`), numbers 0-2 being the VMM's standard streams.
     fn new_fd(&mut self, f: Fd) -> i32 {
-        let fd = self.next_fd;
-        self.next_fd += 1;
+        let fd = self.free_fds.pop_first().unwrap_or_else(|| {
+            self.next_fd += 1;
+            self.next_fd - 1
+        });
         self.fds.insert(fd, f);
         fd
     }
@@ -648,6 +656,7 @@ impl Host {
             return Err(err(errno::EBADF, "guest_memfd already closed"));
         };
         self.fds.remove(&fd);
+        self.free_fds.insert(fd);
         self.maybe_release(file);
         Ok(())
     }
