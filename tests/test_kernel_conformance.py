@@ -115,7 +115,6 @@ def test_memslot_beyond_the_guest_physical_width(api):
     vm.check()
 
 
-
 def test_tdx_memslot_must_not_carry_the_shared_bit():
     """x86 kvm_arch_prepare_memory_region(): on TDX the shared-GPA bit (51, 5-level S-EPT)
     is the VM's direct bit, and a memslot whose last gfn carries it is an alias (EINVAL);
@@ -136,7 +135,6 @@ def test_tdx_memslot_must_not_carry_the_shared_bit():
     snp.set_user_memory_region(0, 0, shared_bit, 2 * PAGE, mem.addr)
     tdx.check()
     snp.check()
-
 
 
 def test_fd_numbers_are_reused_lowest_first(api):
