@@ -46,6 +46,7 @@ TARGETS = [
     "host_fd",
     "bogus_fd",
     "none",
+    "old",
 ]
 SKEWS = [None] * 12 + ["gpa", "size", "uaddr", "offset"]
 
@@ -74,6 +75,7 @@ class GmemMachine(RuleBasedStateMachine):
         mother_vm = self.mhost.create_vm("sw_protected", "dual", fd=self.other_vm.fd)
         o = self.other_vm.create_guest_memfd(FILE_PAGES * PAGE)
         self.other = (o, mother_vm.create_guest_memfd(FILE_PAGES * PAGE, fd=o.fd, inode=o.inode))
+        self.old = None  # the last file closed and replaced (its number reused)
         self.log = []
 
     # -- helpers
@@ -101,6 +103,7 @@ class GmemMachine(RuleBasedStateMachine):
             "host_fd": (self.host.fd, self.host.fd),
             "bogus_fd": (1_000_003, 1_000_003),
             "none": (None, None),
+            "old": self.old if self.old is not None else self.other,
         }[name]
 
     # -- memslots
@@ -228,6 +231,22 @@ class GmemMachine(RuleBasedStateMachine):
         f, mf = self.files[idx]
         self.same("close", f.close, mf.close)
         assert f.closed
+
+    @rule(idx=st.integers(0, 1))
+    def replace_closed_file(self, idx):
+        """A new guest_memfd takes the lowest fd number not open: a closed file's."""
+        f, mf = self.files[idx]
+        if not f.closed:
+            return
+        open_fds = {self.host.fd, self.vm.fd, self.other_vm.fd, self.other[0].fd}
+        open_fds |= {g.fd for g, _ in self.files if not g.closed}
+        lowest = min(n for n in range(3, max(open_fds) + 2) if n not in open_fds)
+        g = self.vm.create_guest_memfd(FILE_PAGES * PAGE)
+        assert g.fd == lowest
+        mg = self.mvm.create_guest_memfd(FILE_PAGES * PAGE, fd=g.fd, inode=g.inode)
+        self.old = (f, mf)
+        self.files[idx] = (g, mg)
+        self.log.append(("replace", idx, g.fd))
 
     # -- the VMM's anonymous memory
     @rule(map_idx=st.integers(0, 1), page=st.integers(0, MAP_PAGES - 1), value=u64s())
