@@ -64,6 +64,7 @@ impl Host {
         if write.is_some() && !private && self.vms[vm].readonly_slots != 0 {
             self.check_writable(vm, gfn)?;
         }
+        // Mapped as asked: `access_mapped` without its read-only refusal, checked above.
         if let Some(l) = leaf
             && l.private == private
         {
