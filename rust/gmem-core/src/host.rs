@@ -1380,14 +1380,14 @@ fn check_max_gfn(vm_type: VmType, base_gfn: u64, npages: u64) -> Result<()> {
     };
     let max_gfn = (1u64 << (bits - PAGE_SHIFT)) - 1;
     if base_gfn + npages - 1 > max_gfn {
+        let limit = if vm_type == VmType::Tdx {
+            format!("TDX's shared-GPA bit {bits}")
+        } else {
+            format!("the {bits}-bit guest physical space")
+        };
         return Err(einval(format!(
-            "memslot ends at gpa {:#x}, beyond the {bits}-bit guest physical space{}",
-            (base_gfn + npages) << PAGE_SHIFT,
-            if vm_type == VmType::Tdx {
-                " below TDX's shared bit"
-            } else {
-                ""
-            }
+            "memslot ends at gpa {:#x}, beyond {limit}",
+            (base_gfn + npages) << PAGE_SHIFT
         )));
     }
     Ok(())
