@@ -2,7 +2,7 @@
 //! exit), and host (VMM) accesses through its mappings.
 
 use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
-use crate::host::Host;
+use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
 use crate::platform::VmType;
@@ -68,7 +68,9 @@ impl Host {
         if let Some(l) = leaf
             && l.private == private
         {
-            return Ok(self.touch(vm, l.pfn + (gfn - l.gfn) as u32, write));
+            let pfn = l.pfn + (gfn - l.gfn) as u32;
+            let loc = self.guest_loc(vm, gfn, private, pfn);
+            return Ok(self.touch(vm, pfn, loc, write));
         }
         let pfn = match self.guest_fault(vm, gfn, private) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
@@ -91,27 +93,61 @@ impl Host {
             }
             r => r?,
         };
-        Ok(self.touch(vm, pfn, write))
+        let loc = self.guest_loc(vm, gfn, private, pfn);
+        Ok(self.touch(vm, pfn, loc, write))
     }
 
-    /// The access to `gfn` when `leaf` (its stage-2 leaf) maps it as the access asks
-    /// (private or shared): no fault, just the frame's value; `None` otherwise, and for a
-    /// shared write while the VM has read-only memslots (the caller's checked path decides).
+    /// Where the content of the page that a guest access to `gfn` reaches lives (frame
+    /// `pfn`, mapped private or shared as `private` says): in the guest_memfd page behind
+    /// the gfn, or at the frame for ordinary memory.
+    pub(crate) fn guest_loc(&self, vm: usize, gfn: u64, private: bool, pfn: u32) -> Loc {
+        let Some(slot) = self.vms[vm].slot_at(gfn) else {
+            return Loc::Frame(pfn);
+        };
+        let fp = if private {
+            slot.offset_of(gfn)
+        } else {
+            self.shared_file_page(vm, slot, gfn)
+        };
+        if let Some((f, off, true)) = fp {
+            debug_assert_eq!(self.files[f].page(off).map(|r| r.pfn), Some(pfn));
+            return Loc::File(f, off);
+        }
+        if !private
+            && self.gmem_mmaps != 0
+            && let Some((m, idx)) = self.mapping_at(slot.hva_of(gfn))
+            && let MapKind::Gmem { file, pgoff, .. } = self.maps[m].kind
+        {
+            debug_assert_eq!(self.files[file].page(pgoff + idx).map(|r| r.pfn), Some(pfn));
+            return Loc::File(file, pgoff + idx);
+        }
+        Loc::Frame(pfn)
+    }
+
+    /// The access to a gfn whose stage-2 entry maps it as the access asks (private or
+    /// shared), its content at `loc`: no fault, just the page's value; `None` for a shared
+    /// write while the VM has read-only memslots, and while frames hold stale data (the
+    /// caller's checked path decides).
     #[inline]
     pub(crate) fn access_mapped(
         &mut self,
         vm: usize,
-        gfn: u64,
         private: bool,
         write: Option<u64>,
-        leaf: Leaf,
+        loc: Loc,
     ) -> Option<u64> {
-        if leaf.private != private
-            || (write.is_some() && !private && self.vms[vm].readonly_slots != 0)
+        if (write.is_some() && !private && self.vms[vm].readonly_slots != 0)
+            || !self.stale.is_empty()
         {
             return None;
         }
-        Some(self.touch(vm, leaf.pfn + (gfn - leaf.gfn) as u32, write))
+        Some(match write {
+            Some(v) => {
+                self.set_content_at(loc, v);
+                v
+            }
+            None => self.content_at(loc),
+        })
     }
 
     /// A guest write to a `KVM_MEM_READONLY` memslot is emulated MMIO: `KVM_RUN` returns to
@@ -138,9 +174,9 @@ impl Host {
 
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    fn touch(&mut self, vm: usize, pfn: u32, write: Option<u64>) -> u64 {
+    fn touch(&mut self, vm: usize, pfn: u32, loc: Loc, write: Option<u64>) -> u64 {
         if let Some(v) = write {
-            self.content.set(u64::from(pfn), v);
+            self.set_content_at(loc, v);
             if !self.stale.is_empty() {
                 self.stale.remove(&pfn);
             }
@@ -153,7 +189,7 @@ impl Host {
             // The guest received data another owner left in the frame.
             self.vms[vm].stats.violations += 1;
         }
-        self.content.get(u64::from(pfn))
+        self.content_at(loc)
     }
 
     fn memory_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Error {
@@ -255,12 +291,12 @@ impl Host {
         if !r.uptodate {
             let order = self.files[f].order;
             if self.vms[vm].opts.zero == ZeroPolicy::OnUse {
-                let (first, ord) = match r.folio_head {
-                    Some(h) => (r.pfn - (off - h) as u32, order),
-                    None => (r.pfn, 0),
+                let (head, first, ord) = match r.folio_head {
+                    Some(h) => (h, r.pfn - (off - h) as u32, order),
+                    None => (off, r.pfn, 0),
                 };
                 let owner = self.files[f].vm;
-                self.zero_frames(Some(owner), first, ord);
+                self.zero_file_pages(Some(owner), f, head, first, ord);
             }
             self.files[f].mark_uptodate(off, r);
         }
@@ -468,9 +504,9 @@ impl Host {
         }
         let (f, off, pfn) = self.gmem_map_fault(m, idx)?;
         Ok(match op {
-            HostOp::Read => self.content.get(u64::from(pfn)),
+            HostOp::Read => self.content_at(Loc::File(f, off)),
             HostOp::Write(v) => {
-                self.content.set(u64::from(pfn), v);
+                self.set_content_at(Loc::File(f, off), v);
                 if !self.stale.is_empty() {
                     self.stale.remove(&pfn);
                 }
@@ -627,6 +663,7 @@ impl Host {
         self.va.remove(&addr);
         self.maps[m].unmapped = true;
         if let MapKind::Gmem { file, .. } = self.maps[m].kind {
+            self.gmem_mmaps -= 1;
             self.files[file].mappings.retain(|&x| x != m);
             if self.files[file].vmm_map == Some(m) {
                 self.files[file].vmm_map = None;
@@ -734,7 +771,7 @@ impl Host {
             done += 1;
             let r = self.files[f].page(off).expect("just allocated");
             self.files[f].mark_uptodate(off, r);
-            self.content.set(u64::from(r.pfn), value);
+            self.set_content_at(Loc::File(f, off), value);
             if !self.stale.is_empty() {
                 self.stale.remove(&r.pfn);
             }

@@ -2,6 +2,7 @@
 
 use crate::cover::Cover;
 use crate::error::{Error, Result};
+use crate::guest_memfd::UPTODATE;
 use crate::host::{Fd, Host};
 use crate::mapping::MapKind;
 use crate::platform::VmType;
@@ -109,6 +110,34 @@ impl Host {
                     "guest_memfd inode {} page count {} != recount {recount}",
                     f.inode, f.nr_pages
                 )));
+            }
+            // A frame's content is in the file while the frame is in its page cache, and
+            // at the frame otherwise: never in both, never in the file for an absent page.
+            for (off, _) in f.content.all() {
+                if f.page(off).is_none() {
+                    return Err(broken(format!(
+                        "content at absent page {off:#x} of inode {}",
+                        f.inode
+                    )));
+                }
+            }
+            let cached = f
+                .pages
+                .all()
+                .into_iter()
+                .map(|(_, e)| ((e & !UPTODATE) - 1, 1));
+            let folios = f.folios.values().map(|&(pfn, _)| (pfn, f.folio_pages()));
+            for (pfn, n) in cached.chain(folios) {
+                if !self
+                    .content
+                    .entries(u64::from(pfn), u64::from(pfn) + n)
+                    .is_empty()
+                {
+                    return Err(broken(format!(
+                        "frame {pfn:#x} in inode {}'s page cache holds content of its own",
+                        f.inode
+                    )));
+                }
             }
             for &off in f.pins.keys() {
                 if f.page(off).is_none() {
@@ -289,6 +318,17 @@ impl Host {
     pub fn check(&self) -> Result<()> {
         for vm in 0..self.vms.len() {
             self.check_vm(vm)?;
+        }
+        let live = self
+            .maps
+            .iter()
+            .filter(|m| !m.unmapped && matches!(m.kind, MapKind::Gmem { .. }))
+            .count();
+        if live != self.gmem_mmaps as usize {
+            return Err(broken(format!(
+                "{} guest_memfd mmaps counted, {live} live",
+                self.gmem_mmaps
+            )));
         }
         self.check_frames()
     }

@@ -3,7 +3,7 @@
 use smallvec::SmallVec;
 
 use crate::error::{Error, Result, einval, err, errno};
-use crate::host::Host;
+use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
 use crate::strategy::{SharedSide, StrategyKind};
@@ -339,7 +339,7 @@ impl Host {
         for off in offs {
             let r = self.files[f].page(off).expect("present");
             if r.uptodate {
-                self.zero_frames(Some(vm), r.pfn, 0);
+                self.zero_file_pages(Some(vm), f, off, r.pfn, 0);
             }
         }
     }
@@ -365,8 +365,9 @@ impl Host {
             if let Some(fresh) = fresh {
                 merged += 1;
                 let vm = self.files[f].vm;
+                let pfn0 = self.files[f].page(h).expect("merged").pfn;
                 for p in fresh {
-                    self.zero_frames(Some(vm), p, 0);
+                    self.zero_file_pages(Some(vm), f, h + u64::from(p - pfn0), p, 0);
                 }
                 self.vms[vm].stats.merges += 1;
                 let c = self.costs.merge;
@@ -417,7 +418,9 @@ impl Host {
     /// The HugeTLB work of a conversion on a two-backing strategy: the private folio of a
     /// page turning shared splits, and merges back once its whole range is private again
     /// (the VMM may then punch the shared gfns' private pages one by one).
-    #[inline]
+    // A flag test on every conversion: left to the inliner it can become a call.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub(crate) fn huge_private_side(&mut self, vm: usize, start: u64, end: u64, private: bool) {
         if self.vms[vm].huge_bound {
             self.huge_private_side_bound(vm, start, end, private);
@@ -464,7 +467,9 @@ impl Host {
 
     /// Where the platform promises in-place content (pKVM), count each page whose content
     /// the conversion loses: the side the guest leaves held data the side it enters lacks.
-    #[inline]
+    // A flag test on every conversion: left to the inliner it can become a call.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     pub(crate) fn count_lost_content(&mut self, vm: usize, start: u64, end: u64, private: bool) {
         if self.vms[vm].vm_type.promises_content() {
             self.count_lost_content_promised(vm, start, end, private);
@@ -478,15 +483,15 @@ impl Host {
             let slot = self.vms[vm].slots[&id].clone();
             let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
             for gfn in self.old_side_gfns(vm, &slot, g0, g1, private) {
-                let old = self.side_pfn(vm, &slot, gfn, !private);
+                let old = self.side_loc(vm, &slot, gfn, !private);
                 let new = if strategy == StrategyKind::Realloc {
                     None
                 } else {
-                    self.side_pfn(vm, &slot, gfn, private)
+                    self.side_loc(vm, &slot, gfn, private)
                 };
-                let Some(op) = old else { continue };
-                let v = self.content.get(u64::from(op));
-                if v != 0 && new.map(|p| self.content.get(u64::from(p))) != Some(v) {
+                let Some(old) = old else { continue };
+                let v = self.content_at(old);
+                if v != 0 && new.map(|l| self.content_at(l)) != Some(v) {
                     lost += 1;
                 }
             }
@@ -538,20 +543,21 @@ impl Host {
         out
     }
 
-    /// The frame backing `gfn` on the private or shared side, without faulting.
-    fn side_pfn(&self, vm: usize, slot: &Memslot, gfn: u64, private: bool) -> Option<u32> {
+    /// Where the content of the page backing `gfn` on the private or shared side lives,
+    /// without faulting.
+    fn side_loc(&self, vm: usize, slot: &Memslot, gfn: u64, private: bool) -> Option<Loc> {
         let fp = if private {
             slot.offset_of(gfn)
         } else if let Some(fp) = self.shared_file_page(vm, slot, gfn) {
             Some(fp)
         } else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
-            return self.maps[m].anon_pfn(idx);
+            return self.maps[m].anon_pfn(idx).map(Loc::Frame);
         };
         let (f, off, live) = fp?;
         if !live {
             return None;
         }
-        self.files[f].page(off).map(|r| r.pfn)
+        self.files[f].page(off).map(|_| Loc::File(f, off))
     }
 }

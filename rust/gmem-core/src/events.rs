@@ -2,9 +2,10 @@
 
 use crate::access::HostOp;
 use crate::error::{Error, Result, einval};
-use crate::host::Host;
+use crate::host::{Host, Loc};
 use crate::stage2::Leaf;
 use crate::strategy::SharedSide;
+use crate::vm::Vm;
 use crate::{PAGE_SHIFT, uapi};
 
 /// Event operations (`gmem.Op`).
@@ -82,13 +83,43 @@ pub struct Detail {
 #[derive(Debug, Clone, Copy)]
 struct Lookup(Option<Leaf>);
 
-/// A stage-2 lookup made ahead by `apply`'s pipeline: of `gfn`, at table generation
-/// `generation`.
+/// What `apply`'s pipeline found ahead for a guest access to `gfn`, at table generation
+/// `generation`: the stage-2 lookup, when it made one (shared accesses), and where the
+/// page's content lives, when the page is mapped as the access asks.
 #[derive(Debug, Clone, Copy)]
 struct Ahead {
     generation: u64,
     gfn: u64,
-    leaf: Option<Leaf>,
+    lookup: Option<Lookup>,
+    loc: Option<Loc>,
+}
+
+/// The memslot `apply` last found for a private access: `[base, end)` and its
+/// guest_memfd binding `(file, offset of base, live)`, if any. Memslots do not change
+/// during a batch, so it stays valid for the whole batch.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotMemo {
+    base: u64,
+    end: u64,
+    gmem: Option<(usize, u64, bool)>,
+}
+
+impl SlotMemo {
+    /// The guest_memfd page bound to `gfn` of `vm`, if live.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn file_page(&mut self, vm: &Vm, gfn: u64) -> Option<(usize, u64)> {
+        if !(self.base..self.end).contains(&gfn) {
+            let s = vm.slot_at(gfn)?;
+            *self = SlotMemo {
+                base: s.base_gfn,
+                end: s.end_gfn(),
+                gmem: s.offset_of(s.base_gfn),
+            };
+        }
+        let (f, off, live) = self.gmem?;
+        live.then_some((f, off + (gfn - self.base)))
+    }
 }
 
 /// How many events ahead `apply` issues cache hints.
@@ -209,6 +240,7 @@ impl Host {
         // Stage-2 lookups made by the second prefetch pass, by event index modulo `AHEAD`:
         // an event reuses its lookup when no mapping changed since.
         let mut known: [Option<Ahead>; AHEAD] = [None; AHEAD];
+        let mut memo = SlotMemo::default();
         for i in 0..n {
             // Software pipeline: hint the structures of the events `AHEAD` and `AHEAD / 2`
             // ahead, so that the cache misses of ~`AHEAD` random events overlap instead of
@@ -216,30 +248,30 @@ impl Host {
             // slot is cached, the frame behind it).
             if i + AHEAD < n {
                 let (op, gfn, np, _) = events.get(i + AHEAD);
-                self.prefetch_event(vm, op, gfn, np, false);
+                self.prefetch_event(vm, op, gfn, np, false, &mut memo);
             }
             if i + AHEAD / 2 < n {
                 let j = i + AHEAD / 2;
                 let (op, gfn, np, _) = events.get(j);
-                if let Some(Lookup(leaf)) = self.prefetch_event(vm, op, gfn, np, true) {
+                if let Some((lookup, loc)) = self.prefetch_event(vm, op, gfn, np, true, &mut memo) {
                     let generation = self.vms[vm].s2.generation();
                     known[j % AHEAD] = Some(Ahead {
                         generation,
                         gfn,
-                        leaf,
+                        lookup,
+                        loc,
                     });
                 }
             }
             let (op, gfn, np, value) = events.get(i);
-            let leaf = known[i % AHEAD].take().and_then(|a| {
-                (a.gfn == gfn && a.generation == self.vms[vm].s2.generation())
-                    .then_some(Lookup(a.leaf))
-            });
+            let ahead = known[i % AHEAD]
+                .take()
+                .filter(|a| a.gfn == gfn && a.generation == self.vms[vm].s2.generation());
             if fast
                 && np == 1
-                && let Some(Lookup(Some(l))) = leaf
+                && let Some(Ahead { loc: Some(loc), .. }) = ahead
                 && let Some((private, write)) = Op::from_u8(op).and_then(|o| o.guest_access(value))
-                && self.access_mapped(vm, gfn, private, write, l).is_some()
+                && self.access_mapped(vm, private, write, loc).is_some()
             {
                 // What `event` would do, without its dispatch. A mapped gfn lies in a
                 // memslot, so its range is valid.
@@ -251,7 +283,7 @@ impl Host {
                 (s.allocations, s.frees)
             });
             self.implicit = None;
-            let r = self.event(vm, op, gfn, np, value, leaf);
+            let r = self.event(vm, op, gfn, np, value, ahead.and_then(|a| a.lookup));
             self.vms[vm].stats.events += 1;
             if self.strict {
                 self.check_vm(vm)?;
@@ -287,10 +319,13 @@ impl Host {
         Ok(out)
     }
 
-    /// Cache hints for a single-page event (nothing for ranges or odd input): the first
-    /// pass the attribute word and the stage-2 slot, the second (`late`) the frame's
-    /// content, which needs the stage-2 entry loaded by then. The second pass returns the
-    /// stage-2 lookup of a guest access, for the event to reuse.
+    /// Cache hints for a single-page event (nothing for ranges or odd input). The first
+    /// pass: the attribute word and the stage-2 slot of a conversion; the stage-2 bits of
+    /// a guest access, and for a shared one its frame entry. The second (`late`), once
+    /// those are cached: the content of the page, found for a private access from the
+    /// gfn's guest_memfd page (no frame entry on the way) and for a shared one from the
+    /// stage-2 lookup, which it returns for the event to reuse, with where the content is
+    /// when the page is mapped as the access asks.
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn prefetch_event(
@@ -300,7 +335,8 @@ impl Host {
         gfn: u64,
         npages: u64,
         late: bool,
-    ) -> Option<Lookup> {
+        memo: &mut SlotMemo,
+    ) -> Option<(Option<Lookup>, Option<Loc>)> {
         if npages != 1 {
             return None;
         }
@@ -312,21 +348,37 @@ impl Host {
                 }
                 v.s2.prefetch(gfn, false);
             }
-            Some(
-                Op::GuestReadPrivate
-                | Op::GuestReadShared
-                | Op::GuestWritePrivate
-                | Op::GuestWriteShared,
-            ) => {
+            Some(Op::GuestReadPrivate | Op::GuestWritePrivate) => {
+                if !late {
+                    v.s2.prefetch_bits(gfn);
+                    return None;
+                }
+                // A private stage-2 leaf maps the page of the gfn's live guest_memfd
+                // binding (the leaf is zapped before the binding goes).
+                let loc = (v.s2.probe(gfn) == Some(true))
+                    .then(|| memo.file_page(v, gfn))
+                    .flatten()
+                    .map(|(f, off)| Loc::File(f, off));
+                if let Some(Loc::File(f, off)) = loc {
+                    self.files[f].content.prefetch(off);
+                }
+                return Some((None, loc));
+            }
+            Some(Op::GuestReadShared | Op::GuestWriteShared) => {
                 if !late {
                     v.s2.prefetch(gfn, true);
                     return None;
                 }
                 let leaf = v.s2.lookup(gfn);
-                if let Some(l) = leaf {
-                    self.content.prefetch(u64::from(l.pfn) + (gfn - l.gfn));
+                let loc = leaf
+                    .filter(|l| !l.private)
+                    .map(|l| self.guest_loc(vm, gfn, false, l.pfn + (gfn - l.gfn) as u32));
+                match loc {
+                    Some(Loc::Frame(p)) => self.content.prefetch(u64::from(p)),
+                    Some(Loc::File(f, off)) => self.files[f].content.prefetch(off),
+                    None => {}
                 }
-                return Some(Lookup(leaf));
+                return Some((Some(Lookup(leaf)), loc));
             }
             _ => {}
         }

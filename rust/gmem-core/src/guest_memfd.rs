@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashMap;
 
 use crate::bit_attr_map::BitAttrMap;
-use crate::sparse::SparseVec;
+use crate::sparse::{Dense, SparseVec};
 
 pub const UPTODATE: u32 = 1 << 31;
 
@@ -50,6 +50,11 @@ pub struct Gmem {
     pub pages: SparseVec<u32>,
     /// Pages held by the page cache, in 4 KiB pages.
     pub nr_pages: u64,
+    /// The content of the frames in the page cache, by file page. A frame's content lives
+    /// here while the frame is in the page cache, and in the host's frame store before and
+    /// after (`Host::content`), so a guest access to a guest_memfd-backed page finds it
+    /// from the gfn by arithmetic, without loading the stage-2 frame entry first.
+    pub content: SparseVec<u64, Dense<u64>>,
     pub bindings: BTreeMap<u64, FileBinding>,
     /// Per-offset attributes (`inplace`, `attr_hook`): the in-place series' maple tree.
     pub attrs: Option<BitAttrMap>,

@@ -21,6 +21,14 @@ use crate::strategy::{SharedSide, StrategyKind};
 use crate::vm::{Vm, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
+/// Where the content of a frame lives: the host's frame store, or the page of a
+/// guest_memfd whose page cache holds the frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Loc {
+    Frame(u32),
+    File(usize, u64),
+}
+
 /// Writer tag of a page last written by the host (the VMM).
 pub const HOST_WRITER: u16 = u16::MAX;
 
@@ -58,12 +66,18 @@ pub struct MemRegion {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Host {
     pub(crate) alloc: BuddyAllocator,
-    /// Content value per frame (what a read of the page returns).
+    /// Content value per frame (what a read of the page returns), for frames in no
+    /// guest_memfd page cache; a frame in one keeps its content in the file
+    /// ([`Gmem::content`]) until it leaves the page cache. Each frame's content is in exactly
+    /// one of the two places (`check()` verifies it).
     pub(crate) content: SparseVec<u64, Dense<u64>>,
     /// Frames freed with data still in them: frame -> owner tag of that data (`vm + 1`,
     /// or `HOST_WRITER` for VMM memory). Empty unless zeroing is skipped; a guest that
     /// reads such data of another owner is an isolation violation.
     pub(crate) stale: FxHashMap<u32, u16>,
+    /// Live mmaps of guest_memfd files: while there are none, a shared stage-2 page of a
+    /// userspace-backed memslot is ordinary memory, whose content is at its frame.
+    pub(crate) gmem_mmaps: u32,
     pub(crate) costs: CostModel,
     pub(crate) vms: Vec<Vm>,
     pub(crate) files: Vec<Gmem>,
@@ -110,6 +124,7 @@ impl Host {
             alloc: BuddyAllocator::new(pages),
             content: SparseVec::new(),
             stale: FxHashMap::default(),
+            gmem_mmaps: 0,
             costs: CostModel::default(),
             vms: Vec::new(),
             files: Vec::new(),
@@ -191,7 +206,7 @@ impl Host {
     pub fn heap_bytes(&self) -> usize {
         let mut b = self.content.heap_bytes() + self.stale.len() * 16 + self.alloc.heap_bytes();
         for f in &self.files {
-            b += f.pages.heap_bytes() + f.folios.len() * 48;
+            b += f.pages.heap_bytes() + f.content.heap_bytes() + f.folios.len() * 48;
         }
         for m in &self.maps {
             if let MapKind::Anon { pages, .. } = &m.kind {
@@ -254,6 +269,53 @@ impl Host {
         s.modelled_ns = s.modelled_ns.saturating_add(ns);
     }
 
+    /// The content at `loc`.
+    #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
+    #[inline(always)]
+    pub(crate) fn content_at(&self, loc: Loc) -> u64 {
+        match loc {
+            Loc::Frame(p) => self.content.get(u64::from(p)),
+            Loc::File(f, off) => self.files[f].content.get(off),
+        }
+    }
+
+    /// Store `v` at `loc`.
+    #[inline]
+    pub(crate) fn set_content_at(&mut self, loc: Loc, v: u64) {
+        match loc {
+            Loc::Frame(p) => self.content.set(u64::from(p), v),
+            Loc::File(f, off) => self.files[f].content.set(off, v),
+        };
+    }
+
+    /// Frames `pfn..pfn + n` enter `file`'s page cache at `off..off + n`: their content
+    /// (left by a previous owner, if any) moves with them.
+    fn admit_content(&mut self, file: usize, off: u64, pfn: u32, n: u64) {
+        let (a, b) = (u64::from(pfn), u64::from(pfn) + n);
+        let moved = self.content.entries(a, b);
+        if moved.is_empty() {
+            return;
+        }
+        self.content.clear_range(a, b);
+        let c = &mut self.files[file].content;
+        for (p, v) in moved {
+            c.set(off + (p - a), v);
+        }
+    }
+
+    /// Pages `off..off + n` of `file` (frames `pfn..pfn + n`) leave its page cache: their
+    /// content goes back to the frames.
+    pub(crate) fn evict_content(&mut self, file: usize, off: u64, pfn: u32, n: u64) {
+        let moved = self.files[file].content.entries(off, off + n);
+        if moved.is_empty() {
+            return;
+        }
+        self.files[file].content.clear_range(off, off + n);
+        for (o, v) in moved {
+            self.content.set(u64::from(pfn) + (o - off), v);
+        }
+    }
+
     /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
     pub(crate) fn take_frames(&mut self, vm: Option<usize>, order: u32) -> Result<u32> {
         let pfn = self.alloc.alloc(order)?;
@@ -303,6 +365,22 @@ impl Host {
             self.charge(owner, c);
         }
         self.alloc.free(pfn, order);
+    }
+
+    /// Clear the pages `off..off + 2^order` of `file`'s page cache (frames from `pfn`),
+    /// counted as zeroing.
+    pub(crate) fn zero_file_pages(
+        &mut self,
+        vm: Option<usize>,
+        file: usize,
+        off: u64,
+        pfn: u32,
+        order: u32,
+    ) {
+        self.files[file]
+            .content
+            .clear_range(off, off + (1u64 << order));
+        self.zero_frames(vm, pfn, order);
     }
 
     /// Clear a block of frames, counted as zeroing.
@@ -410,6 +488,7 @@ impl Host {
             folios: BTreeMap::new(),
             pages: SparseVec::new(),
             nr_pages: 0,
+            content: SparseVec::new(),
             bindings: BTreeMap::new(),
             attrs,
             pins: BTreeMap::new(),
@@ -446,6 +525,7 @@ impl Host {
             f.folios.insert(head, (pfn, false));
         }
         f.nr_pages += n;
+        self.admit_content(file, head, pfn, n);
         self.double_update_file(file, head, head + n, true);
         Ok(())
     }
@@ -543,6 +623,7 @@ impl Host {
 
     /// Free `n` pages from file page `off` (frame `pfn`), keeping pinned ones as orphans.
     fn release_or_orphan(&mut self, file: usize, off: u64, n: u64, pfn: u32, vm: usize) {
+        self.evict_content(file, off, pfn, n);
         let pinned: Vec<u64> = if self.files[file].pins.is_empty() {
             Vec::new()
         } else {
@@ -751,6 +832,7 @@ impl Host {
         self.next_va = (addr + (pages << PAGE_SHIFT) + PAGE_SIZE).div_ceil(VA_ALIGN) * VA_ALIGN;
         if let MapKind::Gmem { file, .. } = &kind {
             self.files[*file].mappings.push(id);
+            self.gmem_mmaps += 1;
         }
         self.maps.push(Mapping {
             addr,

@@ -15,7 +15,7 @@ use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
 /// Bumped whenever the encoded layout changes.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 impl Host {
@@ -111,7 +111,7 @@ impl Host {
                 return Err(bad("mapping refers to a missing guest_memfd"));
             }
         }
-        if !self.content.shape_ok() {
+        if !self.content.shape_ok() || self.files.iter().any(|f| !f.content.shape_ok()) {
             return Err(bad("frame content store misshapen"));
         }
         if self

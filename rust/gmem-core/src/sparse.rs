@@ -115,21 +115,28 @@ impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
 }
 
 /// Chunk keys per page of a [`Dense`] directory (a page covers 2^18 indices: 1 GiB of
-/// frames).
+/// frames or of file pages).
 const PAGE_KEYS: usize = 512;
 
+/// Directory pages held in an array; pages above are found through a hash map. 2^13
+/// pages cover 2^31 indices: every host frame, and a file's first 8 TiB.
+const NEAR_PAGES: u64 = 1 << 13;
+
 /// Chunks in a [`BlockArena`] found through a two-level array indexed by key: a
-/// directory, grown to the highest key stored (8 bytes per 2^18 indices), of pages of 512
-/// chunk numbers (2 KiB, allocated on first use). For a dense, bounded index space (host
-/// frames): a lookup is two loads from small arrays that stay cached (64 KiB of pages for
-/// 2^24 frames) and the entry itself, found by arithmetic from the chunk number, so
+/// directory of pages of 512 chunk numbers (2 KiB, allocated on first use), an array
+/// grown to the highest near page stored (8 bytes per 2^18 indices) and a hash map above
+/// it. For index spaces touched densely (host frames, the content of a guest_memfd's
+/// pages): a lookup is two loads from small arrays that stay cached (64 KiB of pages for
+/// 2^24 indices) and the entry itself, found by arithmetic from the chunk number, so
 /// `apply` can prefetch an entry without a miss first. Memory follows the 2^18-index
 /// regions touched and the most chunks ever held at once (a freed chunk is reused), not
 /// the size of the space.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    /// Pages of chunk number + 1 (0: no chunk).
+    /// Near pages of chunk number + 1 (0: no chunk), by page number.
     dir: Vec<Option<Box<[u32]>>>,
+    /// Pages at or above `NEAR_PAGES`.
+    far: FxHashMap<u64, Box<[u32]>>,
     arena: BlockArena<T>,
     /// Live count of each chunk number.
     live: Vec<u32>,
@@ -140,6 +147,7 @@ impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
             dir: Vec::new(),
+            far: FxHashMap::default(),
             arena: BlockArena::default(),
             live: Vec::new(),
             held: 0,
@@ -148,19 +156,38 @@ impl<T> Default for Dense<T> {
 }
 
 impl<T> Dense<T> {
-    /// (page, slot) of `key`, if it fits in usize.
+    /// (page, slot) of `key`.
     #[inline]
-    fn split(key: u64) -> Option<(usize, usize)> {
-        let k = usize::try_from(key).ok()?;
-        Some((k / PAGE_KEYS, k % PAGE_KEYS))
+    fn split(key: u64) -> (u64, usize) {
+        (key / PAGE_KEYS as u64, (key % PAGE_KEYS as u64) as usize)
+    }
+
+    /// Directory page `p`, if held.
+    #[inline]
+    fn page(&self, p: u64) -> Option<&[u32]> {
+        if p < NEAR_PAGES {
+            self.dir.get(p as usize)?.as_deref()
+        } else {
+            self.far.get(&p).map(AsRef::as_ref)
+        }
     }
 
     /// The chunk number of `key`, if held.
     #[inline]
     fn number(&self, key: u64) -> Option<u32> {
-        let (p, i) = Self::split(key)?;
-        let c = self.dir.get(p)?.as_ref()?[i];
+        let (p, i) = Self::split(key);
+        let c = self.page(p)?[i];
         (c != 0).then(|| c - 1)
+    }
+
+    /// The directory pages held, as `(page number, page)`, in no particular order.
+    fn pages(&self) -> impl Iterator<Item = (u64, &[u32])> {
+        let near = self
+            .dir
+            .iter()
+            .enumerate()
+            .filter_map(|(p, e)| e.as_deref().map(|e| (p as u64, e)));
+        near.chain(self.far.iter().map(|(&p, e)| (p, e.as_ref())))
     }
 }
 
@@ -193,7 +220,7 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         if let Some(c) = self.number(key) {
             return self.chunk_mut(c);
         }
-        let (p, i) = Self::split(key).expect("dense chunk key fits in usize");
+        let (p, i) = Self::split(key);
         let c = self.arena.alloc();
         if c as usize == self.live.len() {
             self.live.push(0);
@@ -202,25 +229,39 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             self.live[c as usize] = 0;
             self.arena.block_mut(c).fill(T::default());
         }
-        if p >= self.dir.len() {
-            self.dir.resize_with(p + 1, || None);
-        }
-        let page = self.dir[p].get_or_insert_with(|| vec![0; PAGE_KEYS].into());
+        let empty = || vec![0; PAGE_KEYS].into_boxed_slice();
+        let page = if p < NEAR_PAGES {
+            let p = p as usize;
+            if p >= self.dir.len() {
+                self.dir.resize_with(p + 1, || None);
+            }
+            self.dir[p].get_or_insert_with(empty)
+        } else {
+            self.far.entry(p).or_insert_with(empty)
+        };
         page[i] = c.checked_add(1).expect("fewer than 2^32 - 1 chunks");
         self.held += 1;
         self.chunk_mut(c)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
-        let (p, i) = Self::split(key)?;
-        let page = self.dir.get_mut(p)?.as_mut()?;
+        let (p, i) = Self::split(key);
+        let page = if p < NEAR_PAGES {
+            self.dir.get_mut(p as usize)?.as_deref_mut()?
+        } else {
+            self.far.get_mut(&p)?
+        };
         let c = std::mem::take(&mut page[i]);
         if c == 0 {
             return None;
         }
         if page.iter().all(|&c| c == 0) {
-            self.dir[p] = None;
-            while self.dir.last().is_some_and(Option::is_none) {
-                self.dir.pop();
+            if p < NEAR_PAGES {
+                self.dir[p as usize] = None;
+                while self.dir.last().is_some_and(Option::is_none) {
+                    self.dir.pop();
+                }
+            } else {
+                self.far.remove(&p);
             }
         }
         self.held -= 1;
@@ -231,14 +272,23 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         self.held
     }
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64> {
-        // Only the pages overlapping [k0, k1], and in them only the slots inside it.
-        let mut out = Vec::new();
+        // Only the pages overlapping [k0, k1] (probed, or filtered from those held when
+        // fewer), and in them only the slots inside it.
         let per = PAGE_KEYS as u64;
-        let last = (self.dir.len() as u64).min(k1 / per + 1);
-        for p in k0 / per..last {
-            let Some(page) = &self.dir[p as usize] else {
-                continue;
-            };
+        let (p0, p1) = (k0 / per, k1 / per);
+        let held = self.dir.len() as u64 + self.far.len() as u64;
+        let mut pages: Vec<(u64, &[u32])> = if p1 - p0 < held {
+            (p0..=p1)
+                .filter_map(|p| self.page(p).map(|e| (p, e)))
+                .collect()
+        } else {
+            self.pages()
+                .filter(|(p, _)| (p0..=p1).contains(p))
+                .collect()
+        };
+        pages.sort_unstable_by_key(|(p, _)| *p);
+        let mut out = Vec::new();
+        for (p, page) in pages {
             let base = p * per;
             let lo = k0.saturating_sub(base);
             let hi = (k1 - base).min(per - 1);
@@ -259,7 +309,10 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         let mut seen = vec![false; n];
         let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
         let mut held = 0;
-        for page in self.dir.iter().flatten() {
+        if self.dir.len() as u64 > NEAR_PAGES || self.far.keys().any(|&p| p < NEAR_PAGES) {
+            return false;
+        }
+        for (_, page) in self.pages() {
             if page.len() != PAGE_KEYS {
                 return false;
             }

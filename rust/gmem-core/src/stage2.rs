@@ -316,6 +316,39 @@ impl Stage2 {
         }
     }
 
+    /// Whether `gfn` is mapped, and then whether private: [`Stage2::lookup`] without the
+    /// frame, so without loading a table slot's frame entry.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn probe(&self, gfn: u64) -> Option<bool> {
+        if !self.l1g.is_empty()
+            && let Some(&e) = self.l1g.get(&(gfn >> 18))
+        {
+            return Some(unpack(e).1);
+        }
+        let s = self.index(gfn >> 9)?;
+        match &self.slots[s] {
+            Slot::Leaf(e) => Some(unpack(*e).1),
+            Slot::Table { .. } | Slot::Run { .. } => {
+                let i = (gfn & 511) as usize;
+                let [present, private] = self.bits[s].0[i / 64];
+                (present >> (i % 64) & 1 == 1).then_some(private >> (i % 64) & 1 == 1)
+            }
+            Slot::Vacant => None,
+        }
+    }
+
+    /// Hint the cache, non-temporally, about `gfn`'s slot bits only: what
+    /// [`Stage2::probe`] loads.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn prefetch_bits(&self, gfn: u64) {
+        if let Some(s) = self.index(gfn >> 9) {
+            let i = (gfn & 511) as usize;
+            mem_prefetch::prefetch_read_data::<_, 0>(&self.bits[s].0[i / 64]);
+        }
+    }
+
     /// Hint the cache about `gfn`'s slot bits and, with `entry`, its 4 KiB entry (see
     /// `BitAttrMap::prefetch`). Touches the directory (2 KiB per GiB) and, with `entry`,
     /// the slot (8 bytes per 2 MiB). A read's lines are fetched non-temporally
