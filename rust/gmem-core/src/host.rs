@@ -1489,3 +1489,170 @@ fn mmap_length(length: u64) -> Result<u64> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A VM with one 4 MiB memslot bound to a guest_memfd, its first MiB private, and
+    /// page 1 written by the guest (7).
+    fn sample(zero: ZeroPolicy) -> (Host, usize, usize) {
+        let mut h = Host::new(64 << 20).unwrap();
+        let vm = h.create_vm(VmType::Snp, StrategyKind::Dual);
+        h.vms[vm].opts.zero = zero;
+        let f = h.create_guest_memfd(vm, 4 << 20, 0, 0).unwrap();
+        let m = h.mmap_anonymous(4 << 20).unwrap();
+        let fd = i64::from(h.file(f).fd.unwrap());
+        let addr = h.mapping(m).addr;
+        h.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 0,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 0,
+                memory_size: 4 << 20,
+                userspace_addr: addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 0,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .unwrap();
+        h.set_memory_attributes(vm, 0, 1 << 20, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+            .unwrap();
+        h.guest_access(vm, 0x1000, true, Some(7)).unwrap();
+        (h, vm, f)
+    }
+
+    #[test]
+    fn content_lives_in_the_file_while_the_frame_is_cached() {
+        let (mut h, vm, f) = sample(ZeroPolicy::Never);
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        assert_eq!(h.files[f].content.get(1), 7);
+        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        h.check().unwrap();
+        // Punched, the frame leaves the page cache with its data (nothing clears it under
+        // ZeroPolicy::Never): the data goes back to the frame.
+        h.gmem_fallocate(
+            f,
+            uapi::FALLOC_FL_PUNCH_HOLE | uapi::FALLOC_FL_KEEP_SIZE,
+            0x1000,
+            0x1000,
+        )
+        .unwrap();
+        assert_eq!(h.files[f].content.get(1), 0);
+        assert_eq!(h.content.get(u64::from(pfn)), 7);
+        assert_eq!(h.stale.get(&pfn), Some(&(vm as u16 + 1)));
+        h.check().unwrap();
+        // The next allocation reuses the frame: its data enters the file with it, and the
+        // guest, never zeroing, reads it back at another page.
+        assert_eq!(h.guest_access(vm, 0x2000, true, None).unwrap(), 7);
+        assert_eq!(h.file(f).page(2).unwrap().pfn, pfn);
+        assert_eq!(h.files[f].content.get(2), 7);
+        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        h.check().unwrap();
+    }
+
+    #[test]
+    fn punched_content_is_dropped_when_every_user_zeroes() {
+        let (mut h, vm, f) = sample(ZeroPolicy::OnUse);
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        h.gmem_fallocate(
+            f,
+            uapi::FALLOC_FL_PUNCH_HOLE | uapi::FALLOC_FL_KEEP_SIZE,
+            0x1000,
+            0x1000,
+        )
+        .unwrap();
+        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        assert_eq!(h.guest_access(vm, 0x1000, true, None).unwrap(), 0);
+        h.check().unwrap();
+    }
+
+    #[test]
+    fn check_finds_misplaced_content() {
+        let (h, _, f) = sample(ZeroPolicy::OnUse);
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        // The frame's own store holds content while the frame is in the page cache.
+        let mut both = h.clone();
+        both.content.set(u64::from(pfn), 9);
+        assert!(both.check().is_err());
+        // Content at a file page the page cache does not hold.
+        let mut absent = h.clone();
+        absent.files[f].content.set(5, 9);
+        assert!(absent.check().is_err());
+        // A miscounted guest_memfd mmap.
+        let mut counted = h;
+        counted.gmem_mmaps = 1;
+        assert!(counted.check().is_err());
+    }
+
+    /// `apply`'s fast path finds a private page's content through the memslot it last
+    /// used: reads alternating between two memslots (two files, the second bound at an
+    /// offset) return each page's own value.
+    #[test]
+    fn batched_private_reads_across_memslots() {
+        let (mut h, vm, _) = sample(ZeroPolicy::OnUse);
+        let g = h.create_guest_memfd(vm, 8 << 20, 0, 0).unwrap();
+        let fd = i64::from(h.file(g).fd.unwrap());
+        let m = h.mmap_anonymous(4 << 20).unwrap();
+        let addr = h.mapping(m).addr;
+        h.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 1,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 16 << 20,
+                memory_size: 4 << 20,
+                userspace_addr: addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 2 << 20,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .unwrap();
+        h.set_memory_attributes(vm, 16 << 20, 1 << 20, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+            .unwrap();
+        // Pages 0..64 of each slot, value = gfn + 100.
+        let gfns: Vec<u64> = (0..64u64).flat_map(|i| [i, 4096 + i]).collect();
+        let n = gfns.len();
+        let vals: Vec<u64> = gfns.iter().map(|g| g + 100).collect();
+        let ones = vec![1; n];
+        let st = h.apply(vm, &vec![4; n], &gfns, &ones, &vals, None).unwrap();
+        assert!(st.iter().all(|&s| s == 0));
+        // Written through the file pages the bindings give (slot 1 at offset 512 + i).
+        assert_eq!(h.files[g].content.get(512 + 3), 4096 + 3 + 100);
+        let mut details = Vec::new();
+        h.apply(
+            vm,
+            &vec![2; n],
+            &gfns,
+            &ones,
+            &vec![0; n],
+            Some(&mut details),
+        )
+        .unwrap();
+        let read: Vec<u64> = details.iter().map(|d| d.value).collect();
+        assert_eq!(read, vals);
+        // Mapped now: a second round of writes takes the fast path (no details), and
+        // the checked path reads what it wrote, page by page.
+        let again: Vec<u64> = gfns.iter().map(|g| g * 3 + 1).collect();
+        h.apply(vm, &vec![4; n], &gfns, &ones, &again, None)
+            .unwrap();
+        details.clear();
+        h.apply(
+            vm,
+            &vec![2; n],
+            &gfns,
+            &ones,
+            &vec![0; n],
+            Some(&mut details),
+        )
+        .unwrap();
+        let read: Vec<u64> = details.iter().map(|d| d.value).collect();
+        assert_eq!(read, again);
+        h.check().unwrap();
+    }
+}

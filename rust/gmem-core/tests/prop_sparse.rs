@@ -13,7 +13,22 @@ use proptest::prelude::*;
 
 const CHUNKS: [u64; 7] = [0, 1, 2, 3, 1 << 40, u64::MAX / CHUNK - 1, u64::MAX / CHUNK];
 /// The dense store grows to its highest chunk: keep them low (pages of 512 chunks).
-const DENSE_CHUNKS: [u64; 7] = [0, 1, 2, 3, 511, 512, 1000];
+/// A dense store's near directory ends at chunk key 2^22 (2^31 indices); keys above go to
+/// its hash map, up to the end of the space (a guest_memfd's content is by file page).
+const DENSE_CHUNKS: [u64; 12] = [
+    0,
+    1,
+    2,
+    3,
+    511,
+    512,
+    1000,
+    (1 << 22) - 1,
+    1 << 22,
+    1 << 40,
+    u64::MAX / CHUNK - 1,
+    u64::MAX / CHUNK,
+];
 
 fn index(chunks: &'static [u64]) -> impl Strategy<Value = u64> + Clone {
     let within = prop_oneof![0u64..4, CHUNK - 4..CHUNK, 0..CHUNK];
