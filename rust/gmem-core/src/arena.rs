@@ -1,8 +1,8 @@
 //! Fixed blocks of 512 entries in segments of 128 KiB that never move. A block is found
 //! from its number by arithmetic, with no per-block pointer to load first, so `apply` can
 //! prefetch an entry knowing only the number; freed blocks are reused, and the arena stays
-//! at its high-water mark. The stage-2 frame tables and the frame-content chunks each live
-//! in one.
+//! at its high-water mark. The stage-2 frame tables, the host's frame-content chunks and
+//! each guest_memfd's content chunks each live in one.
 
 /// Entries per block.
 pub const BLOCK: usize = 512;
