@@ -1502,12 +1502,12 @@ fn mmap_length(length: u64) -> Result<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A VM with one 4 MiB memslot bound to a guest_memfd, its first MiB private, and
     /// page 1 written by the guest (7).
-    fn sample(zero: ZeroPolicy) -> (Host, usize, usize) {
+    pub(crate) fn sample(zero: ZeroPolicy) -> (Host, usize, usize) {
         let mut h = Host::new(64 << 20).unwrap();
         let vm = h.create_vm(VmType::Snp, StrategyKind::Dual);
         h.vms[vm].opts.zero = zero;
@@ -1635,35 +1635,27 @@ mod tests {
         assert!(st.iter().all(|&s| s == 0));
         // Written through the file pages the bindings give (slot 1 at offset 512 + i).
         assert_eq!(h.files[g].content.get(512 + 3), 4096 + 3 + 100);
-        let mut details = Vec::new();
-        h.apply(
-            vm,
-            &vec![2; n],
-            &gfns,
-            &ones,
-            &vec![0; n],
-            Some(&mut details),
-        )
-        .unwrap();
-        let read: Vec<u64> = details.iter().map(|d| d.value).collect();
-        assert_eq!(read, vals);
+        // Reads through the checked path, which reports each value.
+        let read_all = |h: &mut Host| -> Vec<u64> {
+            let mut details = Vec::new();
+            h.apply(
+                vm,
+                &vec![2; n],
+                &gfns,
+                &ones,
+                &vec![0; n],
+                Some(&mut details),
+            )
+            .unwrap();
+            details.iter().map(|d| d.value).collect()
+        };
+        assert_eq!(read_all(&mut h), vals);
         // Mapped now: a second round of writes takes the fast path (no details), and
         // the checked path reads what it wrote, page by page.
         let again: Vec<u64> = gfns.iter().map(|g| g * 3 + 1).collect();
         h.apply(vm, &vec![4; n], &gfns, &ones, &again, None)
             .unwrap();
-        details.clear();
-        h.apply(
-            vm,
-            &vec![2; n],
-            &gfns,
-            &ones,
-            &vec![0; n],
-            Some(&mut details),
-        )
-        .unwrap();
-        let read: Vec<u64> = details.iter().map(|d| d.value).collect();
-        assert_eq!(read, again);
+        assert_eq!(read_all(&mut h), again);
         h.check().unwrap();
     }
 }

@@ -21,6 +21,7 @@ pub mod host;
 pub mod mapping;
 pub mod memslot;
 pub mod metrics;
+pub mod pagedir;
 pub mod platform;
 pub mod snapshot;
 pub mod sparse;

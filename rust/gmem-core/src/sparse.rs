@@ -8,6 +8,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::arena::{BLOCK, BlockArena};
+use crate::pagedir::{self, PageDir};
 
 /// Entries per chunk: one 2 MiB huge page worth of 4 KiB pages.
 pub const CHUNK: u64 = 512;
@@ -116,27 +117,20 @@ impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
 
 /// Chunk keys per page of a [`Dense`] directory (a page covers 2^18 indices: 1 GiB of
 /// frames or of file pages).
-const PAGE_KEYS: usize = 512;
+const PAGE_KEYS: usize = pagedir::ENTRIES;
 
-/// Directory pages held in an array; pages above are found through a hash map. 2^13
-/// pages cover 2^31 indices: every host frame, and a file's first 8 TiB.
-const NEAR_PAGES: u64 = 1 << 13;
-
-/// Chunks in a [`BlockArena`] found through a two-level array indexed by key: a
-/// directory of pages of 512 chunk numbers (2 KiB, allocated on first use), an array
-/// grown to the highest near page stored (8 bytes per 2^18 indices) and a hash map above
-/// it. For index spaces touched densely (host frames, the content of a guest_memfd's
-/// pages): a lookup is two loads from small arrays that stay cached (64 KiB of pages for
-/// 2^24 indices) and the entry itself, found by arithmetic from the chunk number, so
-/// `apply` can prefetch an entry without a miss first. Memory follows the 2^18-index
-/// regions touched and the most chunks ever held at once (a freed chunk is reused), not
-/// the size of the space.
+/// Chunks in a [`BlockArena`] found through a two-level [`PageDir`] indexed by key: pages
+/// of 512 chunk numbers (2 KiB, allocated on first use), in an array below 2^31 indices
+/// and a hash map above. For index spaces touched densely (host frames, the content of a
+/// guest_memfd's pages): a lookup is two loads from small arrays that stay cached (64 KiB
+/// of pages for 2^24 indices) and the entry itself, found by arithmetic from the chunk
+/// number, so `apply` can prefetch an entry without a miss first. Memory follows the
+/// 2^18-index regions touched and the most chunks ever held at once (a freed chunk is
+/// reused), not the size of the space.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    /// Near pages of chunk number + 1 (0: no chunk), by page number.
-    dir: Vec<Option<Box<[u32]>>>,
-    /// Pages at or above `NEAR_PAGES`.
-    far: FxHashMap<u64, Box<[u32]>>,
+    /// Pages of chunk number + 1 (0: no chunk), by `key / PAGE_KEYS`.
+    dir: PageDir,
     arena: BlockArena<T>,
     /// Live count of each chunk number.
     live: Vec<u32>,
@@ -146,8 +140,7 @@ pub struct Dense<T> {
 impl<T> Default for Dense<T> {
     fn default() -> Self {
         Self {
-            dir: Vec::new(),
-            far: FxHashMap::default(),
+            dir: PageDir::default(),
             arena: BlockArena::default(),
             live: Vec::new(),
             held: 0,
@@ -162,32 +155,12 @@ impl<T> Dense<T> {
         (key / PAGE_KEYS as u64, (key % PAGE_KEYS as u64) as usize)
     }
 
-    /// Directory page `p`, if held.
-    #[inline]
-    fn page(&self, p: u64) -> Option<&[u32]> {
-        if p < NEAR_PAGES {
-            self.dir.get(p as usize)?.as_deref()
-        } else {
-            self.far.get(&p).map(AsRef::as_ref)
-        }
-    }
-
     /// The chunk number of `key`, if held.
     #[inline]
     fn number(&self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key);
-        let c = self.page(p)?[i];
+        let c = self.dir.get(p)?[i];
         (c != 0).then(|| c - 1)
-    }
-
-    /// The directory pages held, as `(page number, page)`, in no particular order.
-    fn pages(&self) -> impl Iterator<Item = (u64, &[u32])> {
-        let near = self
-            .dir
-            .iter()
-            .enumerate()
-            .filter_map(|(p, e)| e.as_deref().map(|e| (p as u64, e)));
-        near.chain(self.far.iter().map(|(&p, e)| (p, e.as_ref())))
     }
 }
 
@@ -229,40 +202,20 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             self.live[c as usize] = 0;
             self.arena.block_mut(c).fill(T::default());
         }
-        let empty = || vec![0; PAGE_KEYS].into_boxed_slice();
-        let page = if p < NEAR_PAGES {
-            let p = p as usize;
-            if p >= self.dir.len() {
-                self.dir.resize_with(p + 1, || None);
-            }
-            self.dir[p].get_or_insert_with(empty)
-        } else {
-            self.far.entry(p).or_insert_with(empty)
-        };
+        let page = self.dir.get_or_insert(p);
         page[i] = c.checked_add(1).expect("fewer than 2^32 - 1 chunks");
         self.held += 1;
         self.chunk_mut(c)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key);
-        let page = if p < NEAR_PAGES {
-            self.dir.get_mut(p as usize)?.as_deref_mut()?
-        } else {
-            self.far.get_mut(&p)?
-        };
+        let page = self.dir.get_mut(p)?;
         let c = std::mem::take(&mut page[i]);
         if c == 0 {
             return None;
         }
         if page.iter().all(|&c| c == 0) {
-            if p < NEAR_PAGES {
-                self.dir[p as usize] = None;
-                while self.dir.last().is_some_and(Option::is_none) {
-                    self.dir.pop();
-                }
-            } else {
-                self.far.remove(&p);
-            }
+            self.dir.remove(p);
         }
         self.held -= 1;
         self.arena.release(c - 1);
@@ -276,13 +229,13 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         // fewer), and in them only the slots inside it.
         let per = PAGE_KEYS as u64;
         let (p0, p1) = (k0 / per, k1 / per);
-        let held = self.dir.len() as u64 + self.far.len() as u64;
-        let mut pages: Vec<(u64, &[u32])> = if p1 - p0 < held {
+        let mut pages: Vec<(u64, &[u32])> = if p1 - p0 < self.dir.span() as u64 {
             (p0..=p1)
-                .filter_map(|p| self.page(p).map(|e| (p, e)))
+                .filter_map(|p| self.dir.get(p).map(|e| (p, e)))
                 .collect()
         } else {
-            self.pages()
+            self.dir
+                .iter()
                 .filter(|(p, _)| (p0..=p1).contains(p))
                 .collect()
         };
@@ -309,10 +262,10 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
         let mut seen = vec![false; n];
         let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
         let mut held = 0;
-        if self.dir.len() as u64 > NEAR_PAGES || self.far.keys().any(|&p| p < NEAR_PAGES) {
+        if !self.dir.trimmed() {
             return false;
         }
-        for (_, page) in self.pages() {
+        for (_, page) in self.dir.iter() {
             if page.len() != PAGE_KEYS {
                 return false;
             }

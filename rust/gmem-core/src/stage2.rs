@@ -2,7 +2,7 @@
 //!
 //! A lazily built radix: 1 GiB leaves in an ordered map; 2 MiB slots (a 2 MiB leaf, or
 //! 512 4 KiB entries with presence and private bitmaps) in a slab, found through a
-//! directory of 1 GiB regions (512 slab indices each; an array below 4 TiB of guest
+//! directory of 1 GiB regions (512 slab indices each; an array below 8 TiB of guest
 //! physical space, a hash map above). The directory is small enough to stay cached, so a
 //! slot's address is known without touching the slot: `apply` prefetches the slots of the
 //! events ahead. Slot kinds and bitmaps are arrays at the slot's index: a conversion's zap
@@ -17,9 +17,8 @@
 
 use std::collections::BTreeMap;
 
-use rustc_hash::FxHashMap;
-
 use crate::arena::{BLOCK, BlockArena};
+use crate::pagedir::{self, PageDir};
 
 /// Mapping levels, as page orders: 4 KiB (0), 2 MiB (9), 1 GiB (18).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -118,109 +117,15 @@ fn clear_word(word: &mut [u64; 2], mask: u64, filter: Option<bool>) -> u64 {
 /// 2 MiB slots per 1 GiB region.
 const SLOTS: usize = 512;
 
-/// Regions below this (4 TiB of guest physical space) are found by index, the rest
-/// through a hash map: a lookup is two dependent loads without hashing, and the index
-/// grows to the highest near region in use (8 bytes per GiB), never with the gfn space.
-const NEAR: u64 = 1 << 12;
-
-/// The 1 GiB regions of a [`Stage2`]: region `r` -> the slab index + 1 of each of its
-/// 512 2 MiB slots (0: none).
-#[derive(Debug, Clone, Default)]
-struct Directory {
-    near: Vec<Option<Box<[u32]>>>,
-    far: FxHashMap<u64, Box<[u32]>>,
-}
-
-impl Directory {
-    #[inline]
-    fn get(&self, r: u64) -> Option<&[u32]> {
-        if r < NEAR {
-            self.near.get(r as usize)?.as_deref()
-        } else {
-            self.far.get(&r).map(AsRef::as_ref)
-        }
-    }
-
-    fn get_mut(&mut self, r: u64) -> Option<&mut [u32]> {
-        if r < NEAR {
-            self.near.get_mut(r as usize)?.as_deref_mut()
-        } else {
-            self.far.get_mut(&r).map(AsMut::as_mut)
-        }
-    }
-
-    /// Region `r`, created empty if absent.
-    fn get_or_insert(&mut self, r: u64) -> &mut [u32] {
-        let empty = || vec![0; SLOTS].into_boxed_slice();
-        if r < NEAR {
-            let r = r as usize;
-            if r >= self.near.len() {
-                self.near.resize_with(r + 1, || None);
-            }
-            self.near[r].get_or_insert_with(empty)
-        } else {
-            self.far.entry(r).or_insert_with(empty)
-        }
-    }
-
-    fn remove(&mut self, r: u64) {
-        if r < NEAR {
-            if let Some(e) = self.near.get_mut(r as usize) {
-                *e = None;
-            }
-            // Shrink the index to the highest region left.
-            while self.near.last().is_some_and(Option::is_none) {
-                self.near.pop();
-            }
-        } else {
-            self.far.remove(&r);
-        }
-    }
-
-    /// The regions present, as `(r, slots)`, in no particular order.
-    fn iter(&self) -> impl Iterator<Item = (u64, &[u32])> {
-        let near = self
-            .near
-            .iter()
-            .enumerate()
-            .filter_map(|(r, e)| e.as_deref().map(|e| (r as u64, e)));
-        near.chain(self.far.iter().map(|(&r, e)| (r, e.as_ref())))
-    }
-}
-
-/// Stored as a map from region to slots (the encoding of the hash map it replaced,
-/// whatever the in-memory split).
-impl serde::Serialize for Directory {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut m = s.serialize_map(Some(self.iter().count()))?;
-        for (r, e) in self.iter() {
-            m.serialize_entry(&r, e)?;
-        }
-        m.end()
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Directory {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let map = FxHashMap::<u64, Box<[u32]>>::deserialize(d)?;
-        let mut dir = Self::default();
-        for (r, e) in map {
-            if e.len() != SLOTS {
-                return Err(serde::de::Error::invalid_length(e.len(), &"512 slots"));
-            }
-            dir.get_or_insert(r).copy_from_slice(&e);
-        }
-        Ok(dir)
-    }
-}
+// A directory page holds the slab indices of one region's 512 slots.
+const _: () = assert!(pagedir::ENTRIES == SLOTS);
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Stage2 {
     l1g: BTreeMap<u64, u32>,
     /// 1 GiB regions by `gfn >> 18`, each the slab index + 1 of its 512 2 MiB slots
     /// (0: none): 2 KiB per region with anything mapped at 4 KiB or 2 MiB.
-    dir: Directory,
+    dir: PageDir,
     /// The slots, in a slab (freed entries are reused); the directory gives a slot's
     /// index without touching the slot, so a batch can prefetch it.
     slots: Vec<Slot>,
@@ -681,9 +586,7 @@ impl Stage2 {
         if linked.iter().any(|&(_, s)| s >= n) || self.free.iter().any(|&f| f as usize >= n) {
             return Err("stage-2: slab index out of range".into());
         }
-        if self.dir.iter().any(|(_, r)| r.iter().all(|&i| i == 0))
-            || self.dir.near.last().is_some_and(Option::is_none)
-        {
+        if !self.dir.trimmed() {
             return Err("stage-2: empty directory region".into());
         }
         if self
