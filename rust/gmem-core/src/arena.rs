@@ -1,8 +1,9 @@
-//! Fixed blocks of 512 entries in segments of 128 KiB that never move. A block is found
-//! from its number by arithmetic, with no per-block pointer to load first, so `apply` can
-//! prefetch an entry knowing only the number; freed blocks are reused, and the arena stays
-//! at its high-water mark. The stage-2 frame tables, the host's frame-content chunks and
-//! each guest_memfd's content chunks each live in one.
+//! Fixed blocks of 512 entries in segments of 128 KiB that never move, but for the first,
+//! which grows by doubling up to that size (a store of a few blocks stays small). A block
+//! is found from its number by arithmetic, with no per-block pointer to load first, so
+//! `apply` can prefetch an entry knowing only the number; freed blocks are reused, and the
+//! arena stays at its high-water mark. The stage-2 frame tables, the host's frame-content
+//! chunks and each guest_memfd's content chunks each live in one.
 
 /// Entries per block.
 pub const BLOCK: usize = 512;
@@ -39,6 +40,11 @@ impl<T: Copy + Default> BlockArena<T> {
         (b / Self::PER_SEG, (b % Self::PER_SEG) * BLOCK)
     }
 
+    /// Blocks the first segment holds while `len` (> 0) blocks are handed out.
+    fn first_blocks(len: u32) -> usize {
+        (len as usize).next_power_of_two().min(Self::PER_SEG)
+    }
+
     /// A block. A new one holds `T::default()`; a reused one what it held when released
     /// (the caller clears it if it must).
     pub fn alloc(&mut self) -> u32 {
@@ -46,7 +52,22 @@ impl<T: Copy + Default> BlockArena<T> {
             return b;
         }
         let b = self.len;
-        if (b as usize).is_multiple_of(Self::PER_SEG) {
+        if (b as usize) < Self::PER_SEG {
+            // The first segment grows by doubling up to its full size (it may move: no
+            // reference outlives `&mut self`), so that a store holding a few blocks (a
+            // small guest_memfd's content, a small VM's frame tables) stays small, and a
+            // lookup's arithmetic stays that of full segments.
+            let want = Self::first_blocks(b + 1) * BLOCK;
+            match self.segs.first_mut() {
+                None => self.segs.push(vec![T::default(); want].into()),
+                Some(g) if g.len() < want => {
+                    let mut v = g.to_vec();
+                    v.resize(want, T::default());
+                    *g = v.into();
+                }
+                Some(_) => {}
+            }
+        } else if (b as usize).is_multiple_of(Self::PER_SEG) {
             self.segs
                 .push(vec![T::default(); Self::PER_SEG * BLOCK].into());
         }
@@ -98,7 +119,14 @@ impl<T: Copy + Default> BlockArena<T> {
     pub fn shape_ok(&self) -> bool {
         let mut seen = vec![false; self.len as usize];
         self.segs.len() == (self.len as usize).div_ceil(Self::PER_SEG)
-            && self.segs.iter().all(|g| g.len() == Self::PER_SEG * BLOCK)
+            && self.segs.iter().enumerate().all(|(s, g)| {
+                g.len()
+                    == if s == 0 {
+                        Self::first_blocks(self.len) * BLOCK
+                    } else {
+                        Self::PER_SEG * BLOCK
+                    }
+            })
             && self
                 .free
                 .iter()
@@ -114,9 +142,22 @@ mod tests {
     fn blocks_reuse_and_shape() {
         let mut a: BlockArena<u64> = BlockArena::default();
         let per = BlockArena::<u64>::PER_SEG;
-        let blocks: Vec<u32> = (0..=per as u32).map(|_| a.alloc()).collect();
-        assert_eq!(blocks, (0..=per as u32).collect::<Vec<_>>());
+        // The first segment doubles as blocks are handed out, keeping what they hold.
+        let mut sizes = Vec::new();
+        for b in 0..4u32 {
+            assert_eq!(a.alloc(), b);
+            a.block_mut(b).fill(u64::from(b) + 1);
+            sizes.push(a.segs[0].len() / BLOCK);
+            assert!(a.shape_ok());
+        }
+        assert_eq!(sizes, vec![1, 2, 4, 4]);
+        let blocks: Vec<u32> = (4..=per as u32).map(|_| a.alloc()).collect();
+        assert_eq!(blocks, (4..=per as u32).collect::<Vec<_>>());
         assert_eq!(a.segs.len(), 2);
+        assert_eq!(a.segs[0].len(), per * BLOCK);
+        for b in 0..4u32 {
+            assert!(a.block(b).iter().all(|&x| x == u64::from(b) + 1));
+        }
         a.block_mut(3)[7] = 9;
         assert_eq!(*a.entry(3, 7), 9);
         assert_eq!(a.block(3)[7], 9);
