@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 
 import gmem
@@ -259,6 +260,34 @@ def test_guest_and_host_share_inplace():
         assert vm.guest_read(gpa + p * PAGE, private=False) == 0xAA
         vm.guest_write(gpa + p * PAGE, 0xFF, private=False)
     assert [m.read(p * PAGE) for p in range(npages)] == [0xFF] * npages
+    vm.check()
+
+
+def test_userspace_memory_from_a_guest_memfd_mmap():
+    """A plain memslot (no KVM_MEM_GUEST_MEMFD) whose userspace memory is an mmap of a
+    guest_memfd: the guest's shared accesses reach the file's pages, singly and in a
+    batch of accesses to mapped pages (apply's fast path), and the host sees them."""
+    npages = 64
+    _, vm, f = _inplace_shared_gmem(npages * PAGE)
+    m = f.mmap(0, npages * PAGE)
+    gpa = 1 << 30
+    vm.set_user_memory_region(0, 0, gpa, npages * PAGE, m.addr)
+    for p in range(npages):
+        m.write(p * PAGE, 0xAA + p)
+    assert [vm.guest_read(gpa + p * PAGE, private=False) for p in range(npages)] == [
+        0xAA + p for p in range(npages)
+    ]
+    ev = np.zeros(npages, gmem.EVENT_DTYPE)
+    ev["op"], ev["gfn"], ev["npages"] = (
+        gmem.Op.GUEST_WRITE_SHARED,
+        (gpa >> 12) + np.arange(npages),
+        1,
+    )
+    ev["value"] = 0xB00 + np.arange(npages)
+    before = vm.stats()["memory_faults"]
+    assert not vm.apply(ev).any()
+    assert vm.stats()["memory_faults"] == before
+    assert [m.read(p * PAGE) for p in range(npages)] == [0xB00 + p for p in range(npages)]
     vm.check()
 
 
