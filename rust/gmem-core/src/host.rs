@@ -391,13 +391,19 @@ impl Host {
         self.files[file]
             .content
             .clear_range(off, off + (1u64 << order));
-        self.zero_frames(vm, pfn, order);
+        self.count_zeroed(vm, pfn, order);
     }
 
-    /// Clear a block of frames, counted as zeroing.
+    /// Clear a block of frames in no page cache, counted as zeroing.
     pub(crate) fn zero_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
         let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
         self.content.clear_range(a, b);
+        self.count_zeroed(vm, pfn, order);
+    }
+
+    /// A block of frames was just cleared: nobody's data is left in it; count the zeroing.
+    fn count_zeroed(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
         if !self.stale.is_empty() {
             if b - a <= self.stale.len() as u64 {
                 for p in a..b {
