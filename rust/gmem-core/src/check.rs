@@ -2,7 +2,6 @@
 
 use crate::cover::Cover;
 use crate::error::{Error, Result};
-use crate::guest_memfd::UPTODATE;
 use crate::host::{Fd, Host};
 use crate::mapping::MapKind;
 use crate::platform::VmType;
@@ -122,10 +121,9 @@ impl Host {
                 }
             }
             let cached = f
-                .pages
-                .all()
+                .small_pages_in(0, u64::MAX)
                 .into_iter()
-                .map(|(_, e)| ((e & !UPTODATE) - 1, 1));
+                .map(|(_, pfn)| (pfn, 1));
             let folios = f.folios.values().map(|&(pfn, _)| (pfn, f.folio_pages()));
             for (pfn, n) in cached.chain(folios) {
                 if !self
