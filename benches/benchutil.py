@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +123,14 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def baseline_module():
-    """The Rust baselines (``benches/baseline``), or skip."""
+def baseline_module(required: bool = True):
+    """The Rust baselines (``benches/baseline``); when missing, skip (or ``None`` when not
+    ``required``)."""
+    if not required:
+        try:
+            return importlib.import_module("gmem_bench_baseline")
+        except ImportError:
+            return None
     return pytest.importorskip(
         "gmem_bench_baseline",
         reason="build benches/baseline with maturin (see BENCHMARKS.md)",
@@ -155,3 +163,78 @@ class Toggle:
     def __call__(self):
         self.n += 1
         return self.calls[self.n & 1]()
+
+
+class Paired:
+    """A baseline timed in the same rounds as a benchmark, for a ratio that the machine's
+    drift cannot skew.
+
+    Pass an instance as ``setup=`` of ``benchmark.pedantic``: before each round it times
+    one call of ``baseline`` (after an untimed one) and then runs the benchmark's own
+    ``setup`` (untimed, if any), so every timed round of the benchmark has a baseline
+    sample taken milliseconds before it. On a shared machine whose speed moves by 2-5x
+    within minutes, two benchmarks run one after the other can see different machines; a
+    pair cannot.
+    `record` stores the baseline's median and the median of the per-round ratios."""
+
+    def __init__(self, baseline, setup=None):
+        self.baseline = baseline
+        self.setup = setup
+        self.samples: list[float] = []
+
+    def __call__(self):
+        # Untimed, timed, then the benchmark's own setup: each timed call comes right after
+        # an untimed pass over its own data, with nothing else in between (a benchmark
+        # whose setup does not touch its data should pass one that does).
+        self.baseline()
+        t0 = time.perf_counter()
+        self.baseline()
+        self.samples.append(time.perf_counter() - t0)
+        if self.setup is not None:
+            self.setup()
+
+    def record(self, benchmark, name: str) -> None:
+        """Put ``paired_<name>_s`` (the baseline's median, seconds per call) and
+        ``paired_ratio`` (median over rounds of benchmark / baseline) into the benchmark's
+        ``extra_info``. Nothing is recorded when the benchmark did not time (disabled)."""
+        data = list(benchmark.stats.stats.data) if benchmark.stats else []
+        if not data:
+            return
+        # Warm-up rounds call the setup too; the timed rounds are the last ones.
+        base = self.samples[-len(data) :]
+        assert len(base) == len(data), "one baseline sample per timed round"
+        benchmark.extra_info[f"paired_{name}_s"] = statistics.median(base)
+        benchmark.extra_info["paired_ratio"] = statistics.median(
+            d / b for d, b in zip(data, base, strict=True)
+        )
+
+
+def machine_probe() -> dict[str, float]:
+    """How fast this machine is right now, in the units a reader can compare across runs:
+    a pure-Python loop (ns per iteration: the CPU) and numpy's scatter and gather of 2^20
+    random entries of a 2^24-entry ``uint64`` table (ns per element: the memory system).
+    Best of three each; about a second."""
+    loop = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        acc = 0
+        for i in range(10**6):
+            acc += i
+        loop = min(loop, (time.perf_counter() - t0) * 1e3)
+    table = np.arange(1 << 24, dtype=np.uint64)
+    idx = np.random.default_rng(7).integers(0, table.size, 1 << 20)
+    vals = np.arange(idx.size, dtype=np.uint64)
+    scatter = gather = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        table[idx] = vals
+        t1 = time.perf_counter()
+        table[idx].sum()
+        t2 = time.perf_counter()
+        scatter, gather = min(scatter, t1 - t0), min(gather, t2 - t1)
+    per = 1e9 / idx.size
+    return {
+        "python_loop_ns": round(loop, 2),
+        "numpy_scatter_ns": round(scatter * per, 2),
+        "numpy_gather_ns": round(gather * per, 2),
+    }

@@ -6,7 +6,10 @@ import gc
 
 import pytest
 
-from benchutil import SMALL
+from benchutil import SMALL, machine_probe
+
+#: `machine_probe` at the start of a full-size run (stored in the JSON's machine_info).
+_PROBE_AT_START: dict[str, float] = {}
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +30,16 @@ def pytest_configure(config):
     # them up; collect them when pytest is pointed at benches/.
     if "bench_*.py" not in config.getini("python_files"):
         config.addinivalue_line("python_files", "bench_*.py")
+
+
+def pytest_sessionstart(session):
+    if not SMALL:
+        _PROBE_AT_START.update(machine_probe())
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record how fast the machine was at the start and at the end of the run, so that a
+    reader can tell a quiet run from a slow one (see BENCHMARKS.md)."""
+    if not SMALL:
+        machine_info["probe_start"] = dict(_PROBE_AT_START)
+        machine_info["probe_end"] = machine_probe()

@@ -83,6 +83,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def _paired_per_op(r: Results, group: str, name: str, **params) -> float | None:
+    """The per-operation median of the baseline timed in the same rounds as a benchmark
+    (``extra_info["paired_<name>_s"]``, see ``benchutil.Paired``), or None."""
+    b = r.find(group, **params)
+    if not b or f"paired_{name}_s" not in b["extra_info"]:
+        return None
+    return b["extra_info"][f"paired_{name}_s"] / max(1, int(b["extra_info"].get("ops", 1)))
+
+
 def attr_tables(r: Results) -> list[str]:
     out = []
     impls = ("gmem", "xa-rust", "numpy", "refmodel")
@@ -178,6 +187,7 @@ def apply_tables(r: Results) -> list[str]:
                 present = r.extra(
                     g, "attr_intervals", intervals=n, op=op, frames=frames, impl="gmem"
                 )
+                params = dict(intervals=n, op=op, frames=frames, impl="gmem")
                 rows.append(
                     [
                         f"{n:.0e}",
@@ -187,6 +197,8 @@ def apply_tables(r: Results) -> list[str]:
                         fmt_time(a),
                         f"numpy {np_name} {fmt_time(b)}",
                         fmt_ratio(_ratio(a, b)),
+                        fmt_time(_paired_per_op(r, g, "numpy", **params)),
+                        fmt_ratio(r.extra(g, "paired_ratio", **params)),
                         "-" if zaps is None else f"{zaps:.2f}",
                     ]
                 )
@@ -199,8 +211,10 @@ def apply_tables(r: Results) -> list[str]:
                 "op",
                 "frames",
                 "gmem",
-                "numpy",
+                "numpy (apart)",
                 "gmem / numpy",
+                "numpy (paired)",
+                "paired ratio",
                 "zaps/event",
             ],
             rows,
@@ -267,12 +281,25 @@ def apply_tables(r: Results) -> list[str]:
             fmt_time(r.per_op(g, impl="python", batch=b)),
             fmt_time(rust_ev),
             fmt_ratio(_ratio(r.per_op(g, impl="python", batch=b), rust_ev)),
+            fmt_time(_paired_per_op(r, g, "rust", impl="python", batch=b)),
+            fmt_ratio(r.extra(g, "paired_ratio", impl="python", batch=b)),
         ]
         for b in (1, 10, 1000, 10**5)
     ]
     out.append(
         "### vm.apply batch size vs one core call (random single-page conversions, per event)"
-        "\n\n" + table(["batch", "vm.apply", "Rust (one core call)", "ratio"], rows)
+        "\n\n"
+        + table(
+            [
+                "batch",
+                "vm.apply",
+                "Rust (one core call, apart)",
+                "ratio",
+                "Rust (paired)",
+                "paired ratio",
+            ],
+            rows,
+        )
     )
     return out
 
@@ -456,16 +483,17 @@ def goals(r: Results) -> str:
     g = "apply-vs-numpy"
     for op, name in (("convert", "scatter"), ("read", "gather")):
         for n, frames in ((n, f) for f in FRAMES for n in (10**5, 10**6)):
-            x = _ratio(
-                r.per_op(g, intervals=n, op=op, frames=frames, impl="gmem"),
-                r.per_op(g, intervals=n, op=op, impl="numpy"),
-            )
+            params = dict(intervals=n, op=op, frames=frames, impl="gmem")
+            separate = _ratio(r.per_op(g, **params), r.per_op(g, intervals=n, op=op, impl="numpy"))
+            paired = r.extra(g, "paired_ratio", **params)
+            x = separate if paired is None else paired
             add(
                 f"vm.apply random {op} / numpy {name} ({n:.0e} intervals, frames {frames})",
-                fmt_ratio(x),
+                fmt_ratio(x) + ("" if paired is None else f" paired ({fmt_ratio(separate)} apart)"),
                 "<= 10x",
                 None if x is None else x <= 10,
-                f"numpy {fmt_time(r.per_op(g, intervals=n, op=op, impl='numpy'))}/elem",
+                f"numpy {fmt_time(_paired_per_op(r, g, 'numpy', **params))}/elem paired, "
+                f"{fmt_time(r.per_op(g, intervals=n, op=op, impl='numpy'))}/elem apart",
             )
     for frames in FRAMES:
         worst = None
@@ -511,17 +539,35 @@ def goals(r: Results) -> str:
         ),
     )
     g = "python-overhead-apply"
-    x = _ratio(r.per_op(g, impl="python", batch=10**5), r.per_op(g, impl="rust"))
+    separate = _ratio(r.per_op(g, impl="python", batch=10**5), r.per_op(g, impl="rust"))
+    paired = r.extra(g, "paired_ratio", impl="python", batch=10**5)
+    x = separate if paired is None else paired
     add(
         "vm.apply (batch 10^5) / same events in one core call",
-        fmt_ratio(x),
+        fmt_ratio(x) + ("" if paired is None else f" paired ({fmt_ratio(separate)} apart)"),
         "<= 1.2x",
         None if x is None else x <= 1.2,
-        f"Rust {fmt_time(r.per_op(g, impl='rust'))}/event",
+        f"Rust {fmt_time(_paired_per_op(r, g, 'rust', impl='python', batch=10**5))}/event "
+        f"paired, {fmt_time(r.per_op(g, impl='rust'))}/event apart",
     )
     return "### Issue-5 goals\n\n" + table(
         ["goal", "measured", "target", "verdict", "baseline"], rows
     )
+
+
+def machine(r: Results) -> str:
+    """One line on the machine's speed at the start and end of the run (from
+    ``benches/conftest.py``'s probe), or a note that the run has none."""
+    info = r.meta.get("machine_info") or {}
+    parts = []
+    for when in ("start", "end"):
+        p = info.get(f"probe_{when}")
+        if p:
+            parts.append(
+                f"{when}: Python loop {p['python_loop_ns']:.1f} ns/iter, numpy scatter "
+                f"{p['numpy_scatter_ns']:.1f} ns, gather {p['numpy_gather_ns']:.1f} ns per element"
+            )
+    return "Machine speed probe — " + ("; ".join(parts) if parts else "not recorded") + "."
 
 
 def _log_axes(ax, xlabel: str, ylabel: str, title: str, **legend) -> None:
@@ -614,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--png", type=Path, help="write the scaling plot here")
     args = ap.parse_args(argv)
     r = Results(args.json)
-    parts = [goals(r), *attr_tables(r), *apply_tables(r), *scale_tables(r)]
+    parts = [machine(r), goals(r), *attr_tables(r), *apply_tables(r), *scale_tables(r)]
     print("\n\n".join(parts))
     if args.png is not None:
         plot(r, args.png)

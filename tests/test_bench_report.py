@@ -69,3 +69,35 @@ def test_plot_only_where_asked(report, results, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "plot", lambda r, path: plots.append(path))
     report.main([str(results), "--png", str(tmp_path / "p.png")])
     assert plots == [tmp_path / "p.png"]
+
+
+def test_paired_ratio_decides_the_verdict(report, tmp_path, capsys):
+    """A gmem benchmark that carries a baseline timed in its own rounds is judged by the
+    paired ratio; the ratio against the separate numpy benchmark is shown beside it."""
+    benches = [
+        _bench("read", "gmem", "scattered", 55e-6, paired_numpy_s=6.0e-6, paired_ratio=9.5),
+        _bench("read", "numpy", "runs", 5e-6),
+        _bench("convert", "gmem", "runs", 40e-6, paired_numpy_s=3.0e-6, paired_ratio=13.0),
+        _bench("convert", "numpy", "runs", 5e-6),
+    ]
+    p = tmp_path / "bench.json"
+    machine = {"python_loop_ns": 30.0, "numpy_scatter_ns": 5.5, "numpy_gather_ns": 4.5}
+    p.write_text(json.dumps({"benchmarks": benches, "machine_info": {"probe_start": machine}}))
+    report.main([str(p)])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()}
+    read = rows["vm.apply random read / numpy gather (1e+05 intervals, frames scattered)"]
+    assert "9.5x paired (11x apart)" in read
+    assert "| met |" in read
+    assert "numpy 6 ns/elem paired, 5 ns/elem apart" in read
+    conv = rows["vm.apply random convert / numpy scatter (1e+05 intervals, frames runs)"]
+    assert "13x paired (8x apart)" in conv
+    assert "**missed**" in conv
+    assert "| 1e+05 | - | read | scattered | 55 ns | numpy gather 5 ns | 11x | 6 ns | 9.5x |" in out
+    assert "start: Python loop 30.0 ns/iter, numpy scatter 5.5 ns, gather 4.5 ns" in out
+    assert "end:" not in out
+
+
+def test_machine_probe_absent(report, results, capsys):
+    report.main([str(results)])
+    assert "Machine speed probe — not recorded." in capsys.readouterr().out
