@@ -43,7 +43,7 @@ impl Host {
         private: bool,
         write: Option<u64>,
     ) -> Result<u64> {
-        let leaf = self.vms[vm].s2.lookup(gpa >> PAGE_SHIFT);
+        let leaf = self.vms[vm].s2.lookup(gpa >> PAGE_SHIFT, &self.files);
         self.guest_access_at(vm, gpa, private, write, leaf)
     }
 
@@ -231,7 +231,7 @@ impl Host {
             return Ok(pfn);
         }
         let pfn = self.shared_backing(vm, &slot, gfn)?;
-        self.vms[vm].s2.map(gfn, Level::L4K, pfn, false);
+        self.vms[vm].s2.map(gfn, Level::L4K, pfn, false, &self.files);
         self.vms[vm].refresh_stage2_counts();
         let c = self.costs.stage2_map;
         self.charge(vm, c);
@@ -333,7 +333,12 @@ impl Host {
         let n = level.pages();
         let g0 = gfn & !(n - 1);
         let p0 = pfn - (gfn - g0) as u32;
-        self.vms[vm].s2.map(g0, level, p0, true);
+        if level == Level::L4K {
+            let file = u32::try_from(f).expect("fewer than 2^32 files");
+            self.vms[vm].s2.map_file(gfn, pfn, file, off, &self.files);
+        } else {
+            self.vms[vm].s2.map(g0, level, p0, true, &self.files);
+        }
         self.vms[vm].refresh_stage2_counts();
         let mut ns = self.costs.stage2_map;
         match self.vms[vm].vm_type {
@@ -777,7 +782,8 @@ impl Host {
             }
             match self.vms[vm].vm_type {
                 VmType::Tdx => {
-                    self.vms[vm].s2.map(gfn, Level::L4K, r.pfn, true);
+                    let file = u32::try_from(f).expect("fewer than 2^32 files");
+                    self.vms[vm].s2.map_file(gfn, r.pfn, file, off, &self.files);
                     self.vms[vm].refresh_stage2_counts();
                     self.vms[vm].stats.tdx_page_adds += 1;
                     let c = self.costs.tdx_page_add;
@@ -810,7 +816,7 @@ impl Host {
                 }
             }
             VmType::Tdx => {
-                if self.vms[vm].s2.lookup(gfn).is_some_and(|l| l.private) {
+                if self.vms[vm].s2.lookup(gfn, &self.files).is_some_and(|l| l.private) {
                     return Err(err(
                         errno::EIO,
                         format!("populate: gfn {gfn:#x} is already mapped in the S-EPT"),

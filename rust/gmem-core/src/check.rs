@@ -56,7 +56,7 @@ impl Host {
             }
         }
         // Every stage-2 leaf agrees with attributes and backing.
-        for l in v.s2.leaves() {
+        for l in v.s2.leaves(&self.files) {
             let n = l.level.pages();
             let slot = v.slot_at(l.gfn).ok_or_else(|| {
                 broken(format!("stage-2 maps gfn {:#x} outside any memslot", l.gfn))

@@ -369,7 +369,7 @@ impl Host {
                     v.s2.prefetch(gfn, true);
                     return None;
                 }
-                let leaf = v.s2.lookup(gfn);
+                let leaf = v.s2.lookup(gfn, &self.files);
                 let loc = leaf
                     .filter(|l| !l.private)
                     .map(|l| self.guest_loc(vm, gfn, false, l.pfn + (gfn - l.gfn) as u32));

@@ -208,3 +208,12 @@ impl Gmem {
         self.pins.range(start..end).map(|(&o, _)| o).collect()
     }
 }
+
+/// File slots of stage-2 read their frames from the page caches of the host's files.
+impl crate::stage2::Frames for Vec<Gmem> {
+    fn frame(&self, file: u32, off: u64) -> u32 {
+        self.get(file as usize)
+            .and_then(|f| f.page(off))
+            .map_or(crate::stage2::NO_FRAME, |r| r.pfn)
+    }
+}

@@ -71,12 +71,48 @@ pub struct Leaf {
 /// maps frame `base + index` (what faulting a range in on a fresh host gives), implied by
 /// `base` alone: such a run costs no frame array, and a read of it loads no entry. The
 /// first leaf that breaks the run turns the slot into a table.
+///
+/// A slot of private 4 KiB leaves installed from a guest_memfd ([`Stage2::map_file`]) is
+/// a *file* slot: its frames are what the file's page cache holds at the slot's offsets
+/// (`Stage2::src`), read through [`Frames`] when asked for, so it keeps no frame array
+/// either, however scattered the frames. This relies on the kernel's own order: a
+/// guest_memfd invalidates (zaps) the stage-2 entries of a range before its page cache
+/// drops the range's folios (`kvm_gmem_invalidate_begin()` before
+/// `truncate_inode_pages_range()` in `virt/kvm/guest_memfd.c`); `Host::check` verifies
+/// that every file-slot leaf finds its page. A leaf of any other kind turns the slot into
+/// a table first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Slot {
     Vacant,
     Leaf(u32),
     Table { count: u16, t: u32 },
     Run { count: u16, base: u32 },
+    File { count: u16 },
+}
+
+/// Where a file slot's frames come from: guest_memfd `file`, whose page `off0 + i` backs
+/// the slot's leaf `i` (`off0` wraps when the slot starts before the memslot's offset).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct FileSrc {
+    file: u32,
+    off0: u64,
+}
+
+/// A frame that no page has: what [`Frames::frame`] answers for a file page that is not
+/// in the page cache (host frames are below 2^31 - 1).
+pub const NO_FRAME: u32 = PRIVATE_BIT - 1;
+
+/// The page caches that file slots read their frames from.
+pub trait Frames {
+    /// The frame at page `off` of guest_memfd `file`, or [`NO_FRAME`].
+    fn frame(&self, file: u32, off: u64) -> u32;
+}
+
+/// No guest_memfd at all (a table used without files, as in the unit tests).
+impl Frames for () {
+    fn frame(&self, _file: u32, _off: u64) -> u32 {
+        NO_FRAME
+    }
 }
 
 // A table's 512 4 KiB entries are one block of the frame arena.
@@ -132,6 +168,8 @@ pub struct Stage2 {
     /// The bitmaps of each table slot, at the slot's index: 128 bytes per 2 MiB (4 MiB
     /// for a 64 GiB guest: cache-resident).
     bits: Vec<Bits>,
+    /// The source of each file slot, at the slot's index (meaningless for other kinds).
+    src: Vec<FileSrc>,
     /// The 512 4 KiB entries of each table slot (`Slot::Table { t, .. }`, block `t`): a
     /// read's frame (a run slot and a 2 MiB leaf have none). A reused block holds stale
     /// entries: the slot's bits say which are present.
@@ -170,10 +208,10 @@ impl Stage2 {
         (i != 0).then(|| i as usize - 1)
     }
 
-    /// The leaf mapping `gfn`, if any.
+    /// The leaf mapping `gfn`, if any; a file slot's frame comes from `frames`.
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    pub fn lookup(&self, gfn: u64) -> Option<Leaf> {
+    pub fn lookup(&self, gfn: u64, frames: &impl Frames) -> Option<Leaf> {
         if !self.l1g.is_empty()
             && let Some(&e) = self.l1g.get(&(gfn >> 18))
         {
@@ -218,8 +256,24 @@ impl Stage2 {
                     private: private >> (i % 64) & 1 == 1,
                 })
             }
+            Slot::File { .. } => {
+                let i = (gfn & 511) as usize;
+                (self.bits[s].0[i / 64][0] >> (i % 64) & 1 == 1).then(|| Leaf {
+                    gfn,
+                    level: Level::L4K,
+                    pfn: self.file_frame(s, i, frames),
+                    private: true,
+                })
+            }
             Slot::Vacant => None,
         }
+    }
+
+    /// The frame of leaf `i` of file slot `s`.
+    #[inline]
+    fn file_frame(&self, s: usize, i: usize, frames: &impl Frames) -> u32 {
+        let src = self.src[s];
+        frames.frame(src.file, src.off0.wrapping_add(i as u64))
     }
 
     /// Whether `gfn` is mapped, and then whether private: [`Stage2::lookup`] without the
@@ -235,7 +289,7 @@ impl Stage2 {
         let s = self.index(gfn >> 9)?;
         match &self.slots[s] {
             Slot::Leaf(e) => Some(unpack(*e).1),
-            Slot::Table { .. } | Slot::Run { .. } => {
+            Slot::Table { .. } | Slot::Run { .. } | Slot::File { .. } => {
                 let i = (gfn & 511) as usize;
                 let [present, private] = self.bits[s].0[i / 64];
                 (present >> (i % 64) & 1 == 1).then_some(private >> (i % 64) & 1 == 1)
@@ -292,6 +346,7 @@ impl Stage2 {
         } else {
             self.slots.push(Slot::Vacant);
             self.bits.push(Bits::default());
+            self.src.push(FileSrc::default());
             self.slots.len() - 1
         };
         self.slots[s] = slot(&mut self.frames);
@@ -324,10 +379,23 @@ impl Stage2 {
 
     /// Install a leaf at `gfn` (aligned to `level`) mapping `pfn` (aligned likewise).
     /// Anything already mapped inside the range is replaced; returns what was replaced.
-    pub fn map(&mut self, gfn: u64, level: Level, pfn: u32, private: bool) -> Zapped {
+    /// A 4 KiB leaf in a file slot turns the slot into a table (its frames from `frames`).
+    pub fn map(
+        &mut self,
+        gfn: u64,
+        level: Level,
+        pfn: u32,
+        private: bool,
+        frames: &impl Frames,
+    ) -> Zapped {
         debug_assert_eq!(gfn % level.pages(), 0);
         self.generation += 1;
         let replaced = self.zap(gfn, gfn + level.pages(), None);
+        if level == Level::L4K
+            && let Some(s) = self.index(gfn >> 9)
+        {
+            self.file_to_table(s, frames);
+        }
         let e = pack(pfn, private);
         match level {
             Level::L1G => {
@@ -371,6 +439,67 @@ impl Stage2 {
         replaced
     }
 
+    /// Install a private 4 KiB leaf at `gfn` backed by page `off` of guest_memfd `file`,
+    /// whose frame is `pfn` (what `frames` answers for it). A new slot becomes a file slot
+    /// (no frame array); a run slot stays a run while `pfn` continues it; a file slot of
+    /// another source, or a run broken by `pfn`, becomes a table. Returns what was
+    /// replaced.
+    pub fn map_file(
+        &mut self,
+        gfn: u64,
+        pfn: u32,
+        file: u32,
+        off: u64,
+        frames: &impl Frames,
+    ) -> Zapped {
+        debug_assert_eq!(frames.frame(file, off), pfn, "the page cache holds the frame");
+        self.generation += 1;
+        let replaced = self.zap(gfn, gfn + 1, None);
+        let i = (gfn & 511) as usize;
+        let src = FileSrc {
+            file,
+            off0: off.wrapping_sub(i as u64),
+        };
+        let s = self.slot_or_insert(gfn >> 9, |_| Slot::File { count: 0 });
+        match self.slots[s] {
+            Slot::File { count: 0 } => self.src[s] = src,
+            Slot::File { .. } if self.src[s] != src => self.file_to_table(s, frames),
+            Slot::Run { base, .. } if base.checked_add(i as u32) != Some(pfn) => {
+                self.materialize(s);
+            }
+            _ => {}
+        }
+        let w = &mut self.bits[s].0[i / 64];
+        w[0] |= 1 << (i % 64);
+        w[1] |= 1 << (i % 64);
+        match &mut self.slots[s] {
+            Slot::Table { count, t } => {
+                *count += 1;
+                let t = *t;
+                self.frames.block_mut(t)[i] = pack(pfn, true);
+            }
+            Slot::Run { count, .. } | Slot::File { count } => *count += 1,
+            _ => unreachable!("range was zapped"),
+        }
+        self.counts[Level::L4K as usize] += 1;
+        replaced
+    }
+
+    /// Turn file slot `s` (if it is one) into a table holding the frames `frames` gives.
+    fn file_to_table(&mut self, s: usize, frames: &impl Frames) {
+        let Slot::File { count } = self.slots[s] else {
+            return;
+        };
+        let t = self.frames.alloc();
+        for i in 0..SLOTS {
+            if self.bits[s].0[i / 64][0] >> (i % 64) & 1 == 1 {
+                let pfn = self.file_frame(s, i, frames);
+                self.frames.block_mut(t)[i] = pack(pfn, true);
+            }
+        }
+        self.slots[s] = Slot::Table { count, t };
+    }
+
     /// Turn run slot `s` into a table holding the frames the run implies.
     fn materialize(&mut self, s: usize) {
         let Slot::Run { count, base } = self.slots[s] else {
@@ -398,7 +527,9 @@ impl Stage2 {
             let Some(s) = self.index(k) else {
                 return Zapped::default();
             };
-            if let Slot::Table { count, .. } | Slot::Run { count, .. } = &mut self.slots[s] {
+            if let Slot::Table { count, .. } | Slot::Run { count, .. } | Slot::File { count } =
+                &mut self.slots[s]
+            {
                 let i = (start & 511) as usize;
                 let n = clear_word(&mut self.bits[s].0[i / 64], 1 << (i % 64), filter);
                 *count -= n as u16;
@@ -492,7 +623,7 @@ impl Stage2 {
                     true
                 }
             }
-            Slot::Table { count, .. } | Slot::Run { count, .. } => {
+            Slot::Table { count, .. } | Slot::Run { count, .. } | Slot::File { count } => {
                 let bits = &mut self.bits[s].0;
                 let lo = start.max(base) - base;
                 let hi = end.min(base + 512) - base;
@@ -534,8 +665,9 @@ impl Stage2 {
         out
     }
 
-    /// Every leaf, in gfn order within each level group.
-    pub fn leaves(&self) -> Vec<Leaf> {
+    /// Every leaf, in gfn order within each level group (file slots' frames from
+    /// `frames`).
+    pub fn leaves(&self, frames: &impl Frames) -> Vec<Leaf> {
         let mut out = Vec::new();
         for (&k, &e) in &self.l1g {
             let (pfn, private) = unpack(e);
@@ -557,11 +689,11 @@ impl Stage2 {
                         private,
                     });
                 }
-                Slot::Table { .. } | Slot::Run { .. } => {
+                Slot::Table { .. } | Slot::Run { .. } | Slot::File { .. } => {
                     let bits = &self.bits[s].0;
                     for i in 0..SLOTS {
                         if bits[i / 64][0] >> (i % 64) & 1 == 1 {
-                            out.push(self.lookup((k << 9) + i as u64).expect("present"));
+                            out.push(self.lookup((k << 9) + i as u64, frames).expect("present"));
                         }
                     }
                 }
@@ -578,6 +710,7 @@ impl Stage2 {
         let linked = self.slots_sorted();
         if linked.len() as u64 != self.used
             || self.slots.len() != self.bits.len()
+            || self.slots.len() != self.src.len()
             || linked.len() + self.free.len() != self.slots.len()
         {
             return Err("stage-2: slot directory and slab disagree".into());
@@ -612,7 +745,7 @@ impl Stage2 {
                     return Err(format!("stage-2: slot {:#x} links a free entry", k << 9));
                 }
                 Slot::Leaf(_) => c[1] += 1,
-                slot @ (Slot::Table { count, .. } | Slot::Run { count, .. }) => {
+                slot @ (Slot::Table { count, .. } | Slot::Run { count, .. } | Slot::File { count }) => {
                     // What 4 KiB slots share: counts and bits.
                     let bits = &self.bits[s].0;
                     let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
@@ -652,6 +785,12 @@ impl Stage2 {
                                 k << 9
                             ));
                         }
+                        Slot::File { .. } if bits.iter().any(|w| w[1] != w[0]) => {
+                            return Err(format!(
+                                "stage-2: file slot at gfn {:#x} maps a shared leaf",
+                                k << 9
+                            ));
+                        }
                         _ => {}
                     }
                 }
@@ -678,17 +817,17 @@ mod tests {
     #[test]
     fn map_lookup_zap() {
         let mut s = Stage2::new();
-        s.map(5, Level::L4K, 100, true);
-        s.map(512, Level::L2M, 1024, false);
-        s.map(1 << 18, Level::L1G, 1 << 18, true);
+        s.map(5, Level::L4K, 100, true, &());
+        s.map(512, Level::L2M, 1024, false, &());
+        s.map(1 << 18, Level::L1G, 1 << 18, true, &());
         assert_eq!(s.counts(), [1, 1, 1]);
-        let l = s.lookup(600).unwrap();
+        let l = s.lookup(600, &()).unwrap();
         assert_eq!(
             (l.gfn, l.level, l.pfn, l.private),
             (512, Level::L2M, 1024, false)
         );
-        assert_eq!(s.lookup((1 << 18) + 7).unwrap().level, Level::L1G);
-        assert!(s.lookup(6).is_none());
+        assert_eq!(s.lookup((1 << 18) + 7, &()).unwrap().level, Level::L1G);
+        assert!(s.lookup(6, &()).is_none());
         let z = s.zap(0, 1 << 19, Some(false));
         assert_eq!(
             z,
@@ -707,9 +846,9 @@ mod tests {
     fn huge_map_replaces_small() {
         let mut s = Stage2::new();
         for g in 0..512 {
-            s.map(g, Level::L4K, g as u32, true);
+            s.map(g, Level::L4K, g as u32, true, &());
         }
-        let r = s.map(0, Level::L2M, 0, true);
+        let r = s.map(0, Level::L2M, 0, true, &());
         assert_eq!(r.leaves, 512);
         assert_eq!(s.counts(), [0, 1, 0]);
         s.check().unwrap();

@@ -6,7 +6,7 @@
 //! The model answers each query by a linear scan; a list (rather than one entry per gfn)
 //! keeps 1 GiB leaves cheap to model while staying just as obviously right.
 
-use gmem_core::stage2::{Leaf, Level, Stage2, Zapped};
+use gmem_core::stage2::{Frames, Leaf, Level, Stage2, Zapped};
 use proptest::prelude::*;
 
 const LEVELS: [Level; 3] = [Level::L4K, Level::L2M, Level::L1G];
@@ -67,6 +67,21 @@ impl Model {
     }
 }
 
+/// Two guest_memfd page caches that never change (a live mapping's page stays in place,
+/// as the kernel's invalidate-before-truncate order guarantees): file 0 holds frame
+/// `off + 4096` at page `off` (consecutive frames, so runs), file 1 a scattered frame.
+struct Caches;
+
+impl Frames for Caches {
+    fn frame(&self, file: u32, off: u64) -> u32 {
+        if file == 0 {
+            (off.wrapping_add(4096) & 0x3fff_ffff) as u32
+        } else {
+            (off.wrapping_mul(2_654_435_761) >> 7 & 0x3fff_ffff) as u32
+        }
+    }
+}
+
 /// A gfn in one of the regions, near the edges of its 2 MiB and 1 GiB blocks.
 fn gfn() -> impl Strategy<Value = u64> {
     let slot = prop_oneof![0u64..4, 508u64..512];
@@ -92,6 +107,8 @@ enum Op {
         end: u64,
         filter: Option<bool>,
     },
+    /// A private 4 KiB leaf from page `gfn + delta` (wrapping) of guest_memfd `file`.
+    MapFile { gfn: u64, file: u32, delta: u64 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -112,6 +129,8 @@ fn op() -> impl Strategy<Value = Op> {
                 end: start.saturating_add(len),
                 filter,
             }),
+        3 => (gfn(), 0u32..2, prop_oneof![Just(0u64), Just(7), Just(u64::MAX - 2)])
+            .prop_map(|(gfn, file, delta)| Op::MapFile { gfn, file, delta }),
         // Rarely, an inverted or huge range.
         1 => (gfn(), gfn(), any::<Option<bool>>())
             .prop_map(|(start, end, filter)| Op::Zap { start, end, filter }),
@@ -126,14 +145,14 @@ fn sorted(mut v: Vec<Leaf>) -> Vec<Leaf> {
 fn compare(s: &Stage2, model: &Model, probes: &[u64]) -> Result<(), TestCaseError> {
     s.check().map_err(TestCaseError::fail)?;
     prop_assert_eq!(s.counts(), model.counts());
-    prop_assert_eq!(sorted(s.leaves()), sorted(model.leaves.clone()));
+    prop_assert_eq!(sorted(s.leaves(&Caches)), sorted(model.leaves.clone()));
     let mut gfns: Vec<u64> = probes.to_vec();
     for l in &model.leaves {
         gfns.extend([l.gfn, end_of(l) - 1, end_of(l)]);
         gfns.extend(l.gfn.checked_sub(1));
     }
     for g in gfns {
-        prop_assert_eq!(s.lookup(g), model.lookup(g), "lookup({:#x})", g);
+        prop_assert_eq!(s.lookup(g, &Caches), model.lookup(g), "lookup({:#x})", g);
     }
     Ok(())
 }
@@ -152,9 +171,17 @@ proptest! {
             match op {
                 Op::Map { gfn, level, pfn, private } => {
                     let leaf = Leaf { gfn, level, pfn, private };
-                    let got = s.map(gfn, level, pfn, private);
+                    let got = s.map(gfn, level, pfn, private, &Caches);
                     prop_assert_eq!(got, model.map(leaf), "map {:?}", leaf);
-                    prop_assert_eq!(s.lookup(gfn), Some(leaf));
+                    prop_assert_eq!(s.lookup(gfn, &Caches), Some(leaf));
+                }
+                Op::MapFile { gfn, file, delta } => {
+                    let off = gfn.wrapping_add(delta);
+                    let pfn = Caches.frame(file, off);
+                    let leaf = Leaf { gfn, level: Level::L4K, pfn, private: true };
+                    let got = s.map_file(gfn, pfn, file, off, &Caches);
+                    prop_assert_eq!(got, model.map(leaf), "map_file {:?}", leaf);
+                    prop_assert_eq!(s.lookup(gfn, &Caches), Some(leaf));
                 }
                 Op::Zap { start, end, filter } => {
                     let got = s.zap(start, end, filter);
@@ -167,7 +194,7 @@ proptest! {
         let left = model.remove(0, u64::MAX, None);
         prop_assert_eq!(s.zap(0, u64::MAX, None), left);
         prop_assert_eq!(s.counts(), [0, 0, 0]);
-        prop_assert!(s.leaves().is_empty());
+        prop_assert!(s.leaves(&Caches).is_empty());
         s.check().map_err(TestCaseError::fail)?;
     }
 
@@ -182,12 +209,12 @@ proptest! {
         let mut g = base;
         while g < base + level.pages() {
             let leaf = Leaf { gfn: g, level: below, pfn: 0, private: !private };
-            s.map(g, below, 0, !private);
+            s.map(g, below, 0, !private, &Caches);
             model.map(leaf);
             g += below.pages().max(level.pages() / 4);
         }
         let leaf = Leaf { gfn: base, level, pfn: 0, private };
-        prop_assert_eq!(s.map(base, level, 0, private), model.map(leaf));
+        prop_assert_eq!(s.map(base, level, 0, private, &Caches), model.map(leaf));
         compare(&s, &model, &[base, base + level.pages() - 1, base + level.pages()])?;
     }
 }

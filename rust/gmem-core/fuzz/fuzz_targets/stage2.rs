@@ -89,7 +89,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 };
                 let expect = remove(&mut model, gfn, gfn + n, None);
                 model.push(leaf);
-                assert_eq!(s.map(gfn, level, pfn, private), expect);
+                assert_eq!(s.map(gfn, level, pfn, private, &()), expect);
             }
             Op::Zap { start, len, filter } => {
                 let start = start.get();
@@ -112,7 +112,7 @@ fuzz_target!(|ops: Vec<Op>| {
             counts[l.level as usize] += 1;
         }
         assert_eq!(s.counts(), counts);
-        assert_eq!(sorted(s.leaves()), sorted(model.clone()));
+        assert_eq!(sorted(s.leaves(&())), sorted(model.clone()));
         for l in &model {
             for g in [
                 Some(l.gfn),
@@ -124,7 +124,7 @@ fuzz_target!(|ops: Vec<Op>| {
             .flatten()
             {
                 let expect = model.iter().find(|m| m.gfn <= g && g < end_of(m)).copied();
-                assert_eq!(s.lookup(g), expect);
+                assert_eq!(s.lookup(g, &()), expect);
             }
         }
     }
