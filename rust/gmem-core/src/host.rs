@@ -1605,6 +1605,48 @@ pub(crate) mod tests {
         assert!(counted.check().is_err());
     }
 
+    /// Private 4 KiB leaves faulted from a guest_memfd in scattered order keep no frame
+    /// table: their frames are read from the page cache. A shared leaf in the same 2 MiB
+    /// turns the slot into a table holding the same frames. A page that leaves the page
+    /// cache under a live leaf (no zap) is caught by `check()`.
+    #[test]
+    fn stage2_file_slots() {
+        let (mut h, vm, f) = sample(ZeroPolicy::OnUse);
+        let frame = |h: &Host, g: u64| h.vms[vm].s2.lookup(g, &h.files).map(|l| l.pfn);
+        for i in 0..256u64 {
+            let g = i * 97 % 256;
+            h.guest_access(vm, g << 12, true, Some(g + 1)).unwrap();
+        }
+        assert_eq!(h.vms[vm].s2.frame_tables(), 0);
+        let frames: Vec<Option<u32>> = (0..256).map(|g| frame(&h, g)).collect();
+        for (g, p) in frames.iter().enumerate() {
+            assert_eq!(*p, h.file(f).page(g as u64).map(|r| r.pfn));
+        }
+        // Faulted in scattered order: not a run.
+        assert!((1..256).any(|g| frames[g] != frames[0].map(|p| p + g as u32)));
+        h.check().unwrap();
+        // Gfn 300 is shared: ordinary memory, in the same 2 MiB slot.
+        h.guest_access(vm, 300 << 12, false, Some(5)).unwrap();
+        assert_eq!(h.vms[vm].s2.frame_tables(), 1);
+        assert!(!h.vms[vm].s2.lookup(300, &h.files).unwrap().private);
+        assert_eq!((0..256).map(|g| frame(&h, g)).collect::<Vec<_>>(), frames);
+        assert_eq!(h.guest_access(vm, 37 << 12, true, None).unwrap(), 38);
+        h.check().unwrap();
+        // A file slot again (the second 2 MiB), whose page 1 leaves the page cache with
+        // the leaf still mapped, as no path of the host allows.
+        h.set_memory_attributes(vm, 2 << 20, 4096 * 4, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+            .unwrap();
+        for g in [515u64, 513, 512, 514] {
+            h.guest_access(vm, g << 12, true, Some(g)).unwrap();
+        }
+        assert_eq!(h.vms[vm].s2.frame_tables(), 1);
+        h.check().unwrap();
+        let mut broken = h.clone();
+        broken.files[f].pages.set(513, 0);
+        let e = broken.check().unwrap_err().to_string();
+        assert!(e.contains("stage-2 maps gfn 0x201"), "{e}");
+    }
+
     /// `apply`'s fast path finds a private page's content through the memslot it last
     /// used: reads alternating between two memslots (two files, the second bound at an
     /// offset) return each page's own value.

@@ -193,6 +193,11 @@ impl Stage2 {
         self.counts
     }
 
+    /// Frame tables in use (each 2 KiB: the 512 frames of one 2 MiB slot).
+    pub fn frame_tables(&self) -> usize {
+        self.frames.len() as usize - self.frames.free().len()
+    }
+
     /// Changes whenever a mapping is installed or removed, so that a caller holding a
     /// [`Stage2::lookup`] result can tell whether it still holds.
     #[inline]
