@@ -231,7 +231,9 @@ impl Host {
             return Ok(pfn);
         }
         let pfn = self.shared_backing(vm, &slot, gfn)?;
-        self.vms[vm].s2.map(gfn, Level::L4K, pfn, false, &self.files);
+        self.vms[vm]
+            .s2
+            .map(gfn, Level::L4K, pfn, false, &self.files);
         self.vms[vm].refresh_stage2_counts();
         let c = self.costs.stage2_map;
         self.charge(vm, c);
@@ -816,7 +818,11 @@ impl Host {
                 }
             }
             VmType::Tdx => {
-                if self.vms[vm].s2.lookup(gfn, &self.files).is_some_and(|l| l.private) {
+                if self.vms[vm]
+                    .s2
+                    .lookup(gfn, &self.files)
+                    .is_some_and(|l| l.private)
+                {
                     return Err(err(
                         errno::EIO,
                         format!("populate: gfn {gfn:#x} is already mapped in the S-EPT"),

@@ -8,8 +8,9 @@
 //! events ahead. Slot kinds and bitmaps are arrays at the slot's index: a conversion's zap
 //! touches one line of bitmaps. The frames of 4 KiB entries are either implied (a *run*:
 //! every leaf of the slot maps `base + index`, as faulting a range in on a fresh host
-//! gives) or held in a table of 512 in an arena of fixed segments, found from the slot by
-//! arithmetic; only a shared access through a table slot reads them (a private access
+//! gives; a *file* slot: private leaves whose frames are the page cache's at the slot's
+//! guest_memfd offsets, see [`Frames`]) or held in a table of 512 in an arena of fixed
+//! segments, found from the slot by arithmetic; only a shared access through a table slot reads them (a private access
 //! asks [`Stage2::probe`], bits only, and finds the page's content in its guest_memfd). Only what is mapped exists; a
 //! range zap probes the slots of a small range or walks the present regions of a large
 //! one, and clears 4 KiB leaves through the bitmaps alone. Live leaf counts per level are
@@ -457,7 +458,11 @@ impl Stage2 {
         off: u64,
         frames: &impl Frames,
     ) -> Zapped {
-        debug_assert_eq!(frames.frame(file, off), pfn, "the page cache holds the frame");
+        debug_assert_eq!(
+            frames.frame(file, off),
+            pfn,
+            "the page cache holds the frame"
+        );
         self.generation += 1;
         let replaced = self.zap(gfn, gfn + 1, None);
         let i = (gfn & 511) as usize;
@@ -750,7 +755,9 @@ impl Stage2 {
                     return Err(format!("stage-2: slot {:#x} links a free entry", k << 9));
                 }
                 Slot::Leaf(_) => c[1] += 1,
-                slot @ (Slot::Table { count, .. } | Slot::Run { count, .. } | Slot::File { count }) => {
+                slot @ (Slot::Table { count, .. }
+                | Slot::Run { count, .. }
+                | Slot::File { count }) => {
                     // What 4 KiB slots share: counts and bits.
                     let bits = &self.bits[s].0;
                     let n: u32 = bits.iter().map(|w| w[0].count_ones()).sum();
