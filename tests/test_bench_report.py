@@ -46,12 +46,17 @@ def results(tmp_path: Path) -> Path:
     return p
 
 
+def _report(report, path: Path, capsys) -> tuple[str, dict[str, str]]:
+    """The report of ``path``: all of it, and its table rows by first cell."""
+    report.main([str(path)])
+    out = capsys.readouterr().out
+    return out, {line.split(" | ")[0].strip("| "): line for line in out.splitlines()}
+
+
 def test_goal_rows_and_present_intervals(report, results, capsys, monkeypatch):
     plots = []
     monkeypatch.setattr(report, "plot", lambda r, path: plots.append(path))
-    report.main([str(results)])
-    out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()}
+    out, rows = _report(report, results, capsys)
     read = rows["vm.apply random read / numpy gather (1e+05 intervals, frames scattered)"]
     assert "11x" in read
     assert "**missed**" in read
@@ -83,9 +88,7 @@ def test_paired_ratio_decides_the_verdict(report, tmp_path, capsys):
     p = tmp_path / "bench.json"
     machine = {"python_loop_ns": 30.0, "numpy_scatter_ns": 5.5, "numpy_gather_ns": 4.5}
     p.write_text(json.dumps({"benchmarks": benches, "machine_info": {"probe_start": machine}}))
-    report.main([str(p)])
-    out = capsys.readouterr().out
-    rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines()}
+    out, rows = _report(report, p, capsys)
     read = rows["vm.apply random read / numpy gather (1e+05 intervals, frames scattered)"]
     assert "9.5x paired (11x apart)" in read
     assert "| met |" in read
