@@ -256,7 +256,7 @@ def apply_tables(r: Results) -> list[str]:
         )
     )
     g = "python-overhead-call"
-    py = r.median(g, impl="python")
+    py = r.per_op(g, impl="python")
     rust = r.extra(g, "rust_ns_per_call", impl="rust")
     rust_s = rust * 1e-9 if rust is not None else None
     out.append(
@@ -535,7 +535,7 @@ def goals(r: Results) -> str:
             None if small is None else e["rss_empty_guest_mib"] <= small + 1,
             "-",
         )
-    py = r.median("python-overhead-call", impl="python")
+    py = r.per_op("python-overhead-call", impl="python")
     add(
         "one vm.set_memory_attributes call",
         fmt_time(py),

@@ -104,3 +104,21 @@ def test_paired_ratio_decides_the_verdict(report, tmp_path, capsys):
 def test_machine_probe_absent(report, results, capsys):
     report.main([str(results)])
     assert "Machine speed probe — not recorded." in capsys.readouterr().out
+
+
+def test_one_call_is_per_call(report, tmp_path, capsys):
+    """The one-call goal divides the timed loop by its calls (``ops``)."""
+    benches = [
+        {
+            "group": "python-overhead-call",
+            "params": {"impl": "python"},
+            "stats": {"median": 1.2e-3},
+            "extra_info": {"ops": 2000},
+        }
+    ]
+    p = tmp_path / "bench.json"
+    p.write_text(json.dumps({"benchmarks": benches}))
+    _, rows = _report(report, p, capsys)
+    call = rows["one vm.set_memory_attributes call"]
+    assert "| 600 ns |" in call
+    assert "| met |" in call
