@@ -192,7 +192,7 @@ def test_rss_per_page(benchmark, strategy, frames):
 @pytest.mark.benchmark(group="memory-1tib")
 @pytest.mark.parametrize("guest_size", ["2^20", "2^28"])
 def test_rss_1tib_guest(benchmark, guest_size):
-    """RSS of a guest of ``guest_size`` pages (2^28: 1 TiB - 2 MiB, on a host of 1 TiB + 2 GiB)
+    """RSS of a guest of ``guest_size`` pages (2^28: 1 TiB, on a host of 1 TiB + 2 GiB)
     with 1 GiB touched (512 random 2 MiB runs of private writes), in a fresh interpreter.
     ``rss_guest - rss_start`` is what the empty guest costs: it must not grow with size."""
     pages = size(SIZES[guest_size])
