@@ -297,16 +297,8 @@ impl Host {
     /// Frames `pfn..pfn + n` enter `file`'s page cache at `off..off + n`: their content
     /// (left by a previous owner, if any) moves with them.
     fn admit_content(&mut self, file: usize, off: u64, pfn: u32, n: u64) {
-        let (a, b) = (u64::from(pfn), u64::from(pfn) + n);
-        let moved = self.content.entries(a, b);
-        if moved.is_empty() {
-            return;
-        }
-        self.content.clear_range(a, b);
         let c = &mut self.files[file].content;
-        for (p, v) in moved {
-            c.set(off + (p - a), v);
-        }
+        move_content(&mut self.content, u64::from(pfn), c, off, n);
     }
 
     /// Pages `off..off + n` of `file` (frames `pfn..pfn + n`) leave its page cache: their
@@ -317,14 +309,8 @@ impl Host {
             self.files[file].content.clear_range(off, off + n);
             return;
         }
-        let moved = self.files[file].content.entries(off, off + n);
-        if moved.is_empty() {
-            return;
-        }
-        self.files[file].content.clear_range(off, off + n);
-        for (o, v) in moved {
-            self.content.set(u64::from(pfn) + (o - off), v);
-        }
+        let c = &mut self.files[file].content;
+        move_content(c, off, &mut self.content, u64::from(pfn), n);
     }
 
     /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
@@ -1504,6 +1490,25 @@ fn mmap_length(length: u64) -> Result<u64> {
             errno::ENOMEM,
             format!("mmap length {length:#x} exceeds the user address space"),
         )),
+    }
+}
+
+/// Move the entries of `src` at `s0..s0 + n` to `dst` at `d0..d0 + n`, leaving `src`
+/// empty there (a page's content follows it into or out of a page cache).
+fn move_content(
+    src: &mut SparseVec<u64, Dense<u64>>,
+    s0: u64,
+    dst: &mut SparseVec<u64, Dense<u64>>,
+    d0: u64,
+    n: u64,
+) {
+    let moved = src.entries(s0, s0 + n);
+    if moved.is_empty() {
+        return;
+    }
+    src.clear_range(s0, s0 + n);
+    for (k, v) in moved {
+        dst.set(d0 + (k - s0), v);
     }
 }
 
