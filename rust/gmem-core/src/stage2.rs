@@ -10,11 +10,11 @@
 //! every leaf of the slot maps `base + index`, as faulting a range in on a fresh host
 //! gives; a *file* slot: private leaves whose frames are the page cache's at the slot's
 //! guest_memfd offsets, see [`Frames`]) or held in a table of 512 in an arena of fixed
-//! segments, found from the slot by arithmetic; only a shared access through a table slot reads them (a private access
-//! asks [`Stage2::probe`], bits only, and finds the page's content in its guest_memfd). Only what is mapped exists; a
-//! range zap probes the slots of a small range or walks the present regions of a large
-//! one, and clears 4 KiB leaves through the bitmaps alone. Live leaf counts per level are
-//! kept incrementally.
+//! segments, found from the slot by arithmetic. Only a shared access through a table slot
+//! reads them: a private access asks [`Stage2::probe`], bits only, and finds the page's
+//! content in its guest_memfd. Only what is mapped exists; a range zap probes the slots of
+//! a small range or walks the present regions of a large one, and clears 4 KiB leaves
+//! through the bitmaps alone. Live leaf counts per level are kept incrementally.
 
 use std::collections::BTreeMap;
 
