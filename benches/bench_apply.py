@@ -248,6 +248,16 @@ def test_apply_batching(benchmark, impl, batch):
     ops_p = np.full(gfns.size, Op.CONVERT_PRIVATE, np.uint8)
     ops_s = np.full(gfns.size, Op.CONVERT_SHARED, np.uint8)
     benchmark.extra_info.update(guest_pages=PAGES, ops=int(gfns.size), batch=batch)
+
+    def rust_toggle(baseline) -> Toggle:
+        """The same events, one core call per direction, on a `CoreDriver` of its own."""
+        driver = baseline.CoreDriver(PAGES)
+        ones, zeros = np.ones(gfns.size, np.uint64), np.zeros(gfns.size, np.uint64)
+        return Toggle(
+            lambda: driver.apply(ops_p, gfns, ones, zeros),
+            lambda: driver.apply(ops_s, gfns, ones, zeros),
+        )
+
     if impl == "python":
         _, g = guest(PAGES)
         vm = g.vm
@@ -261,29 +271,17 @@ def test_apply_batching(benchmark, impl, batch):
 
         fn = Toggle(lambda: run(parts_p), lambda: run(parts_s))
     else:
-        driver = baseline_module().CoreDriver(PAGES)
-        ones, zeros = np.ones(gfns.size, np.uint64), np.zeros(gfns.size, np.uint64)
-        fn = Toggle(
-            lambda: driver.apply(ops_p, gfns, ones, zeros),
-            lambda: driver.apply(ops_s, gfns, ones, zeros),
-        )
+        fn = rust_toggle(baseline_module())
     # Many rounds: the machine is shared, and this ratio is a small difference of two
     # large numbers.
     n_rounds, warmup = rounds(8 if batch == 1 else 20), rounds(2)
-    if impl == "python" and batch == OVERHEAD_BATCHES[-1] and baseline_module(required=False):
+    baseline = baseline_module(required=False)
+    if impl == "python" and batch == OVERHEAD_BATCHES[-1] and baseline:
         # The goal's pair: the same events in one core call from Rust, timed just before
         # every round. Each side makes two calls per round, an untimed one (for Python,
         # ``fn`` as the setup) and a timed one, so both time the same direction right
         # after a pass over their own data.
-        driver = baseline_module().CoreDriver(PAGES)
-        ones, zeros = np.ones(gfns.size, np.uint64), np.zeros(gfns.size, np.uint64)
-        paired = Paired(
-            Toggle(
-                lambda: driver.apply(ops_p, gfns, ones, zeros),
-                lambda: driver.apply(ops_s, gfns, ones, zeros),
-            ),
-            setup=fn,
-        )
+        paired = Paired(rust_toggle(baseline), setup=fn)
         benchmark.pedantic(fn, setup=paired, rounds=n_rounds, warmup_rounds=warmup)
         paired.record(benchmark, "rust")
         return
