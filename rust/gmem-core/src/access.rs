@@ -7,7 +7,6 @@ use crate::mapping::MapKind;
 use crate::memslot::Memslot;
 use crate::platform::VmType;
 use crate::stage2::{Leaf, Level};
-use crate::strategy::{SharedSide, StrategyKind};
 use crate::vm::{FaultPolicy, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
@@ -240,21 +239,6 @@ impl Host {
         Ok(pfn)
     }
 
-    /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
-    /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
-    pub(crate) fn shared_file_page(
-        &self,
-        vm: usize,
-        slot: &Memslot,
-        gfn: u64,
-    ) -> Option<(usize, u64, bool)> {
-        match self.vms[vm].strategy.shared_side() {
-            SharedSide::Userspace if !self.slot_gmem_only(vm, slot.id) => None,
-            SharedSide::SecondRange => slot.shared_offset_of(gfn),
-            _ => slot.offset_of(gfn),
-        }
-    }
-
     /// The frame backing `gfn`'s shared view, faulted in if needed.
     fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
         let file_page = self.shared_file_page(vm, slot, gfn);
@@ -428,22 +412,7 @@ impl Host {
     /// Whether the host may map file page `off`.
     fn host_may_access(&self, f: usize, off: u64) -> bool {
         let file = &self.files[f];
-        if let Some(a) = &file.attrs {
-            return a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
-        }
-        match self.vms[file.vm].strategy {
-            StrategyKind::Realloc | StrategyKind::TwoOffsets => match file.binding_at(off) {
-                Some((_, b)) if b.shared_side => true,
-                Some((bs, b)) => {
-                    let slot = &self.vms[b.vm].slots[&b.slot];
-                    let gfn = slot.base_gfn + (off - bs);
-                    self.vms[b.vm].attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
-                }
-                None => true,
-            },
-            // Mainline: user faults are allowed only on INIT_SHARED files.
-            _ => file.flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0,
-        }
+        self.vms[file.vm].strategy.host_may_map(self, f, off)
     }
 
     fn host_fault(&mut self, f: usize, addr: u64, kind: HostFaultKind) -> Error {

@@ -4,7 +4,6 @@ use crate::access::HostOp;
 use crate::error::{Error, Result, einval};
 use crate::host::{Host, Loc};
 use crate::stage2::Leaf;
-use crate::strategy::SharedSide;
 use crate::vm::Vm;
 use crate::{PAGE_SHIFT, uapi};
 
@@ -460,37 +459,6 @@ impl Host {
             }
         }
         Ok(last)
-    }
-
-    /// The VMM discards the shared side of `[start, end)`: `MADV_DONTNEED` on userspace
-    /// memory, or punching the shared range of a `two_offsets` slot. Nothing to do where
-    /// the shared view is the private page itself.
-    pub fn discard_shared(&mut self, vm: usize, start: u64, end: u64) {
-        let side = self.vms[vm].strategy.shared_side();
-        for id in self.vms[vm].slots_in(start, end) {
-            let slot = self.vms[vm].slots[&id].clone();
-            let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
-            if self.slot_shared_in_userspace(vm, &slot) {
-                let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
-                let maps: Vec<usize> = self
-                    .va
-                    .range(..a1)
-                    .map(|(_, &m)| m)
-                    .filter(|&m| self.maps[m].end() > a0)
-                    .collect();
-                for m in maps {
-                    let map = &self.maps[m];
-                    let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                    let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
-                    self.discard_pages(m, i0, i1);
-                }
-            } else if side == SharedSide::SecondRange
-                && let Some(b) = slot.shared.filter(|b| b.live)
-            {
-                let o0 = b.pgoff + (g0 - slot.base_gfn);
-                self.punch(b.file, o0, o0 + (g1 - g0));
-            }
-        }
     }
 
     /// Run the strict-mode check if enabled.

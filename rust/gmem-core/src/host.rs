@@ -225,17 +225,10 @@ impl Host {
         id
     }
 
-    /// guest_memfd creation flags this VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`).
-    ///
-    /// Mainline always offers MMAP; INIT_SHARED only where
-    /// `kvm_arch_supports_gmem_init_shared()` — on x86 never for a VM with private memory.
-    /// The in-place series enables INIT_SHARED for CoCo VMs, so `inplace` VMs offer it.
+    /// guest_memfd creation flags this VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`): the
+    /// strategy's (`Strategy::GMEM_FLAGS`).
     pub fn supported_gmem_flags(&self, vm: usize) -> u64 {
-        let mut f = uapi::GUEST_MEMFD_FLAG_MMAP;
-        if self.vms[vm].strategy == StrategyKind::Inplace {
-            f |= uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
-        }
-        f
+        self.vms[vm].strategy.gmem_flags()
     }
 
     /// `KVM_CHECK_EXTENSION` on the VM fd.
@@ -246,14 +239,7 @@ impl Host {
             uapi::KVM_CAP_USER_MEMORY2
             | uapi::KVM_CAP_GUEST_MEMFD
             | uapi::KVM_CAP_MEMORY_FAULT_INFO => 1,
-            uapi::KVM_CAP_MEMORY_ATTRIBUTES => {
-                // The in-place series deprecates VM-scoped PRIVATE tracking.
-                if v.strategy == StrategyKind::Inplace {
-                    0
-                } else {
-                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-                }
-            }
+            uapi::KVM_CAP_MEMORY_ATTRIBUTES => v.strategy.vm_attributes(),
             uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
             uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),
             uapi::KVM_CAP_READONLY_MEM => u64::from(v.vm_type.has_readonly_mem()),
@@ -466,17 +452,10 @@ impl Host {
                 )));
             }
         }
-        let strategy = self.vms[vm].strategy;
-        let attrs = strategy.file_attrs().then(|| {
-            let init_shared = flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
-            // In-place series: a file starts private unless INIT_SHARED. attr_hook keeps
-            // mainline's VM semantics, where every gfn starts shared.
-            BitAttrMap::new(if init_shared || strategy != StrategyKind::Inplace {
-                0
-            } else {
-                uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-            })
-        });
+        let attrs = self.vms[vm]
+            .strategy
+            .initial_file_attr(flags)
+            .map(BitAttrMap::new);
         let id = self.files.len();
         let fd = self.new_fd(Fd::Gmem(id));
         let inode = self.next_inode;
@@ -870,7 +849,7 @@ impl Host {
     // ---------------------------------------------------------------- memslots
 
     /// Resolve an fd argument to a guest_memfd of `vm` (mainline `kvm_gmem_bind` checks).
-    fn resolve_gmem(&self, vm: usize, arg: GmemArg) -> Result<usize> {
+    pub(crate) fn resolve_gmem(&self, vm: usize, arg: GmemArg) -> Result<usize> {
         let fd = match arg {
             GmemArg::None => return Err(err(errno::EBADF, "no guest_memfd given")),
             GmemArg::Foreign => {
@@ -1025,28 +1004,17 @@ impl Host {
                 live: true,
             });
             let wants_shared = r.shared_offset.is_some() || r.shared_guest_memfd != GmemArg::None;
-            if strategy == StrategyKind::TwoOffsets && wants_shared {
+            if strategy.binds_second_range() && wants_shared {
                 // Without a shared range the slot's shared side stays at userspace_addr.
-                let soff = r.shared_offset.unwrap_or(0);
-                let sf = match r.shared_guest_memfd {
-                    GmemArg::None => f,
-                    a => self.resolve_gmem(vm, a)?,
-                };
-                if !soff.is_multiple_of(PAGE_SIZE) || soff.checked_add(r.memory_size).is_none() {
-                    return Err(einval(format!(
-                        "shared_offset {soff:#x} not page aligned or overflows"
-                    )));
-                }
-                let spg = soff >> PAGE_SHIFT;
-                self.check_bind(sf, spg, npages, soff, r.memory_size)?;
-                if sf == f && spg < pgoff + npages && pgoff < spg + npages {
-                    return Err(einval("shared range overlaps the private range"));
-                }
-                shared = Some(Binding {
-                    file: sf,
-                    pgoff: spg,
-                    live: true,
-                });
+                shared = Some(self.bind_second_range(
+                    vm,
+                    r.shared_guest_memfd,
+                    r.shared_offset,
+                    f,
+                    pgoff,
+                    npages,
+                    r.memory_size,
+                )?);
             } else if wants_shared {
                 return Err(einval(
                     "shared_guest_memfd/shared_offset are only for two_offsets",
@@ -1072,7 +1040,14 @@ impl Host {
         Ok(())
     }
 
-    fn check_bind(&self, f: usize, pgoff: u64, npages: u64, off: u64, size: u64) -> Result<()> {
+    pub(crate) fn check_bind(
+        &self,
+        f: usize,
+        pgoff: u64,
+        npages: u64,
+        off: u64,
+        size: u64,
+    ) -> Result<()> {
         let file = &self.files[f];
         if off > i64::MAX as u64 || pgoff + npages > file.size_pages {
             return Err(einval(format!(
@@ -1278,17 +1253,6 @@ impl Host {
 
     // ---------------------------------------------------------------- double backing
 
-    /// Whether `slot`'s shared view is the VMM's userspace memory at `userspace_addr`:
-    /// always for `dual` (unless the slot is guest_memfd-only), for `two_offsets` slots
-    /// bound without a shared range, and for any memslot without guest_memfd.
-    pub(crate) fn slot_shared_in_userspace(&self, vm: usize, slot: &Memslot) -> bool {
-        match self.vms[vm].strategy.shared_side() {
-            SharedSide::Userspace => !self.slot_gmem_only(vm, slot.id),
-            SharedSide::SecondRange => slot.shared.is_none(),
-            SharedSide::SameFile => slot.gmem.is_none(),
-        }
-    }
-
     /// Whether a shared page distinct from the private one is allocated for `gfn`.
     fn shared_page_present(&self, vm: usize, slot: &Memslot, gfn: u64) -> bool {
         if self.slot_shared_in_userspace(vm, slot) {
@@ -1313,7 +1277,7 @@ impl Host {
             .collect();
         for (bs, b) in binds {
             let vm = b.vm;
-            if self.vms[vm].strategy.shared_side() == SharedSide::SameFile {
+            if !self.vms[vm].strategy.may_double_back() {
                 continue;
             }
             let slot = self.vms[vm].slots[&b.slot].clone();
@@ -1397,7 +1361,7 @@ impl Host {
 
     pub(crate) fn count_double(&self, vm: usize) -> u64 {
         let v = &self.vms[vm];
-        if v.strategy.shared_side() == SharedSide::SameFile {
+        if !v.strategy.may_double_back() {
             return 0;
         }
         v.slots
@@ -1408,7 +1372,7 @@ impl Host {
 
     /// Pages of `slot` backed twice (its private page and a distinct shared one).
     fn slot_double(&self, vm: usize, slot: &Memslot) -> u64 {
-        if self.vms[vm].strategy.shared_side() == SharedSide::SameFile {
+        if !self.vms[vm].strategy.may_double_back() {
             return 0;
         }
         let Some(b) = slot.gmem.filter(|b| b.live) else {

@@ -2,26 +2,44 @@
 //! attribute per offset and zaps host mappings of the now-private range (Paolo's proposal
 //! in the v13 review). One gfn per offset is enforced at binding. There is no refcount
 //! gate: a pin taken before the conversion survives it, and the model counts each such
-//! page as a violation — the host still reaches a private page.
+//! page as a violation — the host still reaches a private page. Files keep mainline's VM
+//! semantics: every offset starts shared. The backing work is `inplace`'s
+//! (`same_page.rs`).
 
-use super::{SharedSide, Strategy};
+use super::{SharedSide, Strategy, shared_by_file_attr};
 use crate::host::Host;
 
 pub struct AttrHook;
 
 impl Strategy for AttrHook {
-    fn name(&self) -> &'static str {
-        "attr_hook"
+    const NAME: &'static str = "attr_hook";
+    const SHARED_SIDE: SharedSide = SharedSide::SameFile;
+    const FILE_ATTRS: bool = true;
+
+    fn initial_file_attr(_flags: u64) -> Option<u64> {
+        Some(0)
     }
 
-    fn shared_side(&self) -> SharedSide {
-        SharedSide::SameFile
-    }
-
-    fn after_convert(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
         if private {
-            host.count_surviving_pins(vm, start, end);
+            h.count_surviving_pins(vm, start, end);
         }
-        host.convert_same_page(vm, start, end, private);
+        h.convert_same_page(vm, start, end, private);
+    }
+
+    fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
+        shared_by_file_attr(h, file, off)
+    }
+}
+
+impl Host {
+    /// A pin taken before the conversion survives it; each such page is a page the host
+    /// still reaches while private.
+    fn count_surviving_pins(&mut self, vm: usize, start: u64, end: u64) {
+        let mut n = 0;
+        for p in self.bound_parts(vm, start, end) {
+            n += self.files[p.file].pins_in(p.o0, p.o1()).len() as u64;
+        }
+        self.vms[vm].stats.violations += n;
     }
 }

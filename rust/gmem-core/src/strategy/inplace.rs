@@ -3,31 +3,167 @@
 //! private unmaps the range from every host page table and then refuses with `EAGAIN`
 //! (`error_offset` = first offending page) if any page still has an elevated reference —
 //! before anything changes. HugeTLB folios split when any page turns shared and merge back
-//! once the whole huge range is private again.
+//! once the whole huge range is private again (`same_page.rs`).
+//!
+//! The series also adds a second conversion ioctl, `KVM_SET_MEMORY_ATTRIBUTES2` on the
+//! guest_memfd itself ([`Host::set_memory_attributes2`]), enables `INIT_SHARED` for CoCo
+//! VMs (a file starts private unless created with it) and deprecates VM-scoped PRIVATE
+//! tracking (`KVM_CAP_MEMORY_ATTRIBUTES` reports 0).
 
-use super::{SharedSide, Strategy};
-use crate::error::Result;
+use super::{SharedSide, Strategy, StrategyKind, shared_by_file_attr};
+use crate::error::{Error, Result, einval, err, errno};
 use crate::host::Host;
+use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 pub struct Inplace;
 
 impl Strategy for Inplace {
-    fn name(&self) -> &'static str {
-        "inplace"
+    const NAME: &'static str = "inplace";
+    const SHARED_SIDE: SharedSide = SharedSide::SameFile;
+    const FILE_ATTRS: bool = true;
+    const HAS_GATE: bool = true;
+    const GMEM_FLAGS: u64 = uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
+    const VM_ATTRIBUTES: u64 = 0;
+
+    fn initial_file_attr(flags: u64) -> Option<u64> {
+        Some(if flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+            0
+        } else {
+            uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+        })
     }
 
-    fn shared_side(&self) -> SharedSide {
-        SharedSide::SameFile
-    }
-
-    fn gate(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
+    fn gate(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
         if private {
-            host.refuse_if_pinned(vm, start, end)?;
+            h.refuse_if_pinned(vm, start, end)?;
         }
         Ok(())
     }
 
-    fn after_convert(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
-        host.convert_same_page(vm, start, end, private);
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+        h.convert_same_page(vm, start, end, private);
+    }
+
+    fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
+        shared_by_file_attr(h, file, off)
+    }
+}
+
+impl Host {
+    /// The gate: unmap the range from host page tables, then refuse with `EAGAIN` if a
+    /// page is still referenced (pinned) — before any attribute changes.
+    fn refuse_if_pinned(&mut self, vm: usize, start: u64, end: u64) -> Result<()> {
+        let parts = self.bound_parts(vm, start, end);
+        for p in &parts {
+            self.unmap_file_range(p.file, p.o0, p.o1());
+        }
+        for p in &parts {
+            if let Some(first) = self.first_pinned(p.file, p.o0, p.o1()) {
+                return Err(self.busy(vm, p.g0 + (first - p.o0)));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first pinned page of `[o0, o1)` of `file`.
+    fn first_pinned(&self, file: usize, o0: u64, o1: u64) -> Option<u64> {
+        self.files[file].pins_in(o0, o1).first().copied()
+    }
+
+    /// `EAGAIN` at page `page` (a gfn, or a file page for the guest_memfd ioctl).
+    fn busy(&mut self, vm: usize, page: u64) -> Error {
+        self.vms[vm].stats.eagain += 1;
+        Error::Busy {
+            error_offset: page << PAGE_SHIFT,
+        }
+    }
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES2` on a guest_memfd (in-place series).
+    pub fn set_memory_attributes2(
+        &mut self,
+        file: usize,
+        offset: u64,
+        size: u64,
+        attributes: u64,
+        flags: u64,
+    ) -> Result<()> {
+        let f = &self.files[file];
+        if f.fd.is_none() {
+            return Err(err(errno::EBADF, "guest_memfd is closed"));
+        }
+        if self.vms[f.vm].strategy != StrategyKind::Inplace {
+            return Err(err(
+                errno::ENOTTY,
+                "KVM_SET_MEMORY_ATTRIBUTES2 needs in-place conversion (strategy inplace)",
+            ));
+        }
+        if flags != 0 {
+            return Err(einval(format!("flags {flags:#x} must be 0")));
+        }
+        if attributes & !uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
+            return Err(einval(format!("unsupported attributes {attributes:#x}")));
+        }
+        if size == 0 || offset.checked_add(size).is_none() {
+            return Err(einval(format!(
+                "range {offset:#x}+{size:#x} is empty or overflows"
+            )));
+        }
+        if !offset.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "range {offset:#x}+{size:#x} not page aligned"
+            )));
+        }
+        let isize = f.size_pages << PAGE_SHIFT;
+        if offset >= isize || offset + size > isize {
+            return Err(einval(format!(
+                "range {offset:#x}+{size:#x} beyond file size {isize:#x}"
+            )));
+        }
+        let (o0, o1) = (offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT);
+        let private = attributes != 0;
+        let vm = f.vm;
+        let a = f.attrs.as_ref().expect("inplace files keep attributes");
+        let changed = o1 - o0 - a.count(o0, o1, attributes);
+        if changed == 0 {
+            return Ok(());
+        }
+        if private {
+            // The gate, by file offset.
+            self.unmap_file_range(file, o0, o1);
+            if let Some(first) = self.first_pinned(file, o0, o1) {
+                return Err(self.busy(vm, first));
+            }
+        }
+        self.files[file]
+            .attrs
+            .as_mut()
+            .expect("checked")
+            .set(o0, o1, attributes);
+        self.zap_bound_gfns(file, o0, o1, Some(!private));
+        self.same_page_work(vm, file, o0, o1, private);
+        let c = self.costs.attr_range;
+        let s = &mut self.vms[vm].stats;
+        s.conversions += 1;
+        s.converted_pages += changed;
+        s.modelled_ns += c;
+        self.strict_check(vm)
+    }
+
+    /// `KVM_GET_MEMORY_ATTRIBUTES2`: the attribute at `offset` of a guest_memfd that keeps
+    /// attributes per offset.
+    pub fn get_memory_attributes2(&self, file: usize, offset: u64) -> Result<u64> {
+        let f = &self.files[file];
+        let Some(a) = &f.attrs else {
+            return Err(err(
+                errno::ENOTTY,
+                "this guest_memfd keeps no per-offset attributes",
+            ));
+        };
+        if !offset.is_multiple_of(PAGE_SIZE) || offset >= f.size_pages << PAGE_SHIFT {
+            return Err(einval(format!(
+                "offset {offset:#x} unaligned or beyond the file"
+            )));
+        }
+        Ok(a.get(offset >> PAGE_SHIFT))
     }
 }

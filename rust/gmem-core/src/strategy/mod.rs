@@ -1,19 +1,42 @@
-//! Conversion strategies: one trait, one implementation per design argued over in the
-//! guest_memfd review (see `docs/strategies.md`).
+//! Conversion strategies: one file per design argued over in the guest_memfd review (see
+//! `docs/strategies.md`), and the pieces two designs share in named files beside them.
 //!
-//! The shared conversion path (`Host::convert`) validates, asks the strategy's
-//! `Strategy::gate` whether the conversion may proceed (before anything changes), stores
-//! the attributes, zaps stage-2 mappings of the old type, then lets the strategy do its
-//! backing work in `Strategy::after_convert`.
+//! | file | holds |
+//! |---|---|
+//! | `dual.rs` | mainline: private side in guest_memfd, shared side at `userspace_addr` |
+//! | `inplace.rs` | the in-place series: the refcount gate, `KVM_SET_MEMORY_ATTRIBUTES2`, `INIT_SHARED` |
+//! | `realloc.rs` | free the converted pages, reallocate on next access |
+//! | `two_offsets.rs` | a second guest_memfd range per memslot for the shared side |
+//! | `attr_hook.rs` | attributes per offset, no gate: surviving pins are violations |
+//! | `same_page.rs` | the in-place backing work of `inplace` and `attr_hook` |
+//! | `two_sided.rs` | the HugeTLB work of the private side of `dual` and `two_offsets` |
+//! | `lost_content.rs` | pKVM's content promise, broken by the designs that move pages |
+//!
+//! Each design is a unit type implementing [`Strategy`]: constants for what it offers and
+//! associated functions for the work it does. [`StrategyKind`] dispatches with a `match`
+//! (`with_design!`), so every call is static and the constants fold: the conversion path
+//! gets no virtual call per event.
+//!
+//! The shared conversion path (`Host::convert`) validates, asks the design's
+//! [`Strategy::gate`] whether the conversion may proceed (before anything changes), stores
+//! the attributes, zaps stage-2 mappings of the old type, then lets the design do its
+//! backing work in [`Strategy::after_convert`]. Where a gfn's shared view lives
+//! ([`Host::shared_file_page`], [`Host::slot_shared_in_userspace`]) and how the VMM discards
+//! it ([`Host::discard_shared`]) follow from [`Strategy::SHARED_SIDE`], here too.
 
 mod attr_hook;
 mod dual;
 mod inplace;
+mod lost_content;
 mod realloc;
+mod same_page;
 mod two_offsets;
+mod two_sided;
 
 use crate::error::{Result, einval};
 use crate::host::Host;
+use crate::memslot::Memslot;
+use crate::uapi;
 
 /// Where the shared view of a gfn lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +58,34 @@ pub enum StrategyKind {
     AttrHook,
 }
 
+/// Run `$body` with `$D` naming the unit type of `$kind`'s design (a static dispatch).
+macro_rules! with_design {
+    ($kind:expr, $D:ident => $body:expr) => {
+        match $kind {
+            StrategyKind::Dual => {
+                type $D = dual::Dual;
+                $body
+            }
+            StrategyKind::Inplace => {
+                type $D = inplace::Inplace;
+                $body
+            }
+            StrategyKind::Realloc => {
+                type $D = realloc::Realloc;
+                $body
+            }
+            StrategyKind::TwoOffsets => {
+                type $D = two_offsets::TwoOffsets;
+                $body
+            }
+            StrategyKind::AttrHook => {
+                type $D = attr_hook::AttrHook;
+                $body
+            }
+        }
+    };
+}
+
 impl StrategyKind {
     pub const ALL: [StrategyKind; 5] = [
         StrategyKind::Dual,
@@ -45,72 +96,214 @@ impl StrategyKind {
     ];
 
     pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "dual" => StrategyKind::Dual,
-            "inplace" => StrategyKind::Inplace,
-            "realloc" => StrategyKind::Realloc,
-            "two_offsets" => StrategyKind::TwoOffsets,
-            "attr_hook" => StrategyKind::AttrHook,
-            _ => {
-                return Err(einval(format!(
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                einval(format!(
                     "unknown strategy {s:?} (expected dual, inplace, realloc, two_offsets or attr_hook)"
-                )));
-            }
-        })
+                ))
+            })
     }
 
     pub fn name(self) -> &'static str {
-        self.imp().name()
-    }
-
-    pub(crate) fn imp(self) -> &'static dyn Strategy {
-        match self {
-            StrategyKind::Dual => &dual::Dual,
-            StrategyKind::Inplace => &inplace::Inplace,
-            StrategyKind::Realloc => &realloc::Realloc,
-            StrategyKind::TwoOffsets => &two_offsets::TwoOffsets,
-            StrategyKind::AttrHook => &attr_hook::AttrHook,
-        }
+        with_design!(self, D => D::NAME)
     }
 
     /// Attributes of gfns bound to a guest_memfd live at the file's offsets (the same-page
-    /// designs). A match, not a trait call: the conversion path asks on every event.
+    /// designs).
+    #[inline]
     pub fn file_attrs(self) -> bool {
-        matches!(self, StrategyKind::Inplace | StrategyKind::AttrHook)
+        with_design!(self, D => D::FILE_ATTRS)
     }
 
-    /// Whether the strategy's [`Strategy::gate`] can refuse a conversion (the in-place
+    /// Whether the design's [`Strategy::gate`] can refuse a conversion (the in-place
     /// series' refcount check); the conversion path then checks for a no-op before asking,
     /// instead of storing first.
+    #[inline]
     pub(crate) fn has_gate(self) -> bool {
-        matches!(self, StrategyKind::Inplace)
+        with_design!(self, D => D::HAS_GATE)
     }
 
+    #[inline]
     pub fn shared_side(self) -> SharedSide {
-        self.imp().shared_side()
+        with_design!(self, D => D::SHARED_SIDE)
+    }
+
+    /// Whether a gfn can be backed twice (a private page and a distinct shared one).
+    #[inline]
+    pub(crate) fn may_double_back(self) -> bool {
+        self.shared_side() != SharedSide::SameFile
+    }
+
+    /// guest_memfd creation flags a VM of this design accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`).
+    pub(crate) fn gmem_flags(self) -> u64 {
+        with_design!(self, D => D::GMEM_FLAGS)
+    }
+
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`: the VM-scoped attributes offered.
+    pub(crate) fn vm_attributes(self) -> u64 {
+        with_design!(self, D => D::VM_ATTRIBUTES)
+    }
+
+    /// The per-offset attribute value a new guest_memfd starts with, or `None` when the
+    /// design keeps no attributes in the file.
+    pub(crate) fn initial_file_attr(self, flags: u64) -> Option<u64> {
+        with_design!(self, D => D::initial_file_attr(flags))
+    }
+
+    /// Whether memslots may bind a second guest_memfd range for the shared side.
+    pub(crate) fn binds_second_range(self) -> bool {
+        self.shared_side() == SharedSide::SecondRange
+    }
+
+    /// [`Strategy::gate`] of the design.
+    #[inline]
+    pub(crate) fn gate(
+        self,
+        h: &mut Host,
+        vm: usize,
+        start: u64,
+        end: u64,
+        private: bool,
+    ) -> Result<()> {
+        with_design!(self, D => D::gate(h, vm, start, end, private))
+    }
+
+    /// [`Strategy::after_convert`] of the design.
+    #[inline]
+    pub(crate) fn after_convert(
+        self,
+        h: &mut Host,
+        vm: usize,
+        start: u64,
+        end: u64,
+        private: bool,
+    ) {
+        with_design!(self, D => D::after_convert(h, vm, start, end, private));
+    }
+
+    /// [`Strategy::host_may_map`] of the design.
+    pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
+        with_design!(self, D => D::host_may_map(h, file, off))
     }
 }
 
-/// One conversion design.
-pub(crate) trait Strategy: Sync {
-    fn name(&self) -> &'static str;
+/// One conversion design. Implemented by a unit type per design and called through
+/// [`StrategyKind`]'s static dispatch.
+pub(crate) trait Strategy {
+    const NAME: &'static str;
 
-    fn shared_side(&self) -> SharedSide;
+    const SHARED_SIDE: SharedSide;
+
+    /// Attributes of bound gfns live at the file's offsets.
+    const FILE_ATTRS: bool = false;
+
+    /// Whether [`Strategy::gate`] can refuse.
+    const HAS_GATE: bool = false;
+
+    /// guest_memfd creation flags offered (`KVM_CAP_GUEST_MEMFD_FLAGS`). Mainline always
+    /// offers MMAP; INIT_SHARED only where `kvm_arch_supports_gmem_init_shared()`, on x86
+    /// never for a VM with private memory.
+    const GMEM_FLAGS: u64 = uapi::GUEST_MEMFD_FLAG_MMAP;
+
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`.
+    const VM_ATTRIBUTES: u64 = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
+
+    /// The attribute every offset of a new guest_memfd created with `flags` starts with,
+    /// for designs that keep attributes per offset.
+    fn initial_file_attr(_flags: u64) -> Option<u64> {
+        None
+    }
 
     /// Decide, before any state changes, whether converting `[start, end)` may go ahead
-    /// (only strategies for which [`StrategyKind::has_gate`] holds ever refuse).
-    fn gate(
-        &self,
-        _host: &mut Host,
-        _vm: usize,
-        _start: u64,
-        _end: u64,
-        _private: bool,
-    ) -> Result<()> {
+    /// (only designs with [`Strategy::HAS_GATE`] ever refuse).
+    fn gate(_h: &mut Host, _vm: usize, _start: u64, _end: u64, _private: bool) -> Result<()> {
         Ok(())
     }
 
-    /// The strategy's backing work once attributes are stored and stale stage-2 entries are
+    /// The design's backing work once attributes are stored and stale stage-2 entries are
     /// zapped.
-    fn after_convert(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool);
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool);
+
+    /// Whether the host may map page `off` of `file` (a guest_memfd of a VM of this
+    /// design). Mainline: user faults are allowed only on INIT_SHARED files.
+    fn host_may_map(h: &Host, file: usize, _off: u64) -> bool {
+        h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0
+    }
+}
+
+/// Whether the host may map page `off` of a file that keeps its attributes per offset.
+fn shared_by_file_attr(h: &Host, file: usize, off: u64) -> bool {
+    h.files[file]
+        .attrs
+        .as_ref()
+        .is_some_and(|a| a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0)
+}
+
+/// Whether the host may map page `off` of a file whose pages are private exactly where the
+/// gfn bound there is: pages of a shared-side binding and unbound pages always.
+fn shared_by_bound_gfn(h: &Host, file: usize, off: u64) -> bool {
+    match h.files[file].binding_at(off) {
+        Some((_, b)) if b.shared_side => true,
+        Some((bs, b)) => {
+            let slot = &h.vms[b.vm].slots[&b.slot];
+            let gfn = slot.base_gfn + (off - bs);
+            h.vms[b.vm].attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
+        }
+        None => true,
+    }
+}
+
+// ------------------------------------------------------------------ the shared view
+
+impl Host {
+    /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
+    /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
+    pub(crate) fn shared_file_page(
+        &self,
+        vm: usize,
+        slot: &Memslot,
+        gfn: u64,
+    ) -> Option<(usize, u64, bool)> {
+        match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace if !self.slot_gmem_only(vm, slot.id) => None,
+            SharedSide::SecondRange => slot.shared_offset_of(gfn),
+            _ => slot.offset_of(gfn),
+        }
+    }
+
+    /// Whether `slot`'s shared view is the VMM's userspace memory at `userspace_addr`:
+    /// always for `dual` (unless the slot is guest_memfd-only), for `two_offsets` slots
+    /// bound without a shared range, and for any memslot without guest_memfd.
+    pub(crate) fn slot_shared_in_userspace(&self, vm: usize, slot: &Memslot) -> bool {
+        match self.vms[vm].strategy.shared_side() {
+            SharedSide::Userspace => !self.slot_gmem_only(vm, slot.id),
+            SharedSide::SecondRange => slot.shared.is_none(),
+            SharedSide::SameFile => slot.gmem.is_none(),
+        }
+    }
+
+    /// The VMM discards the shared side of `[start, end)`: `MADV_DONTNEED` on userspace
+    /// memory, or punching the shared range of a `two_offsets` slot. Nothing to do where
+    /// the shared view is the private page itself.
+    pub fn discard_shared(&mut self, vm: usize, start: u64, end: u64) {
+        let side = self.vms[vm].strategy.shared_side();
+        for id in self.vms[vm].slots_in(start, end) {
+            let slot = self.vms[vm].slots[&id].clone();
+            let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
+            if self.slot_shared_in_userspace(vm, &slot) {
+                let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
+                let maps: Vec<(usize, u64, u64)> = self.maps_in(a0, a1).collect();
+                for (m, i0, i1) in maps.into_iter().rev() {
+                    self.discard_pages(m, i0, i1);
+                }
+            } else if side == SharedSide::SecondRange
+                && let Some(b) = slot.shared.filter(|b| b.live)
+            {
+                let o0 = b.pgoff + (g0 - slot.base_gfn);
+                self.punch(b.file, o0, o0 + (g1 - g0));
+            }
+        }
+    }
 }

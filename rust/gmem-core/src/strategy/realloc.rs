@@ -1,24 +1,34 @@
 //! `realloc`: one guest_memfd; each conversion frees the pages at the converted offsets
 //! and the next access allocates fresh zeroed ones (Sean's "PUNCH_HOLE + realloc" in the
 //! v13 review). Never double-backed; every conversion pays free + allocate + zero;
-//! content is lost.
+//! content is lost. The host may map a page while the gfn bound there is shared.
 
-use super::{SharedSide, Strategy};
+use super::{SharedSide, Strategy, shared_by_bound_gfn};
 use crate::host::Host;
 
 pub struct Realloc;
 
 impl Strategy for Realloc {
-    fn name(&self) -> &'static str {
-        "realloc"
+    const NAME: &'static str = "realloc";
+    const SHARED_SIDE: SharedSide = SharedSide::SameFile;
+
+    #[inline]
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+        // The side entered is a fresh page: any content of the side left is lost.
+        h.count_lost_content(vm, start, end, private, false);
+        h.free_gfn_range(vm, start, end);
     }
 
-    fn shared_side(&self) -> SharedSide {
-        SharedSide::SameFile
+    fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
+        shared_by_bound_gfn(h, file, off)
     }
+}
 
-    fn after_convert(&self, host: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
-        host.count_lost_content(vm, start, end, private);
-        host.free_gfn_range(vm, start, end);
+impl Host {
+    /// Free the pages behind the converted gfns; the next access allocates anew.
+    pub(crate) fn free_gfn_range(&mut self, vm: usize, start: u64, end: u64) {
+        for p in self.bound_parts(vm, start, end) {
+            self.punch(p.file, p.o0, p.o1());
+        }
     }
 }
