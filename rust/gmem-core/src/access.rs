@@ -5,7 +5,6 @@ use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
-use crate::platform::VmType;
 use crate::stage2::{Leaf, Level};
 use crate::vm::{FaultPolicy, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -327,34 +326,8 @@ impl Host {
         }
         self.vms[vm].refresh_stage2_counts();
         let mut ns = self.costs.stage2_map;
-        match self.vms[vm].vm_type {
-            VmType::Tdx => {
-                // TDH.MEM.PAGE.AUG by KVM, then TDG.MEM.PAGE.ACCEPT by the guest.
-                let s = &mut self.vms[vm].stats;
-                s.tdx_page_augs += 1;
-                s.tdx_accepts += 1;
-                ns += self.costs.tdx_page_aug + self.costs.tdx_accept;
-            }
-            VmType::Snp => {
-                let mut fresh = false;
-                for i in 0..n {
-                    let p = p0 + i as u32;
-                    match self.rmp.insert(p, (vm, g0 + i)) {
-                        None => fresh = true,
-                        Some(prev) if prev != (vm, g0 + i) => self.vms[vm].stats.violations += 1,
-                        Some(_) => {}
-                    }
-                }
-                if fresh {
-                    // RMPUPDATE to guest-owned, then the guest's PVALIDATE.
-                    let s = &mut self.vms[vm].stats;
-                    s.rmpupdates += 1;
-                    s.pvalidates += 1;
-                    ns += self.costs.rmpupdate + self.costs.pvalidate;
-                }
-            }
-            VmType::SwProtected | VmType::Pkvm => {}
-        }
+        let vt = self.vms[vm].vm_type;
+        ns += vt.map_private(self, vm, g0, n, p0);
         self.charge(vm, ns);
     }
 
@@ -729,7 +702,7 @@ impl Host {
         }
         let mut done = 0;
         for (gfn, f, off) in targets {
-            if let Err(e) = self.populate_refused(vm, gfn, f, off) {
+            if let Err(e) = self.vms[vm].vm_type.populate_refused(self, vm, gfn, f, off) {
                 if done == 0 {
                     return Err(e);
                 }
@@ -751,56 +724,11 @@ impl Host {
             if !self.stale.is_empty() {
                 self.stale.remove(&r.pfn);
             }
-            match self.vms[vm].vm_type {
-                VmType::Tdx => {
-                    let file = u32::try_from(f).expect("fewer than 2^32 files");
-                    self.vms[vm].s2.map_file(gfn, r.pfn, file, off, &self.files);
-                    self.vms[vm].refresh_stage2_counts();
-                    self.vms[vm].stats.tdx_page_adds += 1;
-                    let c = self.costs.tdx_page_add;
-                    self.charge(vm, c);
-                }
-                VmType::Snp => {
-                    if self.rmp.insert(r.pfn, (vm, gfn)).is_none() {
-                        self.vms[vm].stats.rmpupdates += 1;
-                        let c = self.costs.rmpupdate;
-                        self.charge(vm, c);
-                    }
-                }
-                VmType::SwProtected | VmType::Pkvm => {}
-            }
+            let vt = self.vms[vm].vm_type;
+            vt.populate(self, vm, gfn, f, off, r.pfn);
         }
         self.strict_check(vm)?;
         Ok(done)
-    }
-
-    /// The arch post-populate hook's refusal of a page already loaded (see `populate`).
-    fn populate_refused(&self, vm: usize, gfn: u64, f: usize, off: u64) -> Result<()> {
-        match self.vms[vm].vm_type {
-            VmType::Snp => {
-                if let Some(r) = self.files[f].page(off)
-                    && self.rmp.contains_key(&r.pfn)
-                {
-                    return Err(einval(format!(
-                        "populate: gfn {gfn:#x}: its page is already assigned in the RMP"
-                    )));
-                }
-            }
-            VmType::Tdx => {
-                if self.vms[vm]
-                    .s2
-                    .lookup(gfn, &self.files)
-                    .is_some_and(|l| l.private)
-                {
-                    return Err(err(
-                        errno::EIO,
-                        format!("populate: gfn {gfn:#x} is already mapped in the S-EPT"),
-                    ));
-                }
-            }
-            VmType::SwProtected | VmType::Pkvm => {}
-        }
-        Ok(())
     }
 }
 

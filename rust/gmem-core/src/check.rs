@@ -4,7 +4,6 @@ use crate::cover::Cover;
 use crate::error::{Error, Result};
 use crate::host::{Fd, Host};
 use crate::mapping::MapKind;
-use crate::platform::VmType;
 use crate::stage2::Level;
 use crate::{PAGE_SHIFT, uapi};
 
@@ -88,10 +87,8 @@ impl Host {
                         "stage-2 maps gfn {gfn:#x} to pfn {pfn:#x} but its backing is {backing:?}"
                     )));
                 }
-                if l.private && v.vm_type == VmType::Snp && self.rmp.get(&pfn) != Some(&(vm, gfn)) {
-                    return Err(broken(format!(
-                        "SNP RMP: private pfn {pfn:#x} not assigned to gfn {gfn:#x} alone"
-                    )));
+                if l.private {
+                    v.vm_type.check_private(self, vm, gfn, pfn)?;
                 }
             }
             if l.level != Level::L4K && l.level > v.vm_type.max_private_level() {

@@ -671,11 +671,9 @@ impl Host {
         let c = &self.costs;
         let ns = c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush;
         v.stats.modelled_ns += ns;
-        if filter != Some(false) && v.vm_type == VmType::Tdx {
-            // Private S-EPT leaves leave through TDH.MEM.PAGE.REMOVE (upper bound: the
-            // zap may also have taken shared leaves when unfiltered).
-            v.stats.tdx_page_removes += z.leaves;
-            v.stats.modelled_ns += self.costs.tdx_page_remove * z.leaves;
+        if filter != Some(false) {
+            let vt = v.vm_type;
+            vt.zap_private(v, c, z.leaves);
         }
         z.leaves
     }
@@ -973,7 +971,7 @@ impl Host {
             if self.overlaps(vm, r.slot, base_gfn, npages) {
                 return Err(err(errno::EEXIST, "memslot overlaps another memslot"));
             }
-            check_max_gfn(self.vms[vm].vm_type, base_gfn, npages)?;
+            self.vms[vm].vm_type.check_max_gfn(base_gfn, npages)?;
             // MOVE: delete and recreate at the new base.
             let mut moved = old.clone();
             self.delete_slot(vm, r.slot);
@@ -1026,7 +1024,7 @@ impl Host {
             ));
         }
         // x86 `kvm_arch_prepare_memory_region()`, after the bind (which it undoes).
-        check_max_gfn(self.vms[vm].vm_type, base_gfn, npages)?;
+        self.vms[vm].vm_type.check_max_gfn(base_gfn, npages)?;
         let slot = Memslot {
             id: r.slot,
             base_gfn,
@@ -1417,29 +1415,6 @@ impl Host {
     pub fn stats(&self, vm: usize) -> Stats {
         self.vms[vm].stats
     }
-}
-
-/// A memslot created or moved must end at or below the largest gfn the MMU maps
-/// (`kvm_mmu_max_gfn()`, see `uapi::MAX_GPA_BITS`); on TDX its last gfn must not carry the
-/// shared-GPA bit either (`kvm_is_gfn_alias()`, see `uapi::TDX_SHARED_GPA_BIT`).
-fn check_max_gfn(vm_type: VmType, base_gfn: u64, npages: u64) -> Result<()> {
-    let bits = match vm_type {
-        VmType::Tdx => uapi::TDX_SHARED_GPA_BIT,
-        VmType::SwProtected | VmType::Snp | VmType::Pkvm => uapi::MAX_GPA_BITS,
-    };
-    let max_gfn = (1u64 << (bits - PAGE_SHIFT)) - 1;
-    if base_gfn + npages - 1 > max_gfn {
-        let limit = if vm_type == VmType::Tdx {
-            format!("TDX's shared-GPA bit {bits}")
-        } else {
-            format!("the {bits}-bit guest physical space")
-        };
-        return Err(einval(format!(
-            "memslot ends at gpa {:#x}, beyond {limit}",
-            (base_gfn + npages) << PAGE_SHIFT
-        )));
-    }
-    Ok(())
 }
 
 /// An `mmap(2)` length as the kernel takes it: 0 is `EINVAL`; anything else is rounded up

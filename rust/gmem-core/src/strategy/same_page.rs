@@ -5,7 +5,7 @@ use crate::host::Host;
 use crate::vm::MergePolicy;
 
 impl Host {
-    /// In-place work for `inplace` and `attr_hook` over every bound part.
+    /// The conversion's backing work over every bound part.
     pub(crate) fn convert_same_page(&mut self, vm: usize, start: u64, end: u64, private: bool) {
         for p in self.bound_parts(vm, start, end) {
             self.same_page_work(vm, p.file, p.o0, p.o1(), private);
@@ -22,34 +22,11 @@ impl Host {
         } else {
             self.split_range(vm, f, o0, o1);
         }
-        if !vt.keeps_content() {
-            self.scrub(vm, f, o0, o1);
-        }
-        if !private && !self.rmp.is_empty() {
-            let mut n = 0;
-            for off in self.present_offsets(f, o0, o1) {
-                if let Some(r) = self.files[f].page(off) {
-                    n += u64::from(self.rmp.remove(&r.pfn).is_some());
-                }
-            }
-            let c = self.costs.rmpupdate * n;
-            let s = &mut self.vms[vm].stats;
-            s.rmpupdates += n;
-            s.modelled_ns += c;
-        }
+        // Scrub where the platform re-keys; SNP frames turning shared return to the
+        // hypervisor.
+        vt.convert_in_place(self, vm, f, o0, o1, private);
         if private && self.vms[vm].opts.merge == MergePolicy::Eager {
             self.merge_range(f, o0, o1);
-        }
-    }
-
-    /// Clear the present pages of `[o0, o1)` (TDX/SNP conversion re-keys the page).
-    fn scrub(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
-        let offs = self.present_offsets(f, o0, o1);
-        for off in offs {
-            let r = self.files[f].page(off).expect("present");
-            if r.uptodate {
-                self.zero_file_pages(Some(vm), f, off, r.pfn, 0);
-            }
         }
     }
 }
