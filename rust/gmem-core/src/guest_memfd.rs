@@ -1,5 +1,7 @@
 //! guest_memfd files: size, flags, the page cache, bindings, attributes and host
-//! references.
+//! references; and the file operations on them, in the order of
+//! `virt/kvm/guest_memfd.c`: create, fallocate and punch, invalidate (stage-2 zap and
+//! host unmap), release, mmap.
 //!
 //! The page cache keeps huge folios whole (one entry per intact folio) and order-0 pages
 //! (small files, or the pieces of a split huge folio) in a sparse array of
@@ -11,7 +13,12 @@ use std::collections::BTreeMap;
 use rustc_hash::FxHashMap;
 
 use crate::bit_attr_map::BitAttrMap;
+use crate::error::{Result, einval, err, errno};
+use crate::host::{Fd, Host};
+use crate::mapping::{MapKind, mmap_length};
 use crate::sparse::{Dense, SparseVec};
+use crate::strategy::SharedSide;
+use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 pub const UPTODATE: u32 = 1 << 31;
 
@@ -215,5 +222,399 @@ impl crate::stage2::Frames for Vec<Gmem> {
         self.get(file as usize)
             .and_then(|f| f.page(off))
             .map_or(crate::stage2::NO_FRAME, |r| r.pfn)
+    }
+}
+
+// ---------------------------------------------------------------- operations
+
+impl Host {
+    /// `KVM_CREATE_GUEST_MEMFD`.
+    pub fn create_guest_memfd(
+        &mut self,
+        vm: usize,
+        size: u64,
+        flags: u64,
+        page_order: u32,
+    ) -> Result<usize> {
+        let supported = self.supported_gmem_flags(vm) | uapi::GUEST_MEMFD_FLAG_HUGETLB;
+        if flags & !supported != 0 {
+            return Err(einval(format!(
+                "guest_memfd flags {flags:#x} include unsupported bits {:#x}",
+                flags & !supported
+            )));
+        }
+        if size == 0 || size > i64::MAX as u64 || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "guest_memfd size {size:#x} is zero, negative or not page aligned"
+            )));
+        }
+        let hugetlb = flags & uapi::GUEST_MEMFD_FLAG_HUGETLB != 0;
+        if !hugetlb && page_order != 0 {
+            return Err(einval(format!(
+                "page_order {page_order} without GUEST_MEMFD_FLAG_HUGETLB"
+            )));
+        }
+        if hugetlb {
+            if page_order != 9 && page_order != 18 {
+                return Err(einval(format!(
+                    "HugeTLB page_order {page_order} is not 9 or 18"
+                )));
+            }
+            if flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+                return Err(einval("GUEST_MEMFD_FLAG_HUGETLB with INIT_SHARED"));
+            }
+            let huge = PAGE_SIZE << page_order;
+            if !size.is_multiple_of(huge) {
+                return Err(einval(format!(
+                    "size {size:#x} is not a multiple of the huge page size {huge:#x}"
+                )));
+            }
+        }
+        let attrs = self.vms[vm]
+            .strategy
+            .initial_file_attr(flags)
+            .map(BitAttrMap::new);
+        let id = self.files.len();
+        let fd = self.new_fd(Fd::Gmem(id));
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        self.files.push(Gmem {
+            vm,
+            fd: Some(fd),
+            inode,
+            size_pages: size >> PAGE_SHIFT,
+            flags,
+            order: page_order,
+            folios: BTreeMap::new(),
+            pages: SparseVec::new(),
+            nr_pages: 0,
+            content: SparseVec::new(),
+            bindings: BTreeMap::new(),
+            attrs,
+            pins: BTreeMap::new(),
+            orphans: FxHashMap::default(),
+            mappings: Vec::new(),
+            vmm_map: None,
+            released: false,
+        });
+        Ok(id)
+    }
+
+    /// Allocate the folio holding file page `off` (not zeroed: not uptodate).
+    pub(crate) fn gmem_alloc_folio(&mut self, file: usize, off: u64) -> Result<()> {
+        let (vm, mut order) = (self.files[file].vm, self.files[file].order);
+        if order > 0 {
+            // A huge range left partly populated by a split and a partial free is refilled
+            // page by page: a folio cannot be laid over the remaining pages.
+            let h = off & !((1u64 << order) - 1);
+            if !self.files[file]
+                .pages
+                .entries(h, h + (1u64 << order))
+                .is_empty()
+            {
+                order = 0;
+            }
+        }
+        let pfn = self.take_frames(Some(vm), order)?;
+        let f = &mut self.files[file];
+        let n = 1u64 << order;
+        let head = off & !(n - 1);
+        if order == 0 {
+            f.set_page(off, pfn, false);
+        } else {
+            f.folios.insert(head, (pfn, false));
+        }
+        f.nr_pages += n;
+        self.admit_content(file, head, pfn, n);
+        self.double_update_file(file, head, head + n, true);
+        Ok(())
+    }
+
+    /// `fallocate()` on a guest_memfd.
+    pub fn gmem_fallocate(&mut self, file: usize, mode: u32, offset: u64, len: u64) -> Result<()> {
+        self.file_open(file)?;
+        let f = &self.files[file];
+        let punch = mode & uapi::FALLOC_FL_PUNCH_HOLE != 0;
+        // vfs_fallocate() first, then kvm_gmem_fallocate().
+        if len == 0 || offset > i64::MAX as u64 || len > i64::MAX as u64 {
+            return Err(einval(format!(
+                "fallocate offset {offset:#x} / length {len:#x} invalid"
+            )));
+        }
+        if mode & !(uapi::FALLOC_FL_KEEP_SIZE | uapi::FALLOC_FL_PUNCH_HOLE) != 0
+            || mode == uapi::FALLOC_FL_PUNCH_HOLE
+        {
+            return Err(err(
+                errno::EOPNOTSUPP,
+                format!("fallocate mode {mode:#x} not supported"),
+            ));
+        }
+        if offset + len > i64::MAX as u64 {
+            return Err(err(
+                errno::EFBIG,
+                format!("fallocate range {offset:#x}+{len:#x} too large"),
+            ));
+        }
+        if mode & uapi::FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(err(
+                errno::EOPNOTSUPP,
+                "guest_memfd cannot change size: FALLOC_FL_KEEP_SIZE is required",
+            ));
+        }
+        let align = PAGE_SIZE << f.order;
+        if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+            return Err(einval(format!(
+                "fallocate offset {offset:#x} / length {len:#x} not aligned to {align:#x}"
+            )));
+        }
+        let size = f.size_pages << PAGE_SHIFT;
+        let (start, end) = (offset >> PAGE_SHIFT, (offset + len) >> PAGE_SHIFT);
+        if punch {
+            let end = end.min(f.size_pages);
+            if start < end {
+                self.punch(file, start, end);
+            }
+            return Ok(());
+        }
+        if offset + len > size {
+            return Err(einval(format!(
+                "fallocate range {offset:#x}+{len:#x} beyond size {size:#x}"
+            )));
+        }
+        // Allocate folio by folio; on ENOMEM the pages allocated so far stay, as in the kernel.
+        let n = f.folio_pages();
+        let mut off = start;
+        while off < end {
+            if self.files[file].page(off).is_none() {
+                self.gmem_alloc_folio(file, off)?;
+            }
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Punch `[start, end)` out of a file: zap stage-2 in every bound slot, unmap host
+    /// mappings, free the pages (pinned pages live on until unpinned).
+    pub(crate) fn punch(&mut self, file: usize, start: u64, end: u64) {
+        self.zap_file_range(file, start, end);
+        self.unmap_file_range(file, start, end);
+        self.double_update_file(file, start, end, false);
+        let vm = self.files[file].vm;
+        // Split folios straddling the range (HugeTLB ranges are huge aligned, so only
+        // 4 KiB files or already split folios get here partially).
+        for (head, pfn) in self.files[file].folios_in(start, end) {
+            let n = self.files[file].folio_pages();
+            if head >= start && head + n <= end {
+                self.files[file].folios.remove(&head);
+                self.files[file].nr_pages -= n;
+                self.release_or_orphan(file, head, n, pfn, vm);
+            } else if self.files[file].split(head) {
+                self.vms[vm].stats.splits += 1;
+                let c = self.costs.split;
+                self.charge(vm, c);
+            }
+        }
+        for (off, pfn) in self.files[file].small_pages_in(start, end) {
+            self.files[file].pages.set(off, 0);
+            self.files[file].nr_pages -= 1;
+            self.release_or_orphan(file, off, 1, pfn, vm);
+        }
+    }
+
+    /// Free `n` pages from file page `off` (frame `pfn`), keeping pinned ones as orphans.
+    pub(crate) fn release_or_orphan(&mut self, file: usize, off: u64, n: u64, pfn: u32, vm: usize) {
+        self.evict_content(file, off, pfn, n);
+        let pinned: Vec<u64> = if self.files[file].pins.is_empty() {
+            Vec::new()
+        } else {
+            self.files[file].pins_in(off, off + n)
+        };
+        if pinned.is_empty() {
+            self.give_frames(Some(vm), pfn, n.trailing_zeros());
+            return;
+        }
+        for i in 0..n {
+            let p = pfn + i as u32;
+            if let Some(c) = self.files[file].pins.remove(&(off + i)) {
+                self.files[file]
+                    .orphans
+                    .entry(off + i)
+                    .or_default()
+                    .push((p, c));
+            } else {
+                self.give_frames(Some(vm), p, 0);
+            }
+        }
+    }
+
+    /// Zap the stage-2 entries of every gfn bound to `[start, end)` of `file`.
+    pub(crate) fn zap_file_range(&mut self, file: usize, start: u64, end: u64) {
+        let binds: Vec<(u64, FileBinding)> = self.files[file]
+            .bindings
+            .iter()
+            .filter(|(s, b)| **s < end && b.end > start)
+            .map(|(s, b)| (*s, *b))
+            .collect();
+        for (bs, b) in binds {
+            let slot = &self.vms[b.vm].slots[&b.slot];
+            let pgoff = if b.shared_side {
+                slot.shared.expect("bound").pgoff
+            } else {
+                slot.gmem.expect("bound").pgoff
+            };
+            debug_assert_eq!(pgoff, bs);
+            let g0 = slot.base_gfn + (start.max(bs) - pgoff);
+            let g1 = slot.base_gfn + (end.min(b.end) - pgoff);
+            // A private-side file of a mainline `dual` slot only backs private mappings.
+            let filter = match (self.vms[b.vm].strategy.shared_side(), b.shared_side) {
+                (SharedSide::Userspace, _) if !self.slot_gmem_only(b.vm, b.slot) => Some(true),
+                (SharedSide::SecondRange, false) => Some(true),
+                (SharedSide::SecondRange, true) => Some(false),
+                _ => None,
+            };
+            self.zap(b.vm, g0, g1, filter);
+        }
+    }
+
+    /// Remove every host page-table mapping of `[start, end)` of `file`.
+    pub(crate) fn unmap_file_range(&mut self, file: usize, start: u64, end: u64) -> u64 {
+        let mut total = 0;
+        let vm = self.files[file].vm;
+        for i in 0..self.files[file].mappings.len() {
+            let mid = self.files[file].mappings[i];
+            if let MapKind::Gmem { pgoff, present, .. } = &mut self.maps[mid].kind {
+                if present.is_empty() || end <= *pgoff {
+                    continue;
+                }
+                let lo = start.saturating_sub(*pgoff);
+                let hi = end - *pgoff;
+                let before = present.len();
+                present.remove_range(lo..hi);
+                total += before - present.len();
+            }
+        }
+        if total > 0 {
+            let c = self.costs.host_unmap * total + self.costs.tlb_flush;
+            let s = &mut self.vms[vm].stats;
+            s.host_unmaps += total;
+            s.modelled_ns += c;
+        }
+        total
+    }
+
+    pub(crate) fn file_open(&self, file: usize) -> Result<()> {
+        if self.files[file].fd.is_none() {
+            return Err(err(errno::EBADF, "guest_memfd is closed"));
+        }
+        Ok(())
+    }
+
+    /// `close()` of a guest_memfd fd.
+    pub fn gmem_close(&mut self, file: usize) -> Result<()> {
+        let Some(fd) = self.files[file].fd.take() else {
+            return Err(err(errno::EBADF, "guest_memfd already closed"));
+        };
+        self.fds.remove(&fd);
+        self.free_fds.insert(fd);
+        self.maybe_release(file);
+        Ok(())
+    }
+
+    /// Release the file once neither the fd nor any mapping refers to it (mainline
+    /// `kvm_gmem_release` followed by inode eviction): bound slots lose their file, their
+    /// stage-2 entries are zapped, the pages are freed.
+    pub(crate) fn maybe_release(&mut self, file: usize) {
+        let f = &self.files[file];
+        if f.fd.is_some() || !f.mappings.is_empty() || f.released {
+            return;
+        }
+        let binds: Vec<FileBinding> = f.bindings.values().copied().collect();
+        let size = f.size_pages;
+        self.punch(file, 0, size);
+        for b in &binds {
+            let slot = self.vms[b.vm].slots.get_mut(&b.slot).expect("bound slot");
+            let side = if b.shared_side {
+                slot.shared.as_mut()
+            } else {
+                slot.gmem.as_mut()
+            };
+            if let Some(bd) = side {
+                bd.live = false;
+            }
+            let (g0, g1) = (slot.base_gfn, slot.end_gfn());
+            self.zap(b.vm, g0, g1, None);
+        }
+        let f = &mut self.files[file];
+        f.bindings.clear();
+        f.released = true;
+        for b in binds {
+            self.bindings_changed(b.vm);
+        }
+    }
+
+    /// `mmap()` of a guest_memfd.
+    pub fn gmem_mmap(
+        &mut self,
+        file: usize,
+        offset: u64,
+        length: Option<u64>,
+        shared: bool,
+    ) -> Result<usize> {
+        self.file_open(file)?;
+        let f = &self.files[file];
+        if f.flags & uapi::GUEST_MEMFD_FLAG_MMAP == 0 {
+            return Err(err(
+                errno::ENODEV,
+                "guest_memfd was created without GUEST_MEMFD_FLAG_MMAP",
+            ));
+        }
+        if !shared {
+            return Err(einval("guest_memfd cannot be mapped MAP_PRIVATE"));
+        }
+        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
+        }
+        let length = mmap_length(length)?;
+        Ok(self.add_mapping(
+            length >> PAGE_SHIFT,
+            MapKind::Gmem {
+                file,
+                pgoff: offset >> PAGE_SHIFT,
+                present: roaring::RoaringTreemap::new(),
+            },
+        ))
+    }
+
+    /// The VMM's own whole-file mapping, used by event-driven host access.
+    pub(crate) fn vmm_mapping(&mut self, file: usize) -> usize {
+        if let Some(m) = self.files[file].vmm_map {
+            return m;
+        }
+        let pages = self.files[file].size_pages;
+        let m = self.add_mapping(
+            pages,
+            MapKind::Gmem {
+                file,
+                pgoff: 0,
+                present: roaring::RoaringTreemap::new(),
+            },
+        );
+        self.files[file].vmm_map = Some(m);
+        m
+    }
+
+    /// File pages present in `[start, end)`: O(pages present), never O(range).
+    pub(crate) fn present_offsets(&self, file: usize, start: u64, end: u64) -> Vec<u64> {
+        let f = &self.files[file];
+        let mut offs: Vec<u64> = f
+            .small_pages_in(start, end)
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+        for (h, _) in f.folios_in(start, end) {
+            offs.extend(h.max(start)..(h + f.folio_pages()).min(end));
+        }
+        offs
     }
 }

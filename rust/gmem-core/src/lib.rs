@@ -16,6 +16,8 @@ pub mod cost;
 pub mod cover;
 pub mod error;
 pub mod events;
+pub mod footprint;
+pub mod frames;
 pub mod guest_memfd;
 pub mod host;
 pub mod mapping;

@@ -175,9 +175,9 @@ mod tests {
     use super::*;
     use crate::vm::ZeroPolicy;
 
-    /// The host sample of `host::tests`, plus a shared page written (9).
+    /// The host sample of `frames::tests`, plus a shared page written (9).
     fn sample() -> Host {
-        let (mut h, vm, _) = crate::host::tests::sample(ZeroPolicy::OnUse);
+        let (mut h, vm, _) = crate::frames::tests::sample(ZeroPolicy::OnUse);
         h.guest_access(vm, 0x20_0000, false, Some(9)).unwrap();
         h
     }

@@ -7,6 +7,7 @@ use smallvec::SmallVec;
 
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval};
+use crate::host::Host;
 use crate::memslot::Memslot;
 use crate::metrics::Stats;
 use crate::platform::VmType;
@@ -174,5 +175,29 @@ impl Vm {
         self.stats.stage2_4k = a;
         self.stats.stage2_2m = b;
         self.stats.stage2_1g = c;
+    }
+}
+
+// ---------------------------------------------------------------- stage-2 zap
+
+impl Host {
+    /// Zap stage-2 `[g0, g1)` of `vm`, counting one zap and one TLB flush if anything went.
+    pub(crate) fn zap(&mut self, vm: usize, g0: u64, g1: u64, filter: Option<bool>) -> u64 {
+        let v = &mut self.vms[vm];
+        let z = v.s2.zap(g0, g1, filter);
+        if z.leaves == 0 {
+            return 0;
+        }
+        v.refresh_stage2_counts();
+        v.stats.stage2_zaps += 1;
+        v.stats.tlb_flushes += 1;
+        let c = &self.costs;
+        let ns = c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush;
+        v.stats.modelled_ns += ns;
+        if filter != Some(false) {
+            let vt = v.vm_type;
+            vt.zap_private(v, c, z.leaves);
+        }
+        z.leaves
     }
 }
