@@ -4,7 +4,7 @@
 use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
-use crate::memslot::Memslot;
+use crate::memslot::{FilePage, Memslot};
 use crate::stage2::{Leaf, Level};
 use crate::vm::{FaultPolicy, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -25,7 +25,11 @@ impl Host {
     pub fn gfn_private(&self, vm: usize, gfn: u64) -> bool {
         let v = &self.vms[vm];
         if v.strategy.file_attrs()
-            && let Some((f, off, true)) = v.slot_at(gfn).and_then(|s| s.offset_of(gfn))
+            && let Some(FilePage {
+                file: f,
+                off,
+                live: true,
+            }) = v.slot_at(gfn).and_then(|s| s.offset_of(gfn))
             && let Some(a) = &self.files[f].attrs
         {
             return a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0;
@@ -107,7 +111,12 @@ impl Host {
         } else {
             self.shared_file_page(vm, slot, gfn)
         };
-        if let Some((f, off, true)) = fp {
+        if let Some(FilePage {
+            file: f,
+            off,
+            live: true,
+        }) = fp
+        {
             debug_assert_eq!(self.files[f].page(off).map(|r| r.pfn), Some(pfn));
             return Loc::File(f, off);
         }
@@ -221,7 +230,12 @@ impl Host {
             ));
         };
         if private {
-            let Some((f, off, true)) = slot.offset_of(gfn) else {
+            let Some(FilePage {
+                file: f,
+                off,
+                live: true,
+            }) = slot.offset_of(gfn)
+            else {
                 return Err(self.memory_fault(vm, gfn, private));
             };
             let pfn = self.gmem_get_pfn(vm, f, off)?;
@@ -242,12 +256,16 @@ impl Host {
     fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
         let file_page = self.shared_file_page(vm, slot, gfn);
         match file_page {
-            Some((f, off, true)) => {
+            Some(FilePage {
+                file: f,
+                off,
+                live: true,
+            }) => {
                 let pfn = self.gmem_get_pfn(vm, f, off)?;
                 self.split_for_shared(f, off);
                 Ok(pfn)
             }
-            Some((_, _, false)) => Err(err(
+            Some(FilePage { live: false, .. }) => Err(err(
                 errno::EFAULT,
                 format!("gfn {gfn:#x}: guest_memfd closed"),
             )),
@@ -630,11 +648,15 @@ impl Host {
         };
         let file_page = self.shared_file_page(vm, &slot, gfn);
         match file_page {
-            Some((f, off, true)) => {
+            Some(FilePage {
+                file: f,
+                off,
+                live: true,
+            }) => {
                 let m = self.vmm_mapping(f);
                 self.map_access(m, off << PAGE_SHIFT, op)
             }
-            Some((_, _, false)) => Err(err(
+            Some(FilePage { live: false, .. }) => Err(err(
                 errno::EFAULT,
                 format!("gfn {gfn:#x}: guest_memfd closed"),
             )),
@@ -681,7 +703,12 @@ impl Host {
         let Some(slot) = self.vms[vm].slot_at(g0) else {
             return Err(einval(format!("populate: no memslot at gpa {gpa:#x}")));
         };
-        let Some((f, off0, live)) = slot.offset_of(g0) else {
+        let Some(FilePage {
+            file: f,
+            off: off0,
+            live,
+        }) = slot.offset_of(g0)
+        else {
             return Err(einval(format!(
                 "populate: the memslot at gpa {gpa:#x} has no guest_memfd"
             )));

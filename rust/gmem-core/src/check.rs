@@ -4,6 +4,7 @@ use crate::cover::Cover;
 use crate::error::{Error, Result};
 use crate::host::{Fd, Host};
 use crate::mapping::MapKind;
+use crate::memslot::FilePage;
 use crate::stage2::Level;
 use crate::{PAGE_SHIFT, uapi};
 
@@ -76,8 +77,8 @@ impl Host {
                 let pfn = l.pfn + i as u32;
                 let backing = if l.private {
                     slot.offset_of(gfn)
-                        .filter(|x| x.2)
-                        .and_then(|(f, o, _)| self.files[f].page(o))
+                        .filter(|p| p.live)
+                        .and_then(|p| self.files[p.file].page(p.off))
                         .map(|r| r.pfn)
                 } else {
                     self.shared_pfn_now(vm, slot.id, gfn)
@@ -203,7 +204,12 @@ impl Host {
         let slot = &self.vms[vm].slots[&slot_id];
         let fp = self.shared_file_page(vm, slot, gfn);
         // A slot without guest_memfd is served from userspace memory whatever the strategy.
-        let Some((f, o, live)) = fp else {
+        let Some(FilePage {
+            file: f,
+            off: o,
+            live,
+        }) = fp
+        else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
             return match &self.maps[m].kind {
                 MapKind::Anon { .. } => self.maps[m].anon_pfn(idx),

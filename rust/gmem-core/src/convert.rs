@@ -3,6 +3,7 @@
 use smallvec::SmallVec;
 
 use crate::error::{Result, einval};
+use crate::guest_memfd::Zap;
 use crate::host::Host;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
@@ -157,21 +158,6 @@ impl Host {
         self.strict_check(vm)
     }
 
-    /// Zap stage-2 entries (of the given type) of gfns bound to file pages `[o0, o1)`.
-    pub(crate) fn zap_bound_gfns(&mut self, file: usize, o0: u64, o1: u64, filter: Option<bool>) {
-        let binds: Vec<(u64, crate::guest_memfd::FileBinding)> = self.files[file]
-            .bindings
-            .range(..o1)
-            .filter(|(_, b)| b.end > o0)
-            .map(|(s, b)| (*s, *b))
-            .collect();
-        for (bs, b) in binds {
-            let base = self.vms[b.vm].slots[&b.slot].base_gfn;
-            let (lo, hi) = (o0.max(bs), o1.min(b.end));
-            self.zap(b.vm, base + (lo - bs), base + (hi - bs), filter);
-        }
-    }
-
     // ---------------------------------------------------------------- huge folios
 
     /// Merge back split huge folios of `file` intersecting `[o0, o1)` whose whole range is
@@ -202,7 +188,7 @@ impl Host {
                 self.vms[vm].stats.merges += 1;
                 let c = self.costs.merge;
                 self.charge(vm, c);
-                self.zap_bound_gfns(f, h, h + n, None);
+                self.gmem_invalidate(f, h, h + n, Zap::Only(None));
             }
             h += n;
         }

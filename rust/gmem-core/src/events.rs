@@ -3,6 +3,7 @@
 use crate::access::HostOp;
 use crate::error::{Error, Result, einval};
 use crate::host::{Host, Loc};
+use crate::memslot::FilePage;
 use crate::stage2::Leaf;
 use crate::vm::Vm;
 use crate::{PAGE_SHIFT, uapi};
@@ -94,13 +95,13 @@ struct Ahead {
 }
 
 /// The memslot `apply` last found for a private access: `[base, end)` and its
-/// guest_memfd binding `(file, offset of base, live)`, if any. Memslots do not change
+/// guest_memfd binding (the file page of `base`), if any. Memslots do not change
 /// during a batch, so it stays valid for the whole batch.
 #[derive(Debug, Clone, Copy, Default)]
 struct SlotMemo {
     base: u64,
     end: u64,
-    gmem: Option<(usize, u64, bool)>,
+    gmem: Option<FilePage>,
 }
 
 impl SlotMemo {
@@ -116,8 +117,8 @@ impl SlotMemo {
                 gmem: s.offset_of(s.base_gfn),
             };
         }
-        let (f, off, live) = self.gmem?;
-        live.then_some((f, off + (gfn - self.base)))
+        let p = self.gmem?;
+        p.live.then_some((p.file, p.off + (gfn - self.base)))
     }
 }
 

@@ -3,7 +3,6 @@
 //! many of its gfns are backed twice (a private page and a distinct shared one).
 
 use crate::PAGE_SHIFT;
-use crate::guest_memfd::FileBinding;
 use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
@@ -104,19 +103,13 @@ impl Host {
         self.vms[vm].strategy.shared_side() == SharedSide::SecondRange
             && slot
                 .shared_offset_of(gfn)
-                .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some())
+                .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
     }
 
     /// After allocating (or before freeing) file pages `[start, end)`, adjust the VMs'
     /// double-backing counts for the gfns bound there.
     pub(crate) fn double_update_file(&mut self, file: usize, start: u64, end: u64, alloc: bool) {
-        let binds: Vec<(u64, FileBinding)> = self.files[file]
-            .bindings
-            .range(..end)
-            .filter(|(_, b)| b.end > start)
-            .map(|(s, b)| (*s, *b))
-            .collect();
-        for (bs, b) in binds {
+        for (bs, b) in self.files[file].bindings_in(start, end) {
             let vm = b.vm;
             if !self.vms[vm].strategy.may_double_back() {
                 continue;
@@ -128,7 +121,7 @@ impl Host {
                 let gfn = slot.base_gfn + (off - bs);
                 let other = if b.shared_side {
                     slot.offset_of(gfn)
-                        .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some())
+                        .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
                 } else {
                     self.shared_page_present(vm, &slot, gfn)
                 };
@@ -166,7 +159,7 @@ impl Host {
                 }
                 let private = slot
                     .offset_of(gfn)
-                    .is_some_and(|(f, o, live)| live && self.files[f].page(o).is_some());
+                    .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some());
                 if private {
                     let s = &mut self.vms[vm].stats;
                     if alloc {

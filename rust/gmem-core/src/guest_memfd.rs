@@ -11,13 +11,13 @@
 use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval, err, errno};
 use crate::host::{Fd, Host};
 use crate::mapping::{MapKind, mmap_length};
 use crate::sparse::{Dense, SparseVec};
-use crate::strategy::SharedSide;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 pub const UPTODATE: u32 = 1 << 31;
@@ -30,6 +30,16 @@ pub struct PageRef {
     /// `Some(head)` when the page is part of an intact huge folio starting at file page
     /// `head`.
     pub folio_head: Option<u64>,
+}
+
+/// Which stage-2 entries of the gfns bound to a file range an invalidation zaps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Zap {
+    /// Those the binding can back (`kvm_gmem_get_invalidate_filter()`): the pages leave.
+    Backed,
+    /// Private ones (`Some(true)`), shared ones (`Some(false)`) or all (`None`): the pages
+    /// stay, their attribute or folio changed.
+    Only(Option<bool>),
 }
 
 /// A binding of a file range to a memslot.
@@ -173,6 +183,16 @@ impl Gmem {
     pub fn binding_at(&self, off: u64) -> Option<(u64, FileBinding)> {
         let (&s, &b) = self.bindings.range(..=off).next_back()?;
         (off < b.end).then_some((s, b))
+    }
+
+    /// The bindings intersecting `[start, end)`: (first file page, binding), in offset
+    /// order.
+    pub fn bindings_in(&self, start: u64, end: u64) -> SmallVec<[(u64, FileBinding); 2]> {
+        self.bindings
+            .range(..end)
+            .filter(|(_, b)| b.end > start)
+            .map(|(s, b)| (*s, *b))
+            .collect()
     }
 
     /// Whether any page of `[start, end)` is bound.
@@ -396,7 +416,7 @@ impl Host {
     /// Punch `[start, end)` out of a file: zap stage-2 in every bound slot, unmap host
     /// mappings, free the pages (pinned pages live on until unpinned).
     pub(crate) fn punch(&mut self, file: usize, start: u64, end: u64) {
-        self.zap_file_range(file, start, end);
+        self.gmem_invalidate(file, start, end, Zap::Backed);
         self.unmap_file_range(file, start, end);
         self.double_update_file(file, start, end, false);
         let vm = self.files[file].vm;
@@ -447,32 +467,18 @@ impl Host {
         }
     }
 
-    /// Zap the stage-2 entries of every gfn bound to `[start, end)` of `file`.
-    pub(crate) fn zap_file_range(&mut self, file: usize, start: u64, end: u64) {
-        let binds: Vec<(u64, FileBinding)> = self.files[file]
-            .bindings
-            .iter()
-            .filter(|(s, b)| **s < end && b.end > start)
-            .map(|(s, b)| (*s, *b))
-            .collect();
-        for (bs, b) in binds {
-            let slot = &self.vms[b.vm].slots[&b.slot];
-            let pgoff = if b.shared_side {
-                slot.shared.expect("bound").pgoff
-            } else {
-                slot.gmem.expect("bound").pgoff
+    /// Invalidate file pages `[start, end)` for the VMs that map them, in the shape of
+    /// `__kvm_gmem_invalidate_begin()`: walk the bindings of the range and zap the stage-2
+    /// entries of the gfns bound there, of the types `zap` says.
+    pub(crate) fn gmem_invalidate(&mut self, file: usize, start: u64, end: u64, zap: Zap) {
+        for (bs, b) in self.files[file].bindings_in(start, end) {
+            let base = self.vms[b.vm].slots[&b.slot].base_gfn;
+            let (lo, hi) = (start.max(bs), end.min(b.end));
+            let filter = match zap {
+                Zap::Backed => self.binding_backs(b),
+                Zap::Only(filter) => filter,
             };
-            debug_assert_eq!(pgoff, bs);
-            let g0 = slot.base_gfn + (start.max(bs) - pgoff);
-            let g1 = slot.base_gfn + (end.min(b.end) - pgoff);
-            // A private-side file of a mainline `dual` slot only backs private mappings.
-            let filter = match (self.vms[b.vm].strategy.shared_side(), b.shared_side) {
-                (SharedSide::Userspace, _) if !self.slot_gmem_only(b.vm, b.slot) => Some(true),
-                (SharedSide::SecondRange, false) => Some(true),
-                (SharedSide::SecondRange, true) => Some(false),
-                _ => None,
-            };
-            self.zap(b.vm, g0, g1, filter);
+            self.zap(b.vm, base + (lo - bs), base + (hi - bs), filter);
         }
     }
 

@@ -18,6 +18,29 @@ pub struct Binding {
     pub live: bool,
 }
 
+impl Binding {
+    /// The file page bound to the `i`-th page of the memslot.
+    #[inline]
+    pub fn page(self, i: u64) -> FilePage {
+        FilePage {
+            file: self.file,
+            off: self.pgoff + i,
+            live: self.live,
+        }
+    }
+}
+
+/// The guest_memfd page a memslot binding gives a gfn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FilePage {
+    /// Host-wide file id.
+    pub file: usize,
+    /// Page offset in the file.
+    pub off: u64,
+    /// The binding's file is not released.
+    pub live: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Memslot {
     /// `as_id << 16 | slot`.
@@ -42,15 +65,15 @@ impl Memslot {
     }
 
     /// File page backing `gfn` on the private side.
-    pub fn offset_of(&self, gfn: u64) -> Option<(usize, u64, bool)> {
-        self.gmem
-            .map(|b| (b.file, b.pgoff + (gfn - self.base_gfn), b.live))
+    #[inline]
+    pub fn offset_of(&self, gfn: u64) -> Option<FilePage> {
+        self.gmem.map(|b| b.page(gfn - self.base_gfn))
     }
 
     /// File page backing `gfn` on the `two_offsets` shared side.
-    pub fn shared_offset_of(&self, gfn: u64) -> Option<(usize, u64, bool)> {
-        self.shared
-            .map(|b| (b.file, b.pgoff + (gfn - self.base_gfn), b.live))
+    #[inline]
+    pub fn shared_offset_of(&self, gfn: u64) -> Option<FilePage> {
+        self.shared.map(|b| b.page(gfn - self.base_gfn))
     }
 
     /// Host virtual address of `gfn`'s userspace memory.

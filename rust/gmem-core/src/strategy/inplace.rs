@@ -12,6 +12,7 @@
 
 use super::{SharedSide, Strategy, StrategyKind, shared_by_file_attr};
 use crate::error::{Error, Result, einval, err, errno};
+use crate::guest_memfd::Zap;
 use crate::host::Host;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
@@ -139,7 +140,7 @@ impl Host {
             .as_mut()
             .expect("checked")
             .set(o0, o1, attributes);
-        self.zap_bound_gfns(file, o0, o1, Some(!private));
+        self.gmem_invalidate(file, o0, o1, Zap::Only(Some(!private)));
         self.same_page_work(vm, file, o0, o1, private);
         let c = self.costs.attr_range;
         let s = &mut self.vms[vm].stats;

@@ -5,7 +5,7 @@
 use crate::PAGE_SHIFT;
 use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
-use crate::memslot::Memslot;
+use crate::memslot::{FilePage, Memslot};
 use crate::strategy::SharedSide;
 
 impl Host {
@@ -112,7 +112,7 @@ impl Host {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
             return self.maps[m].anon_pfn(idx).map(Loc::Frame);
         };
-        let (f, off, live) = fp?;
+        let FilePage { file: f, off, live } = fp?;
         if !live {
             return None;
         }

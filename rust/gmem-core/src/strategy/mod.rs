@@ -34,8 +34,9 @@ mod two_offsets;
 mod two_sided;
 
 use crate::error::{Result, einval};
+use crate::guest_memfd::FileBinding;
 use crate::host::Host;
-use crate::memslot::Memslot;
+use crate::memslot::{FilePage, Memslot};
 use crate::uapi;
 
 /// Where the shared view of a gfn lives.
@@ -260,16 +261,23 @@ fn shared_by_bound_gfn(h: &Host, file: usize, off: u64) -> bool {
 impl Host {
     /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
     /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
-    pub(crate) fn shared_file_page(
-        &self,
-        vm: usize,
-        slot: &Memslot,
-        gfn: u64,
-    ) -> Option<(usize, u64, bool)> {
+    pub(crate) fn shared_file_page(&self, vm: usize, slot: &Memslot, gfn: u64) -> Option<FilePage> {
         match self.vms[vm].strategy.shared_side() {
             SharedSide::Userspace if !self.slot_gmem_only(vm, slot.id) => None,
             SharedSide::SecondRange => slot.shared_offset_of(gfn),
             _ => slot.offset_of(gfn),
+        }
+    }
+
+    /// The stage-2 entries that the file range bound by `b` backs, as a zap filter: a
+    /// private-side file of a mainline `dual` slot only backs private mappings, the two
+    /// ranges of a `two_offsets` slot one type each, a same-page file both.
+    pub(crate) fn binding_backs(&self, b: FileBinding) -> Option<bool> {
+        match (self.vms[b.vm].strategy.shared_side(), b.shared_side) {
+            (SharedSide::Userspace, _) if !self.slot_gmem_only(b.vm, b.slot) => Some(true),
+            (SharedSide::SecondRange, false) => Some(true),
+            (SharedSide::SecondRange, true) => Some(false),
+            _ => None,
         }
     }
 
