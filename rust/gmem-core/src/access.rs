@@ -6,6 +6,7 @@ use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
 use crate::memslot::{FilePage, Memslot};
 use crate::stage2::{Leaf, Level};
+use crate::strategy::SharedView;
 use crate::vm::{FaultPolicy, ZeroPolicy};
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
@@ -254,23 +255,13 @@ impl Host {
 
     /// The frame backing `gfn`'s shared view, faulted in if needed.
     fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
-        let file_page = self.shared_file_page(vm, slot, gfn);
-        match file_page {
-            Some(FilePage {
-                file: f,
-                off,
-                live: true,
-            }) => {
+        match self.shared_view(vm, slot, gfn)? {
+            SharedView::File(f, off) => {
                 let pfn = self.gmem_get_pfn(vm, f, off)?;
                 self.split_for_shared(f, off);
                 Ok(pfn)
             }
-            Some(FilePage { live: false, .. }) => Err(err(
-                errno::EFAULT,
-                format!("gfn {gfn:#x}: guest_memfd closed"),
-            )),
-            None => {
-                let hva = slot.hva_of(gfn);
+            SharedView::Hva(hva) => {
                 let Some((m, idx)) = self.mapping_at(hva) else {
                     return Err(err(
                         errno::EFAULT,
@@ -646,22 +637,12 @@ impl Host {
         let Some(slot) = self.vms[vm].slot_at(gfn).cloned() else {
             return Err(err(errno::EFAULT, format!("no memslot at gfn {gfn:#x}")));
         };
-        let file_page = self.shared_file_page(vm, &slot, gfn);
-        match file_page {
-            Some(FilePage {
-                file: f,
-                off,
-                live: true,
-            }) => {
+        match self.shared_view(vm, &slot, gfn)? {
+            SharedView::File(f, off) => {
                 let m = self.vmm_mapping(f);
                 self.map_access(m, off << PAGE_SHIFT, op)
             }
-            Some(FilePage { live: false, .. }) => Err(err(
-                errno::EFAULT,
-                format!("gfn {gfn:#x}: guest_memfd closed"),
-            )),
-            None => {
-                let hva = slot.hva_of(gfn);
+            SharedView::Hva(hva) => {
                 let Some((m, idx)) = self.mapping_at(hva) else {
                     return Err(err(
                         errno::EFAULT,

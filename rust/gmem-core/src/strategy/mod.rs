@@ -33,7 +33,7 @@ mod same_page;
 mod two_offsets;
 mod two_sided;
 
-use crate::error::{Result, einval};
+use crate::error::{Result, einval, err, errno};
 use crate::guest_memfd::FileBinding;
 use crate::host::Host;
 use crate::memslot::{FilePage, Memslot};
@@ -258,6 +258,15 @@ fn shared_by_bound_gfn(h: &Host, file: usize, off: u64) -> bool {
 
 // ------------------------------------------------------------------ the shared view
 
+/// Where a gfn's shared view lives ([`Host::shared_view`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SharedView {
+    /// Page `off` of guest_memfd `file`.
+    File(usize, u64),
+    /// The VMM's memory at this host virtual address.
+    Hva(u64),
+}
+
 impl Host {
     /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
     /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
@@ -278,6 +287,24 @@ impl Host {
             (SharedSide::SecondRange, false) => Some(true),
             (SharedSide::SecondRange, true) => Some(false),
             _ => None,
+        }
+    }
+
+    /// Where `gfn`'s shared view lives, for an access to it: a page of a live guest_memfd,
+    /// or the VMM's address at `userspace_addr`. `EFAULT` when it is a page of a released
+    /// guest_memfd.
+    pub(crate) fn shared_view(&self, vm: usize, slot: &Memslot, gfn: u64) -> Result<SharedView> {
+        match self.shared_file_page(vm, slot, gfn) {
+            Some(FilePage {
+                file,
+                off,
+                live: true,
+            }) => Ok(SharedView::File(file, off)),
+            Some(FilePage { live: false, .. }) => Err(err(
+                errno::EFAULT,
+                format!("gfn {gfn:#x}: guest_memfd closed"),
+            )),
+            None => Ok(SharedView::Hva(slot.hva_of(gfn))),
         }
     }
 
