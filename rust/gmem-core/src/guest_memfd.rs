@@ -1,7 +1,7 @@
 //! guest_memfd files: size, flags, the page cache, bindings, attributes and host
 //! references; and the file operations on them, in the order of
 //! `virt/kvm/guest_memfd.c`: create, fallocate and punch, invalidate (stage-2 zap and
-//! host unmap), release, mmap.
+//! host unmap), release, mmap, get_pfn, populate. Binding is in `memslot.rs`.
 //!
 //! The page cache keeps huge folios whole (one entry per intact folio) and order-0 pages
 //! (small files, or the pieces of a split huge folio) in a sparse array of
@@ -15,9 +15,11 @@ use smallvec::SmallVec;
 
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval, err, errno};
-use crate::host::{Fd, Host};
+use crate::host::{Fd, Host, Loc};
 use crate::mapping::{MapKind, mmap_length};
+use crate::memslot::FilePage;
 use crate::sparse::{Dense, SparseVec};
+use crate::vm::ZeroPolicy;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 pub const UPTODATE: u32 = 1 << 31;
@@ -622,5 +624,109 @@ impl Host {
             offs.extend(h.max(start)..(h + f.folio_pages()).min(end));
         }
         offs
+    }
+
+    /// `kvm_gmem_get_pfn`: allocate on demand, zero on first use.
+    pub(crate) fn gmem_get_pfn(&mut self, vm: usize, f: usize, off: u64) -> Result<u32> {
+        if self.files[f].page(off).is_none() {
+            self.gmem_alloc_folio(f, off)?;
+        }
+        let r = self.files[f].page(off).expect("just allocated");
+        if !r.uptodate {
+            let order = self.files[f].order;
+            if self.vms[vm].opts.zero == ZeroPolicy::OnUse {
+                let (head, first, ord) = match r.folio_head {
+                    Some(h) => (h, r.pfn - (off - h) as u32, order),
+                    None => (off, r.pfn, 0),
+                };
+                let owner = self.files[f].vm;
+                self.zero_file_pages(Some(owner), f, head, first, ord);
+            }
+            self.files[f].mark_uptodate(off, r);
+        }
+        Ok(r.pfn)
+    }
+
+    /// `kvm_gmem_populate()` as SNP `LAUNCH_UPDATE` / TDX `INIT_MEM_REGION` use it: load the
+    /// initial image into private guest_memfd pages from `gpa` on, before the guest runs.
+    /// The pages are written, not zeroed (they become uptodate with the image). TDX adds
+    /// each page with `TDH.MEM.PAGE.ADD` (mapped in the S-EPT, no later AUG/ACCEPT); SNP
+    /// assigns it in the RMP.
+    ///
+    /// As mainline: the memslot of the first gfn must have guest_memfd (`EINVAL`; its file
+    /// closed: `EFAULT`); the range is cut at that memslot's end; pages are populated in
+    /// order up to the first gfn that is not private. Returns the pages populated, or the
+    /// error when that is none (`EINVAL` for a first gfn that is not private).
+    ///
+    /// The arch hooks refuse a page loaded before, and the loop stops there as for any
+    /// error: SNP (`sev_gmem_post_populate()`) when the page is already assigned in the RMP
+    /// (populated, or prepared by a private guest fault): `EINVAL`; TDX
+    /// (`tdx_gmem_post_populate()`) when the gfn is already mapped in the S-EPT (the TDP
+    /// MMU's map of the page is not `RET_PF_FIXED`): `EIO`. The page keeps its content.
+    pub fn populate(&mut self, vm: usize, gpa: u64, size: u64, value: u64) -> Result<u64> {
+        if size == 0
+            || !gpa.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+            || gpa.checked_add(size).is_none()
+        {
+            return Err(einval(format!("populate range {gpa:#x}+{size:#x} invalid")));
+        }
+        let g0 = gpa >> PAGE_SHIFT;
+        let Some(slot) = self.vms[vm].slot_at(g0) else {
+            return Err(einval(format!("populate: no memslot at gpa {gpa:#x}")));
+        };
+        let Some(FilePage {
+            file: f,
+            off: off0,
+            live,
+        }) = slot.offset_of(g0)
+        else {
+            return Err(einval(format!(
+                "populate: the memslot at gpa {gpa:#x} has no guest_memfd"
+            )));
+        };
+        if !live {
+            return Err(err(errno::EFAULT, "populate: the guest_memfd is closed"));
+        }
+        let g1 = (g0 + (size >> PAGE_SHIFT)).min(slot.end_gfn());
+        let mut targets = Vec::new();
+        for gfn in g0..g1 {
+            if !self.gfn_private(vm, gfn) {
+                if gfn == g0 {
+                    return Err(einval(format!("populate: gfn {gfn:#x} is not private")));
+                }
+                break;
+            }
+            targets.push((gfn, f, off0 + (gfn - g0)));
+        }
+        let mut done = 0;
+        for (gfn, f, off) in targets {
+            if let Err(e) = self.vms[vm].vm_type.populate_refused(self, vm, gfn, f, off) {
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+            if self.files[f].page(off).is_none()
+                && let Err(e) = self.gmem_alloc_folio(f, off)
+            {
+                // Out of host memory: the pages done so far stay populated.
+                if done == 0 {
+                    return Err(e);
+                }
+                break;
+            }
+            done += 1;
+            let r = self.files[f].page(off).expect("just allocated");
+            self.files[f].mark_uptodate(off, r);
+            self.set_content_at(Loc::File(f, off), value);
+            if !self.stale.is_empty() {
+                self.stale.remove(&r.pfn);
+            }
+            let vt = self.vms[vm].vm_type;
+            vt.populate(self, vm, gfn, f, off, r.pfn);
+        }
+        self.strict_check(vm)?;
+        Ok(done)
     }
 }

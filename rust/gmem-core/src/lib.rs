@@ -13,12 +13,12 @@
 //! | module | holds |
 //! |---|---|
 //! | [`host`] | the `Host` struct, its constructor, accessors and capabilities |
-//! | [`guest_memfd`] | the `Gmem` file and its operations, in the order of `virt/kvm/guest_memfd.c` |
+//! | [`guest_memfd`] | the `Gmem` file and its operations, in the order of `virt/kvm/guest_memfd.c` (create, fallocate/punch, invalidate, release, mmap, get_pfn, populate) |
 //! | [`memslot`] | memslots and `KVM_SET_USER_MEMORY_REGION2` |
 //! | [`convert`] | `KVM_SET_MEMORY_ATTRIBUTES`, the conversion path every design shares, huge-folio split/merge |
 //! | [`strategy`] | one file per conversion design (`dual`, `inplace`, `realloc`, `two_offsets`, `attr_hook`) |
 //! | [`platform`] | one file per platform (`sw_protected`, `pkvm`, `tdx`, `snp`) behind arch hooks |
-//! | [`access`] | guest accesses through stage-2, host accesses through mappings, `kvm_gmem_get_pfn`, populate |
+//! | [`access`] | guest accesses through stage-2, host accesses through mappings |
 //! | [`mapping`] | the VMM's mappings and the host address space |
 //! | [`vm`] | a VM: memslots, attributes, stage-2, counters; the stage-2 zap |
 //! | [`frames`] | host frames: allocation, content, stale-data tags, RMP release |
