@@ -6,7 +6,6 @@ use crate::PAGE_SHIFT;
 use crate::host::Host;
 use crate::mapping::MapKind;
 use crate::memslot::Memslot;
-use crate::strategy::SharedSide;
 
 impl Host {
     /// Anonymous pages (and pinned orphans) of the VMM's mappings in `[a0, a1)`.
@@ -100,7 +99,7 @@ impl Host {
                 .mapping_at(slot.hva_of(gfn))
                 .is_some_and(|(m, idx)| self.maps[m].anon_pfn(idx).is_some());
         }
-        self.vms[vm].strategy.shared_side() == SharedSide::SecondRange
+        self.vms[vm].strategy.binds_second_range()
             && slot
                 .shared_offset_of(gfn)
                 .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
