@@ -426,12 +426,28 @@ impl Host {
     }
 
     /// Whether the host may map file page `off`.
-    fn host_may_access(&self, f: usize, off: u64) -> bool {
+    ///
+    /// Mainline `kvm_gmem_fault_user_mapping()` refuses (SIGBUS) every fault on an inode
+    /// without `GUEST_MEMFD_FLAG_INIT_SHARED`, and in the in-place series an offset starts
+    /// private unless the file is INIT_SHARED. The designs that share through guest_memfd
+    /// pages without that flag (`realloc`, `two_offsets`, `attr_hook`) let the host reach an
+    /// offset only where their own attribute makes it shared: an offset that no memslot
+    /// binds has no attribute that could, and stays private.
+    pub(crate) fn host_may_access(&self, f: usize, off: u64) -> bool {
         let file = &self.files[f];
+        let init_shared = file.flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
+        let strategy = self.vms[file.vm].strategy;
         if let Some(a) = &file.attrs {
-            return a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
+            let shared = a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0;
+            return shared
+                && (strategy == StrategyKind::Inplace
+                    || init_shared
+                    || file.binding_at(off).is_some());
         }
-        match self.vms[file.vm].strategy {
+        if init_shared {
+            return true;
+        }
+        match strategy {
             StrategyKind::Realloc | StrategyKind::TwoOffsets => match file.binding_at(off) {
                 Some((_, b)) if b.shared_side => true,
                 Some((bs, b)) => {
@@ -439,10 +455,9 @@ impl Host {
                     let gfn = slot.base_gfn + (off - bs);
                     self.vms[b.vm].attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
                 }
-                None => true,
+                None => false,
             },
-            // Mainline: user faults are allowed only on INIT_SHARED files.
-            _ => file.flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0,
+            _ => false,
         }
     }
 

@@ -727,6 +727,30 @@ impl Host {
         total
     }
 
+    /// Remove the host mappings of the pages of `[start, end)` of `file` that the host may
+    /// no longer fault (`host_may_access`).
+    fn unmap_unreachable(&mut self, file: usize, start: u64, end: u64) {
+        let mut gone = Vec::new();
+        for &mid in &self.files[file].mappings {
+            if let MapKind::Gmem { pgoff, present, .. } = &self.maps[mid].kind {
+                let lo = start.saturating_sub(*pgoff);
+                let hi = end.saturating_sub(*pgoff);
+                gone.extend(
+                    present
+                        .iter()
+                        .skip_while(|&i| i < lo)
+                        .take_while(|&i| i < hi)
+                        .map(|i| pgoff + i),
+                );
+            }
+        }
+        for off in gone {
+            if !self.host_may_access(file, off) {
+                self.unmap_file_range(file, off, off + 1);
+            }
+        }
+    }
+
     fn file_open(&self, file: usize) -> Result<()> {
         if self.files[file].fd.is_none() {
             return Err(err(errno::EBADF, "guest_memfd is closed"));
@@ -1266,6 +1290,9 @@ impl Host {
         for b in [slot.gmem, slot.shared].into_iter().flatten() {
             if b.live {
                 self.files[b.file].bindings.remove(&b.pgoff);
+                // An offset no gfn reaches has no attribute that makes it shared any more
+                // (see `host_may_access`): the host loses the mappings it took through one.
+                self.unmap_unreachable(b.file, b.pgoff, b.pgoff + slot.npages);
             }
         }
         self.zap(vm, slot.base_gfn, slot.end_gfn(), None);
