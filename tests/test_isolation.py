@@ -122,3 +122,48 @@ def test_two_offsets_shared_range_is_the_hosts(vm_type):
     _host_faults(s, (16 * PAGE, 31 * PAGE))
     _host_faults(priv.mmap(), (0, 15 * PAGE))
     host.check()
+
+
+@pytest.mark.parametrize("vm_type", ["tdx", "snp"])
+def test_inplace_conversion_scrubs_only_pages_that_change(vm_type):
+    """Page 0 private with the guest's data, page 1 shared: converting both to private
+    scrubs page 1 only."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "inplace")
+    f = vm.create_guest_memfd(16 * PAGE, MMAP)
+    mem = host.mmap_anonymous(16 * PAGE)
+    vm.set_user_memory_region2(0, MEMFD, GPA, 16 * PAGE, mem.addr, f, 0)
+    vm.guest_write(GPA, 77, private=True)
+    f.set_memory_attributes2(PAGE, PAGE, 0)
+    vm.guest_write(GPA + PAGE, 5, private=False)
+    before = vm.stats()["zeroed_pages"]
+    f.set_memory_attributes2(0, 2 * PAGE, PRIV)
+    assert vm.stats()["zeroed_pages"] - before == 1
+    assert vm.guest_read(GPA, private=True) == 77
+    assert vm.guest_read(GPA + PAGE, private=True) == 0
+    # And back: only the pages that were private are scrubbed.
+    f.set_memory_attributes2(2 * PAGE, PAGE, 0)
+    vm.guest_write(GPA + 2 * PAGE, 3, private=False)
+    before = vm.stats()["zeroed_pages"]
+    f.set_memory_attributes2(0, 3 * PAGE, 0)
+    assert vm.stats()["zeroed_pages"] - before == 2
+    assert vm.guest_read(GPA + 2 * PAGE, private=False) == 3
+    host.check()
+
+
+@pytest.mark.parametrize("vm_type", ["tdx", "snp"])
+def test_attr_hook_conversion_scrubs_only_pages_that_change(vm_type):
+    """The same rule on the VM ioctl path of a same-page design."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "attr_hook")
+    f = vm.create_guest_memfd(16 * PAGE, MMAP)
+    mem = host.mmap_anonymous(16 * PAGE)
+    vm.set_user_memory_region2(0, MEMFD, GPA, 16 * PAGE, mem.addr, f, 0)
+    vm.set_memory_attributes(GPA, PAGE, PRIV)
+    vm.guest_write(GPA, 77, private=True)
+    vm.guest_write(GPA + PAGE, 5, private=False)
+    before = vm.stats()["zeroed_pages"]
+    vm.set_memory_attributes(GPA, 2 * PAGE, PRIV)
+    assert vm.stats()["zeroed_pages"] - before == 1
+    assert vm.guest_read(GPA, private=True) == 77
+    host.check()

@@ -129,6 +129,7 @@ impl Host {
             changed += self.vms[vm].attrs.set_count(a, b, value);
         }
         for p in &parts {
+            self.scrub_changing(vm, p.file, p.o0, p.o1(), value);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
@@ -219,6 +220,7 @@ impl Host {
                 });
             }
         }
+        self.scrub_changing(vm, file, o0, o1, attributes);
         self.files[file]
             .attrs
             .as_mut()
@@ -304,17 +306,14 @@ impl Host {
     }
 
     /// The page stays; what changes is who may reach it. To private: unmap it from the
-    /// host, scrub where the platform re-keys, merge huge folios that became wholly
-    /// private. To shared: split huge folios, scrub, return SNP frames to the hypervisor.
+    /// host, merge huge folios that became wholly private. To shared: split huge folios,
+    /// return SNP frames to the hypervisor. (Scrubbing happens before the attributes are
+    /// stored, in `scrub_changing`, where the pages that change hands are still known.)
     pub(crate) fn same_page_work(&mut self, vm: usize, f: usize, o0: u64, o1: u64, private: bool) {
-        let vt = self.vms[vm].vm_type;
         if private {
             self.unmap_file_range(f, o0, o1);
         } else {
             self.split_range(vm, f, o0, o1);
-        }
-        if !vt.keeps_content() {
-            self.scrub(vm, f, o0, o1);
         }
         if !private && !self.rmp.is_empty() {
             let mut n = 0;
@@ -333,10 +332,20 @@ impl Host {
         }
     }
 
-    /// Clear the present pages of `[o0, o1)` (TDX/SNP conversion re-keys the page).
-    fn scrub(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
+    /// Clear the present pages of `[o0, o1)` whose attribute is not yet `value`, where the
+    /// platform re-keys a page that changes hands (TDX removes the private S-EPT leaves it
+    /// had, SNP's invalidate skips pfns that are not assigned): a page already at the
+    /// target attribute keeps its content. Runs before the attributes are stored.
+    fn scrub_changing(&mut self, vm: usize, f: usize, o0: u64, o1: u64, value: u64) {
+        if self.vms[vm].vm_type.keeps_content() {
+            return;
+        }
         let offs = self.present_offsets(f, o0, o1);
         for off in offs {
+            let a = self.files[f].attrs.as_ref().expect("file attrs");
+            if a.get(off) == value {
+                continue;
+            }
             let r = self.files[f].page(off).expect("present");
             if r.uptodate {
                 self.zero_file_pages(Some(vm), f, off, r.pfn, 0);
