@@ -520,7 +520,7 @@ class Vm:
                 raise _err(E.EINVAL, "guest_memfd range beyond the file")
             pgoff = offset >> PAGE_SHIFT
             if any(pgoff <= i < pgoff + npages for i in f.bindings):
-                raise _err(E.EINVAL, "guest_memfd range already bound")
+                raise _err(E.EEXIST, "guest_memfd range already bound")  # EINVAL up to 7.1
         # kvm_arch_prepare_memory_region(): the slot must end below kvm_mmu_max_gfn()
         # (and, on TDX, below the shared-GPA bit: kvm_is_gfn_alias()).
         bits = TDX_SHARED_GPA_BIT if self.vm_type == "tdx" else MAX_GPA_BITS

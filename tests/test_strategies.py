@@ -719,12 +719,13 @@ def test_attr_hook_pin_survives_as_violation(vm_type):
 
 
 def test_attr_hook_one_gfn_per_offset():
-    """Binding one offset to two gfns is refused (EINVAL, mainline's bound-range check)."""
+    """Binding one offset to two gfns is refused (EEXIST since 7.2, mainline's bound-range
+    check)."""
     host = new_host()
     vm = new_vm(host, "sw_protected", "attr_hook")
     f = vm.create_guest_memfd(8 * PAGE, MMAP)
     vm.set_user_memory_region2(0, MEMFD, GPA, 4 * PAGE, 0, f, 0)
-    with raises_errno(errno.EINVAL):
+    with raises_errno(errno.EEXIST):
         vm.set_user_memory_region2(1, MEMFD, GPA + MiB, 4 * PAGE, 0, f, 2 * PAGE)
 
 
@@ -897,11 +898,11 @@ def test_shared_offset_refused_elsewhere(strategy):
 
 def test_two_offsets_shared_range_overlap_refused():
     """The shared range must not be bound elsewhere (the private range of the same slot
-    included)."""
+    included): EEXIST, as any bound range since 7.2."""
     host = new_host()
     vm = new_vm(host, "sw_protected", "two_offsets")
     f = vm.create_guest_memfd(16 * PAGE, MMAP)
-    with raises_errno(errno.EINVAL):
+    with raises_errno(errno.EEXIST):
         vm.set_user_memory_region2(
             0, MEMFD, GPA, 8 * PAGE, 0, f, 0, shared_guest_memfd=f, shared_offset=4 * PAGE
         )

@@ -1064,7 +1064,11 @@ impl Host {
                 let spg = soff >> PAGE_SHIFT;
                 self.check_bind(sf, spg, npages, soff, r.memory_size)?;
                 if sf == f && spg < pgoff + npages && pgoff < spg + npages {
-                    return Err(einval("shared range overlaps the private range"));
+                    // The same offsets bound twice: EEXIST, as any range already bound.
+                    return Err(err(
+                        errno::EEXIST,
+                        "shared range overlaps the private range",
+                    ));
                 }
                 shared = Some(Binding {
                     file: sf,
@@ -1098,17 +1102,21 @@ impl Host {
 
     fn check_bind(&self, f: usize, pgoff: u64, npages: u64, off: u64, size: u64) -> Result<()> {
         let file = &self.files[f];
-        if off > i64::MAX as u64 || pgoff + npages > file.size_pages {
+        // Offsets are unsigned since 7.2 (the `offset < 0` check is gone); the caller has
+        // checked that offset + size does not wrap.
+        if pgoff + npages > file.size_pages {
             return Err(einval(format!(
                 "guest_memfd range {off:#x}+{size:#x} beyond file size {:#x}",
                 file.size_pages << PAGE_SHIFT
             )));
         }
         if file.range_bound(pgoff, pgoff + npages) {
-            // Mainline kvm_gmem_bind: `r = -EINVAL` when xa_find() finds a binding.
-            return Err(einval(format!(
-                "guest_memfd range {off:#x}+{size:#x} is already bound"
-            )));
+            // kvm_gmem_bind() since 7.2: EEXIST when xa_find() finds a binding (EINVAL up
+            // to 7.1).
+            return Err(err(
+                errno::EEXIST,
+                format!("guest_memfd range {off:#x}+{size:#x} is already bound"),
+            ));
         }
         Ok(())
     }
