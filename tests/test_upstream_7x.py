@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 
+import numpy as np
 import pytest
 
 import gmem
@@ -51,3 +52,95 @@ def test_bind_offset_is_unsigned():
         vm.set_user_memory_region2(0, MEMFD, 0, PAGE, 0, f, 1 << 63)
     vm.set_user_memory_region2(0, MEMFD, 0, PAGE, 0, f, 3 * PAGE)
     vm.check()
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_inplace_access_after_memslot_deleted_is_mmio(vm_type):
+    """private_mem_kvm_exits_test.c as of the in-place series v13: with in-place mode a
+    guest access after its memslot is deleted exits with KVM_EXIT_MMIO (phys_addr = gpa,
+    len 8), private or shared."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "inplace")
+    f = vm.create_guest_memfd(4 * PAGE, gmem.GUEST_MEMFD_FLAG_MMAP)
+    gpa = 1 << 32
+    vm.set_user_memory_region2(0, MEMFD, gpa, 4 * PAGE, 0, f, 0)
+    vm.guest_write(gpa, 5, private=True)
+    vm.set_user_memory_region2(0, MEMFD, gpa, 0, 0, f, 0)
+    for private in (True, False):
+        with pytest.raises(gmem.MmioExit) as info:
+            vm.guest_read(gpa, private=private)
+        assert (info.value.phys_addr, info.value.len, info.value.is_write) == (gpa, 8, False)
+    with pytest.raises(gmem.MmioExit) as info:
+        vm.guest_write(gpa + PAGE, 1, private=True)
+    assert info.value.is_write
+    assert vm.stats()["mmio_exits"] == 3
+    assert vm.stats()["memory_faults"] == 0
+    host.check()
+
+
+@pytest.mark.parametrize(("vm_type", "strategy"), [(vt, s) for vt, s in ALL if s != "inplace"])
+def test_private_access_after_memslot_deleted_is_a_memory_fault(vm_type, strategy):
+    """private_mem_kvm_exits_test.c (mainline): the attribute lives in the VM, so a
+    private access after the memslot is deleted is a memory fault with the PRIVATE flag."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, strategy)
+    f = vm.create_guest_memfd(4 * PAGE, gmem.GUEST_MEMFD_FLAG_MMAP)
+    gpa = 1 << 32
+    vm.set_user_memory_region2(0, MEMFD, gpa, 4 * PAGE, 0, f, 0)
+    vm.set_memory_attributes(gpa, 4 * PAGE, gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.set_user_memory_region2(0, MEMFD, gpa, 0, 0, f, 0)
+    with pytest.raises(gmem.MemoryFault) as info:
+        vm.guest_read(gpa, private=True)
+    assert (info.value.gpa, info.value.size) == (gpa, PAGE)
+    assert info.value.flags == gmem.KVM_MEMORY_EXIT_FLAG_PRIVATE
+    host.check()
+
+
+def test_mmio_exit_in_event_batches():
+    """vm.apply reports an MMIO exit as the status KVM_EXIT_MMIO, its gpa in the details,
+    and counts it."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("snp", "dual")
+    ev = np.zeros(2, dtype=gmem.EVENT_DTYPE)
+    ev[0] = (gmem.Op.GUEST_READ_SHARED, 0x100, 1, 0)
+    ev[1] = (gmem.Op.GUEST_WRITE_SHARED, 0x200, 1, 3)
+    status, det = vm.apply(ev, details=True)
+    assert status.tolist() == [gmem.KVM_EXIT_MMIO] * 2
+    assert det["fault_gpa"].tolist() == [0x100 * PAGE, 0x200 * PAGE]
+    assert vm.stats()["mmio_exits"] == 2
+
+
+@pytest.mark.parametrize("strategy", ["inplace", "realloc", "attr_hook"])
+def test_shared_access_after_release_is_a_memory_fault(strategy):
+    """A shared access served from a released guest_memfd: kvm_gmem_get_pfn() fails and
+    the guest exits with a memory fault (gpa, 4096, flags 0), not an error."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("sw_protected", strategy)
+    flags = gmem.GUEST_MEMFD_FLAG_MMAP
+    f = vm.create_guest_memfd(4 * PAGE, flags)
+    gpa = 1 << 32
+    vm.set_user_memory_region2(0, MEMFD, gpa, 4 * PAGE, 0, f, 0)
+    if strategy == "inplace":
+        f.set_memory_attributes2(0, 4 * PAGE, 0)
+    f.close()
+    del f
+    with pytest.raises(gmem.MemoryFault) as info:
+        vm.guest_read(gpa + PAGE, private=False)
+    assert (info.value.gpa, info.value.size, info.value.flags) == (gpa + PAGE, PAGE, 0)
+    host.check()
+
+
+def test_mmap_checks_its_arguments_before_the_flag():
+    """do_mmap() refuses an unaligned offset or a zero length (EINVAL) before
+    kvm_gmem_mmap() can say ENODEV for a file without GUEST_MEMFD_FLAG_MMAP."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("sw_protected", "dual")
+    f = vm.create_guest_memfd(4 * PAGE)
+    with raises_errno(errno.EINVAL):
+        f.mmap(1, PAGE)
+    with raises_errno(errno.EINVAL):
+        f.mmap(0, 0)
+    with raises_errno(errno.ENODEV):
+        f.mmap(0, PAGE)
+    with raises_errno(errno.ENODEV):
+        f.mmap(0, PAGE, shared=False)

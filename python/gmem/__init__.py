@@ -17,6 +17,7 @@ from gmem._gmem import (
     InvariantError,
     Mapping,
     MemoryFault,
+    MmioExit,
     Vm,
     __version__,
     load,
@@ -31,6 +32,9 @@ KVM_MEM_GUEST_MEMFD = 1 << 2
 
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+#: Exit reason of an emulated-MMIO access; ``vm.apply`` reports it as the (positive)
+#: status of the event.
+KVM_EXIT_MMIO = 6
 
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
@@ -78,6 +82,7 @@ __all__ = [
     "KVM_CAP_NR_MEMSLOTS",
     "KVM_CAP_READONLY_MEM",
     "KVM_CAP_USER_MEMORY2",
+    "KVM_EXIT_MMIO",
     "KVM_MEMORY_ATTRIBUTE_PRIVATE",
     "KVM_MEMORY_EXIT_FLAG_PRIVATE",
     "KVM_MEM_GUEST_MEMFD",
@@ -96,6 +101,7 @@ __all__ = [
     "InvariantError",
     "Mapping",
     "MemoryFault",
+    "MmioExit",
     "Op",
     "Vm",
     "__version__",

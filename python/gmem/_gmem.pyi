@@ -15,6 +15,7 @@ __all__ = [
     "InvariantError",
     "Mapping",
     "MemoryFault",
+    "MmioExit",
     "Vm",
     "__version__",
     "load",
@@ -33,6 +34,11 @@ class HostFault(GmemError):
     addr: int
     signal: str
     reason: str
+
+class MmioExit(Exception):
+    phys_addr: int
+    len: int
+    is_write: bool
 
 class ConversionBusy(GmemError):
     error_offset: int

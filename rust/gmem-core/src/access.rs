@@ -72,7 +72,7 @@ impl Host {
             let loc = self.guest_loc(vm, gfn, private, pfn);
             return Ok(self.touch(vm, pfn, loc, write));
         }
-        let pfn = match self.guest_fault(vm, gfn, private) {
+        let pfn = match self.guest_fault(vm, gfn, private, write.is_some()) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
                 // The VMM answers the exit by converting the page and re-entering the guest.
                 let attrs = if private {
@@ -89,7 +89,7 @@ impl Host {
                     },
                 ));
                 self.set_memory_attributes(vm, gfn << PAGE_SHIFT, PAGE_SIZE, attrs, 0)?;
-                self.guest_fault(vm, gfn, private)?
+                self.guest_fault(vm, gfn, private, write.is_some())?
             }
             r => r?,
         };
@@ -156,18 +156,13 @@ impl Host {
     /// Out of line and cold: only VMs with read-only memslots come here.
     #[cold]
     #[inline(never)]
-    fn check_writable(&self, vm: usize, gfn: u64) -> Result<()> {
+    fn check_writable(&mut self, vm: usize, gfn: u64) -> Result<()> {
         if self.gfn_private(vm, gfn) {
             return Ok(());
         }
         match self.vms[vm].slot_at(gfn) {
-            Some(s) if s.flags & uapi::KVM_MEM_READONLY != 0 => Err(err(
-                errno::EFAULT,
-                format!(
-                    "guest write to read-only memslot at gpa {:#x} (emulated MMIO)",
-                    gfn << PAGE_SHIFT
-                ),
-            )),
+            // A write to a read-only memslot is emulated MMIO (api.rst, KVM_MEM_READONLY).
+            Some(s) if s.flags & uapi::KVM_MEM_READONLY != 0 => Err(self.mmio_exit(vm, gfn, true)),
             _ => Ok(()),
         }
     }
@@ -192,6 +187,19 @@ impl Host {
         self.content_at(loc)
     }
 
+    /// `KVM_EXIT_MMIO` for an 8-byte access at `gfn`'s first byte.
+    fn mmio_exit(&mut self, vm: usize, gfn: u64, is_write: bool) -> Error {
+        let c = self.costs.exit_roundtrip;
+        let s = &mut self.vms[vm].stats;
+        s.mmio_exits += 1;
+        s.modelled_ns += c;
+        Error::Mmio {
+            phys_addr: gfn << PAGE_SHIFT,
+            len: 8,
+            is_write,
+        }
+    }
+
     fn memory_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Error {
         let c = self.costs.exit_roundtrip;
         let s = &mut self.vms[vm].stats;
@@ -209,7 +217,15 @@ impl Host {
     }
 
     /// A stage-2 fault: resolve the backing page and install a mapping, or exit.
-    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Result<u32> {
+    ///
+    /// Without a memslot: a shared access is emulated MMIO; a private one is a memory
+    /// fault in mainline (its attribute lives in the VM), and emulated MMIO too in in-place
+    /// mode (v13), where a gfn no memslot binds has no attribute at all.
+    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool, write: bool) -> Result<u32> {
+        let in_place = self.vms[vm].strategy == StrategyKind::Inplace;
+        if in_place && self.vms[vm].slot_at(gfn).is_none() {
+            return Err(self.mmio_exit(vm, gfn, write));
+        }
         if self.gfn_private(vm, gfn) != private {
             return Err(self.memory_fault(vm, gfn, private));
         }
@@ -217,10 +233,7 @@ impl Host {
             if private {
                 return Err(self.memory_fault(vm, gfn, private));
             }
-            return Err(err(
-                errno::EFAULT,
-                format!("no memslot at gpa {:#x} (emulated MMIO)", gfn << PAGE_SHIFT),
-            ));
+            return Err(self.mmio_exit(vm, gfn, write));
         };
         if private {
             let Some((f, off, true)) = slot.offset_of(gfn) else {
@@ -264,10 +277,8 @@ impl Host {
                 self.split_for_shared(f, off);
                 Ok(pfn)
             }
-            Some((_, _, false)) => Err(err(
-                errno::EFAULT,
-                format!("gfn {gfn:#x}: guest_memfd closed"),
-            )),
+            // kvm_gmem_get_pfn() fails on a released file: a memory-fault exit.
+            Some((_, _, false)) => Err(self.memory_fault(vm, gfn, false)),
             None => {
                 let hva = slot.hva_of(gfn);
                 let Some((m, idx)) = self.mapping_at(hva) else {

@@ -811,6 +811,14 @@ impl Host {
     ) -> Result<usize> {
         self.file_open(file)?;
         let f = &self.files[file];
+        // do_mmap() checks its arguments (EINVAL) before the file's mmap handler runs
+        // (kvm_gmem_mmap(): ENODEV without GUEST_MEMFD_FLAG_MMAP, then EINVAL for a
+        // private mapping).
+        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
+        }
+        let length = mmap_length(length)?;
         if f.flags & uapi::GUEST_MEMFD_FLAG_MMAP == 0 {
             return Err(err(
                 errno::ENODEV,
@@ -820,11 +828,6 @@ impl Host {
         if !shared {
             return Err(einval("guest_memfd cannot be mapped MAP_PRIVATE"));
         }
-        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
-        if !offset.is_multiple_of(PAGE_SIZE) {
-            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
-        }
-        let length = mmap_length(length)?;
         Ok(self.add_mapping(
             length >> PAGE_SHIFT,
             MapKind::Gmem {

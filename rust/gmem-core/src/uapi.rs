@@ -38,3 +38,6 @@ pub const MAX_GPA_BITS: u32 = 52;
 pub const TDX_SHARED_GPA_BIT: u32 = 51;
 /// x86-64 user address space (`TASK_SIZE_MAX` with 4-level paging).
 pub const TASK_SIZE: u64 = (1 << 47) - 4096;
+
+/// `KVM_EXIT_MMIO`: the exit reason of an access KVM hands to the VMM to emulate.
+pub const KVM_EXIT_MMIO: i32 = 6;

@@ -34,6 +34,12 @@ pyo3::create_exception!(
 );
 pyo3::create_exception!(
     gmem,
+    MmioExit,
+    pyo3::exceptions::PyException,
+    "KVM_EXIT_MMIO: no memslot backs the access; `.phys_addr`, `.len`, `.is_write`."
+);
+pyo3::create_exception!(
+    gmem,
     ConversionBusy,
     GmemError,
     "EAGAIN: a page has elevated references; `.error_offset`."
@@ -99,6 +105,29 @@ impl From<PyGmemErr> for PyErr {
                         "error_offset",
                         error_offset.into_pyobject(py).unwrap().into_any().unbind(),
                     )],
+                ),
+                Error::Mmio {
+                    phys_addr,
+                    len,
+                    is_write,
+                } => (
+                    MmioExit::new_err(msg),
+                    vec![
+                        (
+                            "phys_addr",
+                            phys_addr.into_pyobject(py).unwrap().into_any().unbind(),
+                        ),
+                        ("len", len.into_pyobject(py).unwrap().into_any().unbind()),
+                        (
+                            "is_write",
+                            is_write
+                                .into_pyobject(py)
+                                .unwrap()
+                                .to_owned()
+                                .into_any()
+                                .unbind(),
+                        ),
+                    ],
                 ),
                 Error::Invariant(_) => (InvariantError::new_err(msg), vec![]),
             };
@@ -868,8 +897,8 @@ impl PyMapping {
 mod _gmem {
     #[pymodule_export]
     use super::{
-        ConversionBusy, GmemError, HostFault, InvariantError, MemoryFault, PyGuestMemfd, PyHost,
-        PyMapping, PyVm, load,
+        ConversionBusy, GmemError, HostFault, InvariantError, MemoryFault, MmioExit, PyGuestMemfd,
+        PyHost, PyMapping, PyVm, load,
     };
 
     use pyo3::prelude::*;
