@@ -17,6 +17,7 @@ from typing import Any
 
 from gmem.config import DEFAULT_PAGES, KNOB_CHOICES, RunConfig, UsageError
 from gmem.constants import STRATEGIES
+from gmem.sweep import DEFAULT_OUT as SWEEP_OUT
 
 DEFAULT_WORKLOAD = RunConfig.workload
 DEFAULT_OUT = "gmem-results"
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", "-j", type=_positive_int, default=None, help="processes (default: CPUs)"
     )
-    p.add_argument("--out", "-o", default="gmem-sweep", help="directory (default gmem-sweep)")
+    p.add_argument("--out", "-o", default=SWEEP_OUT, help=f"directory (default {SWEEP_OUT})")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
     sub.add_parser(

@@ -281,7 +281,7 @@ class DiscardDeferred(Policy):
 
     name = "discard=deferred"
 
-    def __init__(self, every: int | None = None) -> None:
+    def __init__(self, every: int | None = RunConfig.discard_every) -> None:
         if every is not None and every <= 0:
             raise ValueError(f"every must be positive, got {every}")
         self.every = every
@@ -343,7 +343,7 @@ class FaultHandling(Policy):
 
     MODES = FAULT_MODES
 
-    def __init__(self, mode: str = "convert") -> None:
+    def __init__(self, mode: str = RunConfig.fault) -> None:
         if mode not in self.MODES:
             raise ValueError(f"fault mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
@@ -366,7 +366,7 @@ class RetryEagain(Policy):
     events).
     """
 
-    def __init__(self, max_rounds: int = 3) -> None:
+    def __init__(self, max_rounds: int = RunConfig.retry) -> None:
         if max_rounds < 0:
             raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
         self.max_rounds = max_rounds
@@ -419,7 +419,9 @@ class MergeSchedule(Policy):
 
     MODES = MERGE_SCHEDULES
 
-    def __init__(self, mode: str = "eager", every: int = 1 << 20) -> None:
+    def __init__(
+        self, mode: str = RunConfig.merge_schedule, every: int = RunConfig.merge_every
+    ) -> None:
         if mode not in self.MODES:
             raise ValueError(f"merge schedule must be one of {self.MODES}, got {mode!r}")
         if every <= 0:
