@@ -7,6 +7,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "FILE_ATTRIBUTES",
+    "SHARED_SIDE",
     "ConversionBusy",
     "GmemError",
     "GuestMemfd",
@@ -22,6 +24,10 @@ __all__ = [
 ]
 
 __version__: str
+#: Strategy name -> where its shared view lives: "userspace", "same_file" or "second_range".
+SHARED_SIDE: dict[str, str]
+#: Strategies whose memory attributes live at the guest_memfd's file offsets.
+FILE_ATTRIBUTES: frozenset[str]
 
 class GmemError(OSError): ...
 

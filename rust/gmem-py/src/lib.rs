@@ -903,8 +903,29 @@ mod _gmem {
 
     use pyo3::prelude::*;
 
+    use gmem_core::StrategyKind;
+    use gmem_core::strategy::SharedSide;
+    use pyo3::types::{PyDict, PyFrozenSet};
+
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // What each design is, so that the Python layer reads it instead of restating it:
+        // where the shared view lives, and which designs keep attributes per file.
+        let sides = PyDict::new(m.py());
+        for s in StrategyKind::ALL {
+            let side = match s.shared_side() {
+                SharedSide::Userspace => "userspace",
+                SharedSide::SameFile => "same_file",
+                SharedSide::SecondRange => "second_range",
+            };
+            sides.set_item(s.name(), side)?;
+        }
+        m.add("SHARED_SIDE", sides)?;
+        let per_file = StrategyKind::ALL
+            .iter()
+            .filter(|s| s.file_attrs())
+            .map(|s| s.name());
+        m.add("FILE_ATTRIBUTES", PyFrozenSet::new(m.py(), per_file)?)
     }
 }

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gmem
-from gmem.setup import build_vm, make_host
+from gmem.guest import build_vm, make_host
 from gmem.workloads import make_events
 
 PAGE = gmem.PAGE_SIZE
@@ -215,7 +215,7 @@ def test_gil_released_during_apply():
 def test_strict_mode_checks_every_operation():
     code = (
         "import gmem\n"
-        "from gmem.setup import build_vm, make_host\n"
+        "from gmem.guest import build_vm, make_host\n"
         "from gmem.workloads import make_events\n"
         "h = make_host(2048)\n"
         "assert h.strict\n"

@@ -2,7 +2,7 @@
 and fallocate alignment rules, stage-2 mapping levels (folio order, memslot alignment,
 the mixed rule, the platform limit), split on to-shared and merge back on to-private.
 
-Every VM and host a test creates is checked when the test ends.
+Every VM and host a test creates is checked when the test ends (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from __future__ import annotations
 import errno
 
 import pytest
+from design_env import GPA, MEMFD, MMAP, PRIV, PUNCH, VM_TYPES, new_host, new_vm, st
 
 import gmem
-from test_strategies import GPA, MEMFD, MMAP, PRIV, PUNCH, VM_TYPES, new_host, new_vm, st
-from test_strategies import _check_everything as _check_everything
 from util import PAGE, raises_errno
 
 MiB = 1 << 20
