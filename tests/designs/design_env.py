@@ -103,7 +103,13 @@ class Env:
         return self.gpa + page * PAGE
 
     def convert(self, page, n, private):
-        self.vm.set_memory_attributes(self.g(page), n * PAGE, PRIV if private else 0)
+        """What the VMM calls: KVM_SET_MEMORY_ATTRIBUTES, or in in-place mode (v13) the
+        guest_memfd's KVM_SET_MEMORY_ATTRIBUTES2 (the file is bound at offset 0)."""
+        attrs = PRIV if private else 0
+        if self.strategy == "inplace":
+            self.gmem.set_memory_attributes2(page * PAGE, n * PAGE, attrs)
+        else:
+            self.vm.set_memory_attributes(self.g(page), n * PAGE, attrs)
 
     def read(self, page, private):
         return self.vm.guest_read(self.g(page), private=private)
@@ -127,6 +133,19 @@ class Env:
 def run(vm, events):
     arr = np.array(events, dtype=gmem.EVENT_DTYPE)
     return [int(x) for x in vm.apply(arr)]
+
+
+def vmm_convert(vm, gpa, size, attrs):
+    """The VMM converts ``[gpa, gpa + size)``: KVM_SET_MEMORY_ATTRIBUTES, or on an in-place
+    VM (v13, where that ioctl no longer takes PRIVATE) a conversion event, which stands for
+    KVM_SET_MEMORY_ATTRIBUTES2 on the bound guest_memfd ranges. Raises on failure."""
+    if vm.strategy != "inplace":
+        vm.set_memory_attributes(gpa, size, attrs)
+        return
+    op = gmem.Op.CONVERT_PRIVATE if attrs else gmem.Op.CONVERT_SHARED
+    (status,) = run(vm, [(op, gpa // PAGE, size // PAGE, 0)])
+    if status:
+        raise OSError(-status, f"conversion of {gpa:#x}+{size:#x} failed")
 
 
 def after_to_private(vm_type, strategy, shared_value, old_private=0):

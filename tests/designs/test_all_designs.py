@@ -29,6 +29,7 @@ from design_env import (
     after_to_shared,
     new_host,
     new_vm,
+    vmm_convert,
 )
 
 import gmem
@@ -209,7 +210,7 @@ def test_two_memslots_one_gmem_and_fd_outlives_vm(vm_type, strategy):
             **kw,
         )
     for slot in range(2):
-        vm.set_memory_attributes(GPA + slot * MiB, 8 * PAGE, PRIV)
+        vmm_convert(vm, GPA + slot * MiB, 8 * PAGE, PRIV)
         vm.guest_write(GPA + slot * MiB, 0x70 + slot, private=True)
     for slot in range(2):
         assert vm.guest_read(GPA + slot * MiB, private=True) == 0x70 + slot

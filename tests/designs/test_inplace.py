@@ -20,6 +20,7 @@ from design_env import (
     new_host,
     new_vm,
     run,
+    vmm_convert,
 )
 
 import gmem
@@ -148,21 +149,28 @@ def test_elevated_refcount_fd_api(vm_type, bulk):
 @pytest.mark.parametrize("bulk", [True, False], ids=["bulk", "single"])
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_elevated_refcount_vm_api(vm_type, bulk):
-    """Item 33 via vm.set_memory_attributes on an inplace VM: error_offset is the gpa."""
+    """Item 33 through the VMM's conversion events on an inplace VM (each stands for
+    KVM_SET_MEMORY_ATTRIBUTES2 on the bound range): refused with -EAGAIN and nothing
+    changed while a page is pinned, converted once it is unpinned. The VM ioctl itself
+    takes no PRIVATE in in-place mode (v13): EINVAL, nothing changed."""
     _, vm, f, m = _inplace_pinned(vm_type, slot_offset=2)
     gpa, size = (GPA, 4 * PAGE) if bulk else (GPA + PAGE, PAGE)
     before = _refusal_state(vm, f, range(6))
     before_vm = [vm.get_memory_attributes(GPA // PAGE + p) for p in range(4)]
-    with raises_errno(errno.EAGAIN, gmem.ConversionBusy) as r:
+    with raises_errno(errno.EINVAL):
         vm.set_memory_attributes(gpa, size, PRIV)
-    assert r.value.error_offset == GPA + PAGE
     assert _refusal_state(vm, f, range(6)) == before
+    with raises_errno(errno.EAGAIN):
+        vmm_convert(vm, gpa, size, PRIV)
+    after, attrs = _refusal_state(vm, f, range(6))
+    assert after["events"] == before[0]["events"] + 1  # the event, refused
+    assert ({**after, "events": before[0]["events"]}, attrs) == before
     assert [vm.get_memory_attributes(GPA // PAGE + p) for p in range(4)] == before_vm
     assert vm.stats()["eagain"] == 1
     for p in (0, 2, 3):
-        vm.set_memory_attributes(GPA + p * PAGE, PAGE, PRIV)
+        vmm_convert(vm, GPA + p * PAGE, PAGE, PRIV)
     m.unpin(3 * PAGE)
-    vm.set_memory_attributes(gpa, size, PRIV)
+    vmm_convert(vm, gpa, size, PRIV)
     assert [vm.get_memory_attributes(GPA // PAGE + p) for p in range(4)] == [PRIV] * 4
     # Routed to the file offsets: the file's pages 2..5 are private, 0..1 untouched.
     assert [f.get_memory_attributes2(p * PAGE) for p in range(6)] == [0, 0] + [PRIV] * 4
@@ -237,20 +245,23 @@ def test_set_memory_attributes2_enotty_elsewhere(strategy):
 
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_inplace_vm_attributes_route_to_file_offsets(vm_type):
-    """vm.set_memory_attributes on an inplace VM converts the bound file offsets; the
-    part of the range that no memslot covers is kept in the VM map."""
+    """A conversion event on an inplace VM converts the bound file offsets; the part of
+    the range that no memslot covers keeps no attribute (v13: the VM's array no longer
+    tracks PRIVATE), so a shared access there stays an MMIO exit."""
     host = new_host()
     vm = new_vm(host, vm_type, "inplace")
     f = vm.create_guest_memfd(16 * PAGE, MMAP | INIT_SHARED)
     vm.set_user_memory_region2(0, MEMFD, GPA, 4 * PAGE, 0, f, 8 * PAGE)
-    vm.set_memory_attributes(GPA + PAGE, 2 * PAGE, PRIV)
+    vmm_convert(vm, GPA + PAGE, 2 * PAGE, PRIV)
     assert [f.get_memory_attributes2(p * PAGE) for p in range(16)] == [
         PRIV if p in (9, 10) else 0 for p in range(16)
     ]
-    # Beyond the memslot: the VM-wide map.
-    vm.set_memory_attributes(GPA + 4 * PAGE, 2 * PAGE, PRIV)
-    assert vm.get_memory_attributes(GPA // PAGE + 4) == PRIV
+    # Beyond the memslot: nothing is stored.
+    vmm_convert(vm, GPA + 4 * PAGE, 2 * PAGE, PRIV)
+    assert vm.get_memory_attributes(GPA // PAGE + 4) == 0
     assert f.get_memory_attributes2(12 * PAGE) == 0
+    with pytest.raises(gmem.MmioExit):
+        vm.guest_read(GPA + 4 * PAGE, private=False)
     # A file-side conversion shows through the gfn.
     f.set_memory_attributes2(8 * PAGE, PAGE, PRIV)
     assert vm.get_memory_attributes(GPA // PAGE) == PRIV

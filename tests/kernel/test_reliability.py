@@ -129,7 +129,10 @@ def test_enomem_mid_batch_then_continue(strategy):
     if strategy == "two_offsets":
         kw = {"shared_guest_memfd": vm.create_guest_memfd(size), "shared_offset": 0}
     vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, size, anon.addr, fd, 0, **kw)
-    vm.set_memory_attributes(0, size, PRIVATE)
+    if strategy == "inplace":  # v13: the guest_memfd ioctl converts
+        fd.set_memory_attributes2(0, size, PRIVATE)
+    else:
+        vm.set_memory_attributes(0, size, PRIVATE)
     ev = np.zeros(256, gmem.EVENT_DTYPE)
     ev["op"] = gmem.Op.GUEST_WRITE_PRIVATE
     ev["gfn"] = np.arange(256)

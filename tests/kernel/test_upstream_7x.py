@@ -144,3 +144,64 @@ def test_mmap_checks_its_arguments_before_the_flag():
         f.mmap(0, PAGE)
     with raises_errno(errno.ENODEV):
         f.mmap(0, PAGE, shared=False)
+
+
+@pytest.mark.parametrize(("vm_type", "strategy"), ALL)
+def test_in_place_capabilities_v13(vm_type, strategy):
+    """In-place series v13: KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES (252) reports PRIVATE on
+    a VM with private memory in in-place mode, else 0; KVM_CAP_MEMORY_ATTRIBUTES reports 0
+    in in-place mode (VM-scoped PRIVATE tracking is deprecated)."""
+    vm = gmem.Host(8 * MiB).create_vm(vm_type, strategy)
+    priv = gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    assert gmem.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES == 252
+    in_place = strategy == "inplace"
+    assert vm.check_extension(252) == (priv if in_place else 0)
+    assert vm.check_extension(gmem.KVM_CAP_MEMORY_ATTRIBUTES) == (0 if in_place else priv)
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_vm_ioctl_in_place_mode(vm_type):
+    """v13: KVM_SET_MEMORY_ATTRIBUTES with PRIVATE is EINVAL in in-place mode (the supported
+    mask is empty); with 0 it touches only the VM's own array: the bound guest_memfd's
+    offsets keep their attributes and content, nothing is scrubbed."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "inplace")
+    f = vm.create_guest_memfd(8 * PAGE, gmem.GUEST_MEMFD_FLAG_MMAP)
+    gpa = 1 << 32
+    vm.set_user_memory_region2(0, MEMFD, gpa, 8 * PAGE, 0, f, 0)
+    vm.guest_write(gpa, 0x77, private=True)
+    before = vm.stats()
+    with raises_errno(errno.EINVAL):
+        vm.set_memory_attributes(gpa, 8 * PAGE, gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.set_memory_attributes(gpa, 8 * PAGE, 0)
+    vm.set_memory_attributes(gpa + MiB, 8 * PAGE, 0)
+    assert vm.stats() == before
+    assert f.get_memory_attributes2(0) == gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    assert vm.guest_read(gpa, private=True) == 0x77
+    host.check()
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "inplace"])
+def test_set_memory_attributes2_checks_arguments_before_in_place_mode(strategy):
+    """v13's check order: flags, attributes, size, alignment and the file's size are
+    checked (EINVAL) before the ioctl says in-place mode is off (ENOTTY)."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("sw_protected", strategy)
+    f = vm.create_guest_memfd(4 * PAGE)
+    priv = gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE
+    for args in ((0, PAGE, priv, 1), (0, PAGE, 1 << 0), (0, 0, priv), (1, PAGE, priv)):
+        with raises_errno(errno.EINVAL, msg=repr(args)):
+            f.set_memory_attributes2(*args)
+    with raises_errno(errno.EINVAL):
+        f.set_memory_attributes2(4 * PAGE, PAGE, priv)
+    with raises_errno(errno.ENOTTY):
+        f.set_memory_attributes2(0, PAGE, priv)
+
+
+def test_set_memory_attributes2_flags_before_range():
+    """In in-place mode: flags != 0 is EINVAL whatever the range."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("snp", "inplace")
+    f = vm.create_guest_memfd(4 * PAGE)
+    with raises_errno(errno.EINVAL):
+        f.set_memory_attributes2(0, 0, gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE, 1)

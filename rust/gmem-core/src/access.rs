@@ -75,11 +75,6 @@ impl Host {
         let pfn = match self.guest_fault(vm, gfn, private, write.is_some()) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
                 // The VMM answers the exit by converting the page and re-entering the guest.
-                let attrs = if private {
-                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-                } else {
-                    0
-                };
                 self.implicit = Some((
                     gfn << PAGE_SHIFT,
                     if private {
@@ -88,7 +83,7 @@ impl Host {
                         0
                     },
                 ));
-                self.set_memory_attributes(vm, gfn << PAGE_SHIFT, PAGE_SIZE, attrs, 0)?;
+                self.convert(vm, gfn, gfn + 1, private)?;
                 self.guest_fault(vm, gfn, private, write.is_some())?
             }
             r => r?,

@@ -61,8 +61,11 @@ impl Host {
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
-        if attributes & !uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
-            return Err(einval(format!("unsupported attributes {attributes:#x}")));
+        if attributes & !self.supported_memory_attributes(vm) != 0 {
+            return Err(einval(format!(
+                "unsupported attributes {attributes:#x} (supported: {:#x})",
+                self.supported_memory_attributes(vm)
+            )));
         }
         if size == 0 || address.checked_add(size).is_none() {
             return Err(einval(format!(
@@ -75,6 +78,13 @@ impl Host {
             )));
         }
         let (start, end) = (address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT);
+        if self.vms[vm].strategy == StrategyKind::Inplace {
+            // In-place mode (v13): the VM's array no longer tracks PRIVATE (the supported
+            // mask is empty, so only 0 gets here) and the guest_memfd ioctl converts; 0
+            // stores 0 in the VM's own array, which never holds anything else.
+            self.vms[vm].attrs.set(start, end, 0);
+            return Ok(());
+        }
         self.convert(vm, start, end, attributes != 0)
     }
 
@@ -99,17 +109,21 @@ impl Host {
             }
             return self.finish_convert(vm, start, end, private, changed);
         }
-        // The VM map holds what no bound file holds: the gaps between bound parts.
+        // The VM map holds what no bound file holds: the gaps between bound parts. In
+        // in-place mode a conversion is the guest_memfd ioctl on the bound files: the gaps
+        // keep no attribute.
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         let mut at = start;
-        for p in &parts {
-            if p.g0 > at {
-                gaps.push((at, p.g0));
+        if strategy != StrategyKind::Inplace {
+            for p in &parts {
+                if p.g0 > at {
+                    gaps.push((at, p.g0));
+                }
+                at = p.g1;
             }
-            at = p.g1;
-        }
-        if at < end {
-            gaps.push((at, end));
+            if at < end {
+                gaps.push((at, end));
+            }
         }
         // kvm_range_has_memory_attributes(): nothing to do when the range already holds the
         // value.
@@ -175,12 +189,8 @@ impl Host {
         if f.fd.is_none() {
             return Err(err(errno::EBADF, "guest_memfd is closed"));
         }
-        if self.vms[f.vm].strategy != StrategyKind::Inplace {
-            return Err(err(
-                errno::ENOTTY,
-                "KVM_SET_MEMORY_ATTRIBUTES2 needs in-place conversion (strategy inplace)",
-            ));
-        }
+        // Checks in the order of the in-place series v13 (KERNEL.md §7); whether in-place
+        // mode is on comes last.
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
@@ -202,6 +212,12 @@ impl Host {
             return Err(einval(format!(
                 "range {offset:#x}+{size:#x} beyond file size {isize:#x}"
             )));
+        }
+        if self.vms[f.vm].strategy != StrategyKind::Inplace {
+            return Err(err(
+                errno::ENOTTY,
+                "KVM_SET_MEMORY_ATTRIBUTES2 needs in-place conversion (strategy inplace)",
+            ));
         }
         let (o0, o1) = (offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT);
         let private = attributes != 0;

@@ -238,6 +238,17 @@ impl Host {
         f
     }
 
+    /// Attributes `KVM_SET_MEMORY_ATTRIBUTES` accepts (`KVM_CAP_MEMORY_ATTRIBUTES`): PRIVATE
+    /// on a VM with private memory, none in in-place mode, where the series deprecates
+    /// VM-scoped PRIVATE tracking (v13).
+    pub fn supported_memory_attributes(&self, vm: usize) -> u64 {
+        if self.vms[vm].strategy == StrategyKind::Inplace {
+            0
+        } else {
+            uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+        }
+    }
+
     /// `KVM_CHECK_EXTENSION` on the VM fd.
     pub fn check_extension(&self, vm: usize, cap: u64) -> u64 {
         let v = &self.vms[vm];
@@ -246,13 +257,10 @@ impl Host {
             uapi::KVM_CAP_USER_MEMORY2
             | uapi::KVM_CAP_GUEST_MEMFD
             | uapi::KVM_CAP_MEMORY_FAULT_INFO => 1,
-            uapi::KVM_CAP_MEMORY_ATTRIBUTES => {
-                // The in-place series deprecates VM-scoped PRIVATE tracking.
-                if v.strategy == StrategyKind::Inplace {
-                    0
-                } else {
-                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-                }
+            uapi::KVM_CAP_MEMORY_ATTRIBUTES => self.supported_memory_attributes(vm),
+            // In-place series v13: PRIVATE on a VM with private memory in in-place mode.
+            uapi::KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES => {
+                u64::from(v.strategy == StrategyKind::Inplace) * uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
             }
             uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
             uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),

@@ -22,6 +22,8 @@ pub const KVM_CAP_MEMORY_FAULT_INFO: u64 = 232;
 pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
 pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
 pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+/// In-place series v13 (earlier revisions used 246, 248, 249, 250).
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u64 = 252;
 
 /// x86: `KVM_MEM_SLOTS_NUM` (`SHRT_MAX`) minus the three internal slots.
 pub const KVM_USER_MEM_SLOTS: u32 = 32764;
