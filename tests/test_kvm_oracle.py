@@ -7,8 +7,10 @@ and the two must agree on the outcome: success, or the same errno. Random sequen
 (a new gpa), flag changes, overlapping gpa ranges (``EEXIST``), unaligned sizes, gpas and
 addresses, slot ids at and beyond ``KVM_CAP_NR_MEMSLOTS`` as the live kernel reports it,
 address-space ids in the slot's high bits, ``KVM_MEM_READONLY``,
-``KVM_MEM_LOG_DIRTY_PAGES``, the ends of the user address space and of the guest physical
-space, and memslots over mapped memory, over a hole left by ``munmap`` and at address 0.
+``KVM_MEM_LOG_DIRTY_PAGES``, v2's guest_memfd fields without ``KVM_MEM_GUEST_MEMFD``, the
+ends of the user address space and of the guest physical space, and memslots over mapped
+memory, over a hole left by ``munmap`` and at address 0. At the end of each sequence,
+deleting every slot id it used agrees too, so both VMs were left with the same memslots.
 
 The gmem VM type. gmem has no default (non-confidential) VM type; the closest is
 ``sw_protected`` (x86 ``KVM_X86_SW_PROTECTED_VM``): an x86 VM without protected state, so
@@ -32,9 +34,10 @@ What the two VM types do not share is left out of the generated calls:
 - The top of the user address space and of the guest physical space are generated only
   where the live kernel has the limits gmem models (4-level paging: user addresses end
   at ``(1 << 47) - 4096``; a 52-bit ``kvm_mmu_max_gfn()``); both are probed on a scratch VM.
-- Sizes from 64 pages up to ``KVM_MEM_MAX_NR_PAGES`` pages: the kernel allocates per-page
-  metadata for a memslot it creates, which for terabytes is ``ENOMEM`` or gigabytes of
-  host memory; a model has no such limit. ``2^31`` pages and more (``EINVAL``) are generated.
+- Large memslots (more than a few dozen pages, up to ``KVM_MEM_MAX_NR_PAGES`` pages): the
+  kernel allocates per-page metadata (rmaps, dirty bitmaps) for a memslot it creates,
+  which for terabytes is ``ENOMEM`` or gigabytes of host memory; a model has no such
+  limit. Sizes of ``2^31`` pages and more (``EINVAL`` for the size alone) are generated.
 
 The address space: the kernel checks ``userspace_addr`` with ``access_ok()`` (page
 aligned, below the top of the user address space), not against the mappings. Still, both
@@ -155,7 +158,7 @@ class LiveVm:
     def region(self, c: Call) -> int:
         if c.v2:
             req = KVM_SET_USER_MEMORY_REGION2
-            arg = REGION2.pack(c.slot, c.flags, c.gpa, c.size, c.ua, 0, 0, 0)
+            arg = REGION2.pack(c.slot, c.flags, c.gpa, c.size, c.ua, c.offset, c.fd, 0)
         else:
             req = KVM_SET_USER_MEMORY_REGION
             arg = REGION.pack(c.slot, c.flags, c.gpa, c.size, c.ua)
@@ -171,7 +174,8 @@ class LiveVm:
 
 @dataclass(frozen=True)
 class Call:
-    """One memslot ioctl; `size == 0` deletes."""
+    """One memslot ioctl; `size == 0` deletes. `fd` and `offset` are v2's `guest_memfd`
+    and `guest_memfd_offset`, which count only with `KVM_MEM_GUEST_MEMFD`."""
 
     v2: bool
     slot: int
@@ -179,19 +183,22 @@ class Call:
     gpa: int
     size: int
     ua: int
+    fd: int = 0
+    offset: int = 0
 
     def __str__(self) -> str:
         name = "REGION2" if self.v2 else "REGION"
+        v2 = f", guest_memfd={self.fd}, offset={self.offset:#x}" if self.v2 else ""
         return (
             f"{name}(slot={self.slot:#x}, flags={self.flags:#x}, gpa={self.gpa:#x}, "
-            f"size={self.size:#x}, ua={self.ua:#x})"
+            f"size={self.size:#x}, ua={self.ua:#x}{v2})"
         )
 
 
 def gmem_region(vm: gmem.Vm, c: Call) -> int:
     try:
         if c.v2:
-            vm.set_user_memory_region2(c.slot, c.flags, c.gpa, c.size, c.ua)
+            vm.set_user_memory_region2(c.slot, c.flags, c.gpa, c.size, c.ua, c.fd, c.offset)
         else:
             vm.set_user_memory_region(c.slot, c.flags, c.gpa, c.size, c.ua)
     except gmem.GmemError as e:
@@ -381,6 +388,9 @@ def _scripts(oracle: Oracle) -> dict[str, list[Call]]:
             v2(0, 0, g, 0, a),  # no such slot
             v1(1, 0, g, PAGE, a),
             v1(1, 0, 0, 0, 0),
+            # guest_memfd and its offset count only with KVM_MEM_GUEST_MEMFD.
+            Call(True, 2, 0, g, PAGE, a, fd=1000, offset=1),
+            Call(True, 2, LOG, g, PAGE, a, fd=(1 << 32) - 1, offset=1 << 63),
         ],
         "overlap": [
             v2(0, 0, g, 4 * PAGE, a),
@@ -529,10 +539,19 @@ class Pools:
             ),
             st.sampled_from([oracle.hole[0], last[0] + last[1], 0]),  # hole, gap, NULL
         )
+        # v2's guest_memfd fields, ignored without KVM_MEM_GUEST_MEMFD.
+        self.fds = st.sampled_from([0, 1, 1000, (1 << 32) - 1])
+        self.offsets = st.sampled_from([0, 1, PAGE, 1 << 63, (1 << 64) - PAGE])
         self.kinds = st.sampled_from(["create", "create", "delete", "move", "flags", "change"])
         self.edge = st.sampled_from(["slot", "flags", "gpa", "size", "ua"])
 
     def call(self, data, slots: dict[int, Call]) -> Call:
+        c = self._call(data, slots)
+        if not c.v2:
+            return c
+        return replace(c, fd=data.draw(self.fds), offset=data.draw(self.offsets))
+
+    def _call(self, data, slots: dict[int, Call]) -> Call:
         d = data.draw
         v2 = d(st.booleans())
         kind = d(st.one_of(self.kinds, st.just("edge")))
