@@ -33,7 +33,8 @@ What the two VM types do not share is left out of the generated calls:
   beyond the kernel's count are generated always.
 - The top of the user address space and of the guest physical space are generated only
   where the live kernel has the limits gmem models (4-level paging: user addresses end
-  at ``(1 << 47) - 4096``; a 52-bit ``kvm_mmu_max_gfn()``); both are probed on a scratch VM.
+  at ``(1 << 47) - 4096``; a 52-bit ``kvm_mmu_max_gfn()``, which with TDP is the host's
+  MAXPHYADDR instead); both are probed on a scratch VM. Other gpas stay below 2^39.
 - Large memslots (more than a few dozen pages, up to ``KVM_MEM_MAX_NR_PAGES`` pages): the
   kernel allocates per-page metadata (rmaps, dirty bitmaps) for a memslot it creates,
   which for terabytes is ``ENOMEM`` or gigabytes of host memory; a model has no such
@@ -528,8 +529,10 @@ class Pools:
         # KVM_MEM_GUEST_MEMFD alone only on v1.
         self.bad_flags = {True: st.sampled_from(bad), False: st.sampled_from([*bad, GMEM])}
         self.sizes = st.integers(1, 8).map(lambda p: p * PAGE)
+        # Windows of 16 pages, so that slots overlap often; all below 2^39, which any
+        # x86-64 host's kvm_mmu_max_gfn() admits (with TDP it follows the host's MAXPHYADDR).
         self.gpas = st.builds(
-            lambda w, k: w + k * PAGE, st.sampled_from([0, 1 << 32, 1 << 40]), st.integers(0, 15)
+            lambda w, k: w + k * PAGE, st.sampled_from([0, 1 << 32, 1 << 36]), st.integers(0, 15)
         )
         last = oracle.maps[-1]
         self.uas = st.one_of(
