@@ -20,6 +20,26 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#define GMEM_KVM_MEM_LOG_DIRTY_PAGES (1 << 0)
+
+#define GMEM_KVM_MEM_READONLY (1 << 1)
+
+#define GMEM_KVM_MEM_GUEST_MEMFD (1 << 2)
+
+#define GMEM_KVM_MEMORY_ATTRIBUTE_PRIVATE (1 << 3)
+
+#define GMEM_KVM_MEMORY_EXIT_FLAG_PRIVATE (1 << 3)
+
+#define GMEM_GUEST_MEMFD_FLAG_MMAP (1 << 0)
+
+#define GMEM_GUEST_MEMFD_FLAG_INIT_SHARED (1 << 1)
+
+#define GMEM_GUEST_MEMFD_FLAG_HUGETLB (1 << 4)
+
+#define GMEM_FALLOC_FL_KEEP_SIZE 1
+
+#define GMEM_FALLOC_FL_PUNCH_HOLE 2
+
 // The `op` of a `gmem_event` (Python's `gmem.Op`).
 enum gmem_op
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
