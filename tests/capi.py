@@ -234,9 +234,7 @@ class Vm(Handle):
         )
         if not details:
             return status
-        return status, [
-            (d.value, d.fault_gpa, d.fault_flags, d.allocated, d.freed) for d in dets
-        ]
+        return status, [(d.value, d.fault_gpa, d.fault_flags, d.allocated, d.freed) for d in dets]
 
 
 class GuestMemfd(Handle):

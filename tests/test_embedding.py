@@ -57,7 +57,7 @@ def test_c_example_prints_what_the_readme_example_and_a_batch_print(built):
     out = io.StringIO()
     scope: dict = {}
     with contextlib.redirect_stdout(out):
-        exec(readme_example(), scope)  # noqa: S102 - the README's own example
+        exec(readme_example(), scope)
     vm = scope["vm"]
     status, details = vm.apply(events(BATCH), details=True)
     lines = out.getvalue().splitlines()
@@ -98,13 +98,19 @@ def outcome(fn, *args, **kwargs):
     return ("ok", r)
 
 
+def applied(vm, rows):
+    """`vm.apply(..., details=True)` as plain lists."""
+    status, details = vm.apply(events(rows), details=True)
+    return status.tolist(), [tuple(map(int, d)) for d in details]
+
+
 def scenario(api):
     """A walk through every call, good and bad input; one outcome per step."""
     out = []
     rec = out.append
     rec(outcome(api.Host, 12345))
     rec(outcome(api.Host, 64 * MiB, costs={"nonsense": 1}))
-    host = api.Host(256 * MiB, costs={"fault": 900})
+    host = api.Host(256 * MiB, costs={"exit_roundtrip": 900})
     rec(outcome(host.set_costs, {"nonsense": 1}))
     rec(outcome(host.create_vm, "nonsense", "dual"))
     rec(outcome(host.create_vm, "snp", "nonsense"))
@@ -148,9 +154,8 @@ def scenario(api):
             rec(outcome(m.unpin, 2 * PAGE))
             rec(outcome(m.unpin, 2 * PAGE))
             rec(outcome(m.discard, 0, PAGE))
-        rec(outcome(vm.apply, events(BATCH + [(99, 0, 1, 0), (0, 1 << 40, 1, 0)]), details=True))
-        st = outcome(vm.apply, events(BATCH), details=True)
-        rec((st[0], st[1][0].tolist(), [tuple(map(int, d)) for d in st[1][1]]))
+        rec(outcome(applied, vm, [*BATCH, (99, 0, 1, 0), (0, 1 << 40, 1, 0)]))
+        rec(outcome(applied, vm, BATCH))
         rec(outcome(vm.check))
         rec(outcome(host.check))
         rec(vm.stats())

@@ -56,8 +56,14 @@ fn main() -> gmem_core::Result<()> {
         Some(&mut details),
     )?;
     let join = |v: Vec<String>| v.join(" ");
-    println!("status {}", join(status.iter().map(i32::to_string).collect()));
-    println!("values {}", join(details.iter().map(|d| d.value.to_string()).collect()));
+    println!(
+        "status {}",
+        join(status.iter().map(i32::to_string).collect())
+    );
+    println!(
+        "values {}",
+        join(details.iter().map(|d| d.value.to_string()).collect())
+    );
     host.check()?;
     for (name, value) in host.stats(vm).items() {
         println!("{name} {value}");
