@@ -1121,4 +1121,17 @@ mod tests {
         let msg = unsafe { CStr::from_ptr(gmem_last_error()) };
         assert_eq!(msg.to_str().unwrap(), "internal error: boom");
     }
+
+    #[test]
+    fn a_host_poisoned_by_a_panic_is_served_again_when_it_checks_clean() {
+        let cell = new_cell(Host::new(1 << 24).unwrap());
+        let r = call(|| {
+            let _held = cell.lock()?;
+            panic!("inside the lock")
+        });
+        assert_eq!(r, -ENOTRECOVERABLE);
+        assert!(cell.host.is_poisoned());
+        assert!(cell.lock().is_ok());
+        assert!(!cell.host.is_poisoned());
+    }
 }
