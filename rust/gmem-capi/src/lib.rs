@@ -634,17 +634,16 @@ pub extern "C" fn gmem_load(path: *const c_char, out: *mut *mut gmem_host) -> i3
     })
 }
 
-/// A handle for the host's object number `index` of `kind`, made in creation order.
-fn nth<T>(host: *mut gmem_host, index: usize, kind: Kind, out: *mut *mut T) -> Res {
+/// A handle for the host's object number `index` of `kind`, of which it has `count`.
+fn nth<T>(
+    host: *mut gmem_host,
+    index: usize,
+    kind: Kind,
+    count: fn(&Host) -> usize,
+    out: *mut *mut T,
+) -> Res {
     let o = lookup(host, Kind::Host)?;
-    let n = {
-        let h = o.cell.lock()?;
-        match kind {
-            Kind::Vm => h.nr_vms(),
-            Kind::File => h.nr_files(),
-            Kind::Mapping | Kind::Host => h.nr_mappings(),
-        }
-    };
+    let n = count(&*o.cell.lock()?);
     if index >= n {
         return Err(Fail::new(
             ENOENT,
@@ -661,7 +660,7 @@ fn nth<T>(host: *mut gmem_host, index: usize, kind: Kind, out: *mut *mut T) -> R
 /// last): how a loaded snapshot's VMs are reached.
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_host_vm(host: *mut gmem_host, index: usize, out: *mut *mut gmem_vm) -> i32 {
-    call(|| nth(host, index, Kind::Vm, out))
+    call(|| nth(host, index, Kind::Vm, Host::nr_vms, out))
 }
 
 /// A new handle for the host's guest_memfd number `index` (closed ones included).
@@ -671,7 +670,7 @@ pub extern "C" fn gmem_host_guest_memfd(
     index: usize,
     out: *mut *mut gmem_guest_memfd,
 ) -> i32 {
-    call(|| nth(host, index, Kind::File, out))
+    call(|| nth(host, index, Kind::File, Host::nr_files, out))
 }
 
 /// A new handle for the host's mapping number `index` (unmapped ones included).
@@ -681,7 +680,7 @@ pub extern "C" fn gmem_host_mapping(
     index: usize,
     out: *mut *mut gmem_mapping,
 ) -> i32 {
-    call(|| nth(host, index, Kind::Mapping, out))
+    call(|| nth(host, index, Kind::Mapping, Host::nr_mappings, out))
 }
 
 /// Create a VM of `vm_type` ("sw_protected", "pkvm", "tdx", "snp"; NULL for
