@@ -372,7 +372,7 @@ fn put<T>(out: *mut T, name: &str, v: T) -> Res {
     }
     // SAFETY: `out` is non-null, and the caller promises it points to a writable `T`
     // (the header documents every out-parameter).
-    unsafe { out.write(v) };
+    unsafe { out.write_unaligned(v) };
     Ok(())
 }
 
@@ -380,7 +380,7 @@ fn put<T>(out: *mut T, name: &str, v: T) -> Res {
 fn put_opt<T>(out: *mut T, v: T) {
     if !out.is_null() {
         // SAFETY: non-null, and the caller promises a writable `T` when not NULL.
-        unsafe { out.write(v) };
+        unsafe { out.write_unaligned(v) };
     }
 }
 
