@@ -30,6 +30,13 @@
 
 #define GMEM_KVM_MEMORY_EXIT_FLAG_PRIVATE (1 << 3)
 
+// `KVM_EXIT_MMIO`: what a guest access that no memslot backs returns (positive), and its
+// status in `gmem_vm_apply`.
+#define GMEM_KVM_EXIT_MMIO 6
+
+// `gmem_memory_fault.flags` bit of an MMIO exit: the access was a write.
+#define GMEM_MMIO_EXIT_WRITE 1
+
 #define GMEM_GUEST_MEMFD_FLAG_MMAP (1 << 0)
 
 #define GMEM_GUEST_MEMFD_FLAG_INIT_SHARED (1 << 1)
@@ -225,7 +232,7 @@ int32_t gmem_vm_get_memory_attributes(struct gmem_vm *vm, uint64_t gfn, uint64_t
 
 // A guest read of the page at `gpa`, private or shared: the page's value in `*value`
 // (when not NULL). `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when
-// not NULL).
+// not NULL); `KVM_EXIT_MMIO` returns `GMEM_KVM_EXIT_MMIO` with the access in `*fault`.
 int32_t gmem_vm_guest_read(struct gmem_vm *vm,
                            uint64_t gpa,
                            bool private_,
@@ -233,7 +240,8 @@ int32_t gmem_vm_guest_read(struct gmem_vm *vm,
                            struct gmem_memory_fault *fault);
 
 // A guest write of `value` to the page at `gpa`, private or shared.
-// `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when not NULL).
+// `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when not NULL);
+// `KVM_EXIT_MMIO` returns `GMEM_KVM_EXIT_MMIO` with the access in `*fault`.
 int32_t gmem_vm_guest_write(struct gmem_vm *vm,
                             uint64_t gpa,
                             uint64_t value,
@@ -241,7 +249,7 @@ int32_t gmem_vm_guest_write(struct gmem_vm *vm,
                             struct gmem_memory_fault *fault);
 
 // Run the `n` events at `events` (NULL when `n` is 0) on `vm` in order: the status of
-// each (0 or `-errno`) in `statuses[i]`, and, when `details` is not NULL, its details
+// each (0, `-errno`, or `GMEM_KVM_EXIT_MMIO`) in `statuses[i]`, and, when `details` is not NULL, its details
 // in `details[i]`. A failing event does not stop the batch; the call itself fails only
 // for bad arguments (then nothing ran).
 int32_t gmem_vm_apply(struct gmem_vm *vm,

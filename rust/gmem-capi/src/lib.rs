@@ -56,6 +56,11 @@ pub const GMEM_KVM_MEM_READONLY: u32 = 1 << 1;
 pub const GMEM_KVM_MEM_GUEST_MEMFD: u32 = 1 << 2;
 pub const GMEM_KVM_MEMORY_ATTRIBUTE_PRIVATE: u64 = 1 << 3;
 pub const GMEM_KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
+/// `KVM_EXIT_MMIO`: what a guest access that no memslot backs returns (positive), and its
+/// status in `gmem_vm_apply`.
+pub const GMEM_KVM_EXIT_MMIO: i32 = 6;
+/// `gmem_memory_fault.flags` bit of an MMIO exit: the access was a write.
+pub const GMEM_MMIO_EXIT_WRITE: u64 = 1;
 pub const GMEM_GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 pub const GMEM_GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
 pub const GMEM_GUEST_MEMFD_FLAG_HUGETLB: u64 = 1 << 4;
@@ -69,6 +74,7 @@ const _: () = {
     assert!(GMEM_KVM_MEM_GUEST_MEMFD == uapi::KVM_MEM_GUEST_MEMFD);
     assert!(GMEM_KVM_MEMORY_ATTRIBUTE_PRIVATE == uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE);
     assert!(GMEM_KVM_MEMORY_EXIT_FLAG_PRIVATE == uapi::KVM_MEMORY_EXIT_FLAG_PRIVATE);
+    assert!(GMEM_KVM_EXIT_MMIO == uapi::KVM_EXIT_MMIO);
     assert!(GMEM_GUEST_MEMFD_FLAG_MMAP == uapi::GUEST_MEMFD_FLAG_MMAP);
     assert!(GMEM_GUEST_MEMFD_FLAG_INIT_SHARED == uapi::GUEST_MEMFD_FLAG_INIT_SHARED);
     assert!(GMEM_GUEST_MEMFD_FLAG_HUGETLB == uapi::GUEST_MEMFD_FLAG_HUGETLB);
@@ -190,6 +196,8 @@ impl From<Error> for Fail {
     fn from(e: Error) -> Self {
         let errno = match e {
             Error::Invariant(_) => EUCLEAN,
+            // Not a failure: `call` returns `-errno`, so the exit reason comes out positive.
+            Error::Mmio { .. } => -GMEM_KVM_EXIT_MMIO,
             _ => e.errno(),
         };
         Self::new(errno, e.to_string())
@@ -827,7 +835,9 @@ pub extern "C" fn gmem_vm_get_memory_attributes(
     })
 }
 
-/// One guest access; a memory-fault exit fills `*fault` (when not NULL) and is `-EFAULT`.
+/// One guest access; a memory-fault exit fills `*fault` (when not NULL) and is `-EFAULT`;
+/// an MMIO exit fills it too (`gpa`, `size` 8, `flags` `GMEM_MMIO_EXIT_WRITE` for a write)
+/// and is `GMEM_KVM_EXIT_MMIO`.
 fn guest_access(
     vm: *mut gmem_vm,
     gpa: u64,
@@ -838,17 +848,30 @@ fn guest_access(
     let o = lookup(vm, Kind::Vm)?;
     o.cell.with_inspect(
         |h| h.guest_access(o.id, gpa, private, write),
-        |e| {
-            if let Error::MemoryFault { gpa, size, flags } = *e {
+        |e| match *e {
+            Error::MemoryFault { gpa, size, flags } => {
                 put_opt(fault, gmem_memory_fault { gpa, size, flags });
             }
+            Error::Mmio {
+                phys_addr,
+                len,
+                is_write,
+            } => put_opt(
+                fault,
+                gmem_memory_fault {
+                    gpa: phys_addr,
+                    size: u64::from(len),
+                    flags: if is_write { GMEM_MMIO_EXIT_WRITE } else { 0 },
+                },
+            ),
+            _ => {}
         },
     )
 }
 
 /// A guest read of the page at `gpa`, private or shared: the page's value in `*value`
 /// (when not NULL). `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when
-/// not NULL).
+/// not NULL); `KVM_EXIT_MMIO` returns `GMEM_KVM_EXIT_MMIO` with the access in `*fault`.
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_vm_guest_read(
     vm: *mut gmem_vm,
@@ -865,7 +888,8 @@ pub extern "C" fn gmem_vm_guest_read(
 }
 
 /// A guest write of `value` to the page at `gpa`, private or shared.
-/// `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when not NULL).
+/// `KVM_EXIT_MEMORY_FAULT` is `-EFAULT` with the exit in `*fault` (when not NULL);
+/// `KVM_EXIT_MMIO` returns `GMEM_KVM_EXIT_MMIO` with the access in `*fault`.
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_vm_guest_write(
     vm: *mut gmem_vm,
@@ -878,7 +902,7 @@ pub extern "C" fn gmem_vm_guest_write(
 }
 
 /// Run the `n` events at `events` (NULL when `n` is 0) on `vm` in order: the status of
-/// each (0 or `-errno`) in `statuses[i]`, and, when `details` is not NULL, its details
+/// each (0, `-errno`, or `GMEM_KVM_EXIT_MMIO`) in `statuses[i]`, and, when `details` is not NULL, its details
 /// in `details[i]`. A failing event does not stop the batch; the call itself fails only
 /// for bad arguments (then nothing ran).
 #[unsafe(no_mangle)]

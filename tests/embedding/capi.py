@@ -48,6 +48,13 @@ class ConversionBusy(GmemError):
     pass
 
 
+class MmioExit(Exception):
+    pass
+
+
+KVM_EXIT_MMIO = 6
+
+
 class InvariantError(AssertionError):
     pass
 
@@ -59,6 +66,10 @@ def last_error() -> str:
 def check(rc: int, *, fault: MemoryFaultC | None = None, error_offset: int | None = None):
     if rc == 0:
         return
+    if rc == KVM_EXIT_MMIO and fault is not None:
+        e = MmioExit(last_error())
+        e.phys_addr, e.len, e.is_write = fault.gpa, fault.size, bool(fault.flags & 1)
+        raise e
     err, msg = -rc, last_error()
     if err == E.EUCLEAN:
         raise InvariantError(msg)

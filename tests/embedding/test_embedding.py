@@ -18,7 +18,7 @@ import pytest
 import capi
 import gmem
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 PAGE = 4096
 
@@ -82,6 +82,8 @@ def outcome(fn, *args, **kwargs):
         r = fn(*args, **kwargs)
     except (gmem.MemoryFault, capi.MemoryFault) as e:
         return ("memory_fault", e.errno, e.gpa, e.size, e.flags)
+    except (gmem.MmioExit, capi.MmioExit) as e:
+        return ("mmio", e.phys_addr, e.len, e.is_write)
     except (gmem.ConversionBusy, capi.ConversionBusy) as e:
         return ("busy", e.errno, e.error_offset)
     except (gmem.HostFault, capi.HostFault) as e:
