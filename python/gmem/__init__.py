@@ -7,6 +7,9 @@ See ``docs/api.md``.
 
 from __future__ import annotations
 
+import os
+
+from gmem import _events
 from gmem._events import DETAIL_DTYPE, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
 from gmem._gmem import (
     ConversionBusy,
@@ -19,8 +22,14 @@ from gmem._gmem import (
     MemoryFault,
     Vm,
     __version__,
+    _set_strict_default,
     load,
 )
+
+# The compiled `Vm._apply` reads one layout; `Vm.apply` converts the caller's events to it.
+Vm.apply = _events.apply  # type: ignore[method-assign]
+# Strict mode (`Host.strict`) of every host made or loaded, read once.
+_set_strict_default(os.environ.get("GMEM_STRICT") == "1")
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
