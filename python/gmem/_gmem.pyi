@@ -17,6 +17,7 @@ __all__ = [
     "MemoryFault",
     "Vm",
     "__version__",
+    "_set_strict_default",
     "load",
 ]
 
