@@ -90,14 +90,14 @@ _FIELD_CODES = (("op", "u1"), ("gfn", "u8"), ("npages", "u8"), ("value", "u8"))
 
 
 def _column(events: np.ndarray, name: str, code: str) -> np.ndarray:
+    """The field `name` of `events`, once its values are known to fit `code` (the caller
+    assigns it into the packed array, which casts it there)."""
     try:
         field = events[name]
     except (KeyError, ValueError):
         raise TypeError(f'events lack the field "{name}"') from None
-    try:
-        return field.astype(code, casting="safe")
-    except TypeError:
-        pass
+    if np.can_cast(field.dtype, code, casting="safe"):
+        return field
     # Integers of another width or signedness are fine when every value fits.
     if field.dtype.kind not in "iu":
         raise TypeError(f'events field "{name}" must hold integers, not {field.dtype}')
@@ -108,7 +108,7 @@ def _column(events: np.ndarray, name: str, code: str) -> np.ndarray:
             raise ValueError(
                 f'events field "{name}" holds values from {lo} to {hi}, outside {code}'
             )
-    return field.astype(code)
+    return field
 
 
 def apply(self: Any, events: Any, *, details: bool = False) -> Any:

@@ -20,10 +20,18 @@ impl Host {
     /// some operations make on their way out (`strict_check`) are suspended while it
     /// runs, since the full check covers them. A failed `op` is not checked, as it
     /// changed nothing.
+    #[inline]
     pub fn call<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        if !self.strict {
-            return op(self);
+        if self.strict {
+            self.call_strict(op)
+        } else {
+            op(self)
         }
+    }
+
+    // Kept out of line: the common, non-strict call stays as short as the operation.
+    #[cold]
+    fn call_strict<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         let out = {
             let s = Suspended(self);
             s.0.strict = false;
