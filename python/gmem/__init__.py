@@ -7,6 +7,9 @@ See ``docs/api.md``.
 
 from __future__ import annotations
 
+import os
+
+from gmem import _events
 from gmem._events import DETAIL_DTYPE, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
 from gmem._gmem import (
     ConversionBusy,
@@ -20,6 +23,7 @@ from gmem._gmem import (
     MmioExit,
     Vm,
     __version__,
+    _set_strict_default,
     load,
 )
 from gmem.constants import (
@@ -55,6 +59,11 @@ from gmem.constants import (
     TWO_SIDED_STRATEGIES,
     VM_TYPES,
 )
+
+# The compiled `Vm._apply` reads one layout; `Vm.apply` converts the caller's events to it.
+Vm.apply = _events.apply  # type: ignore[method-assign]
+# Strict mode (`Host.strict`) of every host made or loaded, read once.
+_set_strict_default(os.environ.get("GMEM_STRICT") == "1")
 
 
 def __getattr__(name: str):

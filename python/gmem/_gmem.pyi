@@ -20,6 +20,7 @@ __all__ = [
     "MmioExit",
     "Vm",
     "__version__",
+    "_set_strict_default",
     "load",
 ]
 
@@ -72,6 +73,7 @@ class Host:
     def strict(self, on: bool) -> None: ...
 
 def load(path: str | PathLike[str]) -> Host: ...
+def _set_strict_default(on: bool) -> None: ...
 
 @final
 class Vm:
@@ -116,6 +118,10 @@ class Vm:
         zero: str | None = None,
     ) -> None: ...
     def merge_pass(self) -> int: ...
+    def _apply(
+        self, events: npt.NDArray[Any], details: bool
+    ) -> npt.NDArray[np.int32] | tuple[npt.NDArray[np.int32], npt.NDArray[np.uint8]]: ...
+    # Set by `gmem` (`gmem._events.apply`) over `_apply`.
     @overload
     def apply(
         self, events: npt.NDArray[Any], *, details: Literal[False] = False

@@ -12,10 +12,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import capi
 import numpy as np
 import pytest
 
-import capi
 import gmem
 
 ROOT = Path(__file__).resolve().parents[2]
