@@ -100,7 +100,7 @@ _RSS_DRIVER = textwrap.dedent(
     import json, sys, time
     import numpy as np
     import gmem
-    from gmem.setup import build_vm
+    from gmem.guest import build_vm
 
     def rss():
         with open("/proc/self/status") as f:

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import gmem
-from gmem.setup import build_vm
+from gmem.guest import build_vm
 
 SMALL = os.environ.get("GMEM_BENCH_SMALL") == "1"
 SMALL_PAGES = 1 << 12
@@ -74,7 +74,7 @@ def host_for(pages: int) -> gmem.Host:
 
 
 def guest(pages: int, strategy: str = "dual", *, host_pages: int | None = None, huge_order=0):
-    """A host and a VM laid out by `gmem.setup.build_vm`: one guest_memfd memslot of
+    """A host and a VM laid out by `gmem.guest.build_vm`: one guest_memfd memslot of
     ``pages`` pages at gpa 0. Returns ``(host, guest_vm)``."""
     host = gmem.Host(host_pages * PAGE) if host_pages else host_for(pages)
     return host, build_vm(host, pages, "sw_protected", strategy, huge_order=huge_order)

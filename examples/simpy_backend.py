@@ -21,8 +21,9 @@ import sys
 import numpy as np
 import simpy
 
-from gmem import policies, setup
+from gmem import STRATEGIES, VM_TYPES, policies
 from gmem._events import EVENT_DTYPE, Op
+from gmem.guest import build_vm, make_host
 
 
 def _request(ops, gfn: int, npages: int, value: int) -> np.ndarray:
@@ -103,8 +104,8 @@ def run_simulation(
 ) -> dict:
     """Simulate ``until_ns`` nanoseconds; return a summary dict."""
     env = simpy.Environment()
-    host = setup.make_host(pages)
-    guest = setup.build_vm(host, pages, vm_type, strategy)
+    host = make_host(pages)
+    guest = build_vm(host, pages, vm_type, strategy)
     guest.vm.apply(_request([Op.CONVERT_PRIVATE], 0, pages, 0))  # QEMU: RAM starts private
     vmm = Vmm(env, guest, policies.make_policy(), batch_ns)
     rng = np.random.default_rng(seed)
@@ -130,8 +131,8 @@ def run_simulation(
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--strategy", choices=setup.STRATEGIES, default="dual")
-    p.add_argument("--vm-type", choices=setup.VM_TYPES, default="sw_protected")
+    p.add_argument("--strategy", choices=STRATEGIES, default="dual")
+    p.add_argument("--vm-type", choices=VM_TYPES, default="sw_protected")
     p.add_argument("--pages", type=int, default=1 << 16)
     p.add_argument("--vcpus", type=int, default=4)
     p.add_argument("--until-ns", type=int, default=50_000_000)

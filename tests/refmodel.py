@@ -32,8 +32,8 @@ Semantics modelled (``dual``):
 * Guest access rules (``kvm_mmu_faultin_pfn``): first the private-ness of the access is
   compared with the gfn's attribute (mismatch -> ``MemoryFault``), then the memslot is
   looked up: a private access without a usable guest_memfd (no slot, a slot without
-  one, a closed file) -> ``MemoryFault``; a shared access without a memslot ->
-  ``GmemError(EFAULT)`` (emulated MMIO is out of scope).
+  one, a closed file) -> ``MemoryFault``; a shared access without a memslot, and a
+  shared write to a read-only memslot -> ``MmioExit`` (``KVM_EXIT_MMIO``, 8 bytes).
 * Statistics: ``pages_allocated`` = the VM's guest_memfd pages + the allocated anonymous
   pages (and pinned pages discarded from them) inside one of the VM's memslots'
   ``[userspace_addr, +memory_size)`` ranges, each counted once.
@@ -65,6 +65,7 @@ TDX_SHARED_GPA_BIT = 51
 KVM_MEM_GUEST_MEMFD = 1 << 2
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+KVM_EXIT_MMIO = 6
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 GUEST_MEMFD_FLAG_HUGETLB = 1 << 4
@@ -98,6 +99,7 @@ STAT_KEYS = (
     "allocations",
     "frees",
     "memory_faults",
+    "mmio_exits",
     "conversions",
 )
 
@@ -135,6 +137,16 @@ class ConversionBusy(GmemError):
 
 class InvariantError(AssertionError):
     pass
+
+
+class MmioExit(Exception):
+    """KVM_EXIT_MMIO: KVM_RUN returns 0 and hands the access to the VMM to emulate."""
+
+    def __init__(self, phys_addr: int, is_write: bool) -> None:
+        super().__init__(f"KVM_EXIT_MMIO at gpa {phys_addr:#x}")
+        self.phys_addr = phys_addr
+        self.len = 8
+        self.is_write = is_write
 
 
 def _err(err: int, msg: str = "") -> GmemError:
@@ -520,7 +532,7 @@ class Vm:
                 raise _err(E.EINVAL, "guest_memfd range beyond the file")
             pgoff = offset >> PAGE_SHIFT
             if any(pgoff <= i < pgoff + npages for i in f.bindings):
-                raise _err(E.EINVAL, "guest_memfd range already bound")
+                raise _err(E.EEXIST, "guest_memfd range already bound")  # EINVAL up to 7.1
         # kvm_arch_prepare_memory_region(): the slot must end below kvm_mmu_max_gfn()
         # (and, on TDX, below the shared-GPA bit: kvm_is_gfn_alias()).
         bits = TDX_SHARED_GPA_BIT if self.vm_type == "tdx" else MAX_GPA_BITS
@@ -626,10 +638,9 @@ class Vm:
             idx = gfn - s.base_gfn + s.pgoff
             s.gmem._get_page(idx)
             return s.gmem.pages, idx, s.gmem
-        if s is None:
-            raise _err(E.EFAULT, f"no memslot at gfn {gfn:#x} (emulated MMIO)")
-        if write and s.flags & KVM_MEM_READONLY:
-            raise _err(E.EFAULT, f"write to read-only memslot at gfn {gfn:#x} (emulated MMIO)")
+        if s is None or (write and s.flags & KVM_MEM_READONLY):
+            self.counters["mmio_exits"] += 1
+            raise MmioExit(gfn << PAGE_SHIFT, write)
         hva = s.userspace_addr + (gfn - s.base_gfn) * PAGE_SIZE
         m, idx = self.host._find_anon(hva)
         if m is None:

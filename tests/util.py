@@ -41,6 +41,8 @@ def outcome(api, fn, *args, **kwargs):
         return ("ok", fn(*args, **kwargs))
     except api.MemoryFault as e:
         return ("memory_fault", e.errno, e.gpa, e.size, e.flags)
+    except api.MmioExit as e:
+        return ("mmio", e.phys_addr, e.len, e.is_write)
     except api.HostFault as e:
         return ("host_fault", e.errno)
     except OSError as e:

@@ -7,6 +7,9 @@ See ``docs/api.md``.
 
 from __future__ import annotations
 
+import os
+
+from gmem import _events
 from gmem._events import DETAIL_DTYPE, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
 from gmem._gmem import (
     ConversionBusy,
@@ -17,40 +20,50 @@ from gmem._gmem import (
     InvariantError,
     Mapping,
     MemoryFault,
+    MmioExit,
     Vm,
     __version__,
+    _set_strict_default,
     load,
 )
+from gmem.constants import (
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FILE_ATTRIBUTE_STRATEGIES,
+    GUEST_MEMFD_FLAG_HUGETLB,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
+    HUGE_ORDERS,
+    KVM_CAP_GUEST_MEMFD,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_MEMORY_FAULT_INFO,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM,
+    KVM_CAP_USER_MEMORY2,
+    KVM_EXIT_MMIO,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    KVM_USER_MEM_SLOTS,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PAGES_1G,
+    PAGES_2M,
+    SAME_FILE_STRATEGIES,
+    SHARED_SIDE,
+    STRATEGIES,
+    TWO_SIDED_STRATEGIES,
+    VM_TYPES,
+)
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
-KVM_MEM_GUEST_MEMFD = 1 << 2
-
-KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
-KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
-
-GUEST_MEMFD_FLAG_MMAP = 1 << 0
-GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
-#: HugeTLB-backed guest_memfd (guest_memfd HugeTLB dev tree); pass ``page_order`` 9 or 18.
-GUEST_MEMFD_FLAG_HUGETLB = 1 << 4
-
-FALLOC_FL_KEEP_SIZE = 1
-FALLOC_FL_PUNCH_HOLE = 2
-
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_READONLY_MEM = 81
-KVM_CAP_USER_MEMORY2 = 231
-KVM_CAP_MEMORY_FAULT_INFO = 232
-KVM_CAP_MEMORY_ATTRIBUTES = 233
-KVM_CAP_GUEST_MEMFD = 234
-KVM_CAP_GUEST_MEMFD_FLAGS = 244
-KVM_USER_MEM_SLOTS = 32764
-
-VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
-STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
+# The compiled `Vm._apply` reads one layout; `Vm.apply` converts the caller's events to it.
+Vm.apply = _events.apply  # type: ignore[method-assign]
+# Strict mode (`Host.strict`) of every host made or loaded, read once.
+_set_strict_default(os.environ.get("GMEM_STRICT") == "1")
 
 
 def __getattr__(name: str):
@@ -68,25 +81,34 @@ __all__ = [
     "EVENT_DTYPE",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
+    "FILE_ATTRIBUTE_STRATEGIES",
     "GUEST_MEMFD_FLAG_HUGETLB",
     "GUEST_MEMFD_FLAG_INIT_SHARED",
     "GUEST_MEMFD_FLAG_MMAP",
+    "HUGE_ORDERS",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_GUEST_MEMFD_FLAGS",
+    "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES",
     "KVM_CAP_MEMORY_ATTRIBUTES",
     "KVM_CAP_MEMORY_FAULT_INFO",
     "KVM_CAP_NR_MEMSLOTS",
     "KVM_CAP_READONLY_MEM",
     "KVM_CAP_USER_MEMORY2",
+    "KVM_EXIT_MMIO",
     "KVM_MEMORY_ATTRIBUTE_PRIVATE",
     "KVM_MEMORY_EXIT_FLAG_PRIVATE",
     "KVM_MEM_GUEST_MEMFD",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "KVM_USER_MEM_SLOTS",
+    "PAGES_1G",
+    "PAGES_2M",
     "PAGE_SHIFT",
     "PAGE_SIZE",
+    "SAME_FILE_STRATEGIES",
+    "SHARED_SIDE",
     "STRATEGIES",
+    "TWO_SIDED_STRATEGIES",
     "VM_TYPES",
     "ConversionBusy",
     "GmemError",
@@ -96,6 +118,7 @@ __all__ = [
     "InvariantError",
     "Mapping",
     "MemoryFault",
+    "MmioExit",
     "Op",
     "Vm",
     "__version__",

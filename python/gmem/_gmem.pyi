@@ -7,6 +7,8 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "FILE_ATTRIBUTES",
+    "SHARED_SIDE",
     "ConversionBusy",
     "GmemError",
     "GuestMemfd",
@@ -15,12 +17,18 @@ __all__ = [
     "InvariantError",
     "Mapping",
     "MemoryFault",
+    "MmioExit",
     "Vm",
     "__version__",
+    "_set_strict_default",
     "load",
 ]
 
 __version__: str
+#: Strategy name -> where its shared view lives: "userspace", "same_file" or "second_range".
+SHARED_SIDE: dict[str, str]
+#: Strategies whose memory attributes live at the guest_memfd's file offsets.
+FILE_ATTRIBUTES: frozenset[str]
 
 class GmemError(OSError): ...
 
@@ -33,6 +41,11 @@ class HostFault(GmemError):
     addr: int
     signal: str
     reason: str
+
+class MmioExit(Exception):
+    phys_addr: int
+    len: int
+    is_write: bool
 
 class ConversionBusy(GmemError):
     error_offset: int
@@ -60,6 +73,7 @@ class Host:
     def strict(self, on: bool) -> None: ...
 
 def load(path: str | PathLike[str]) -> Host: ...
+def _set_strict_default(on: bool) -> None: ...
 
 @final
 class Vm:
@@ -104,6 +118,10 @@ class Vm:
         zero: str | None = None,
     ) -> None: ...
     def merge_pass(self) -> int: ...
+    def _apply(
+        self, events: npt.NDArray[Any], details: bool
+    ) -> npt.NDArray[np.int32] | tuple[npt.NDArray[np.int32], npt.NDArray[np.uint8]]: ...
+    # Set by `gmem` (`gmem._events.apply`) over `_apply`.
     @overload
     def apply(
         self, events: npt.NDArray[Any], *, details: Literal[False] = False

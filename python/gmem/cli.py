@@ -2,27 +2,25 @@
 
 Errors in what the user typed (a bad name, a missing file, a malformed trace) print one
 line on stderr and exit with status 2 (usage) or 1 (everything else); never a traceback.
+Every run command builds a `gmem.config.RunConfig` from its arguments (its defaults are
+the flags' defaults) and runs it with `gmem.experiment.run_experiment`.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gmem.setup import STRATEGIES, VM_TYPES
+from gmem.config import DEFAULT_PAGES, KNOB_CHOICES, RunConfig, UsageError
+from gmem.constants import STRATEGIES
+from gmem.sweep import DEFAULT_OUT as SWEEP_OUT
 
-DEFAULT_WORKLOAD = "dma-churn"
-DEFAULT_PAGES = 1 << 21  # an 8 GiB guest
+DEFAULT_WORKLOAD = RunConfig.workload
 DEFAULT_OUT = "gmem-results"
-
-
-class UsageError(Exception):
-    """Bad command-line input (exit status 2)."""
 
 
 def _positive_int(text: str) -> int:
@@ -85,7 +83,12 @@ def _add_common(p: argparse.ArgumentParser, *, workload: bool = True) -> None:
             metavar="KEY=VALUE",
             help="a workload parameter, e.g. -p rounds=1000 -p pin=0 (repeatable)",
         )
-        p.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (default 0)")
+        p.add_argument(
+            "--seed",
+            type=_nonneg_int,
+            default=RunConfig.seed,
+            help=f"random seed (default {RunConfig.seed})",
+        )
     p.add_argument(
         "--pages",
         "-n",
@@ -93,32 +96,41 @@ def _add_common(p: argparse.ArgumentParser, *, workload: bool = True) -> None:
         default=None,
         help=f"guest size in 4 KiB pages (default {DEFAULT_PAGES:,}; a trace's own extent)",
     )
-    p.add_argument("--vm-type", "-t", choices=VM_TYPES, default="sw_protected")
+    p.add_argument("--vm-type", "-t", choices=KNOB_CHOICES["vm_type"], default=RunConfig.vm_type)
     p.add_argument(
         "--huge-order",
         type=int,
-        choices=(0, 9, 18),
-        default=0,
+        choices=KNOB_CHOICES["huge_order"],
+        default=RunConfig.huge_order,
         help="back guest_memfd with HugeTLB folios of 2 MiB (9) or 1 GiB (18)",
     )
     p.add_argument("--costs", metavar="TOML", help="cost-model overrides (docs/cost-model.md)")
     g = p.add_argument_group("VMM policy (docs/policies.md)")
-    g.add_argument("--discard", choices=("eager", "deferred", "never"), default="eager")
+    g.add_argument("--discard", choices=KNOB_CHOICES["discard"], default=RunConfig.discard)
     g.add_argument(
         "--discard-every",
         type=_positive_int,
-        default=None,
+        default=RunConfig.discard_every,
         help="deferred discard: pass every N conversions (default: each batch)",
     )
-    g.add_argument("--fault", choices=("convert", "exit"), default="convert")
-    g.add_argument("--retry", type=_nonneg_int, default=3, help="EAGAIN retry rounds")
-    g.add_argument("--merge", choices=("eager", "periodic"), default="eager")
-    g.add_argument("--merge-every", type=_positive_int, default=1 << 20)
+    g.add_argument("--fault", choices=KNOB_CHOICES["fault"], default=RunConfig.fault)
+    g.add_argument("--retry", type=_nonneg_int, default=RunConfig.retry, help="EAGAIN retry rounds")
+    g.add_argument(
+        "--merge-schedule",
+        "--merge",
+        dest="merge_schedule",
+        choices=KNOB_CHOICES["merge_schedule"],
+        default=RunConfig.merge_schedule,
+        help="merge split huge folios at once, or by a pass every --merge-every events",
+    )
+    g.add_argument("--merge-every", type=_positive_int, default=RunConfig.merge_every)
     g.add_argument("--coalesce", action="store_true", help="batch adjacent conversions")
     o = p.add_argument_group("output")
     o.add_argument("--out", "-o", default=DEFAULT_OUT, help=f"directory (default {DEFAULT_OUT})")
-    o.add_argument("--sample-every", type=_positive_int, default=None, metavar="N")
-    o.add_argument("--chunk", type=_positive_int, default=1 << 16, help="events per batch")
+    o.add_argument(
+        "--sample-every", type=_positive_int, default=RunConfig.sample_every, metavar="N"
+    )
+    o.add_argument("--chunk", type=_positive_int, default=RunConfig.chunk, help="events per batch")
     o.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     o.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
@@ -200,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers", "-j", type=_positive_int, default=None, help="processes (default: CPUs)"
     )
-    p.add_argument("--out", "-o", default="gmem-sweep", help="directory (default gmem-sweep)")
+    p.add_argument("--out", "-o", default=SWEEP_OUT, help=f"directory (default {SWEEP_OUT})")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
 
     sub.add_parser(
@@ -211,77 +223,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _policy(args):
-    from gmem.policies import make_policy
-
-    return make_policy(
+def _config(args, workload: str, params: dict[str, Any]) -> RunConfig:
+    """The run the arguments describe; a bad knob raises `ConfigError`, a usage error."""
+    return RunConfig(
+        workload=workload,
+        params=params,
+        pages=args.pages,
+        seed=getattr(args, "seed", RunConfig.seed),
+        chunk=args.chunk,
+        vm_type=args.vm_type,
+        huge_order=args.huge_order,
+        costs=args.costs,
         discard=args.discard,
         discard_every=args.discard_every,
         fault=args.fault,
         retry=args.retry,
-        merge=args.merge,
+        merge_schedule=args.merge_schedule,
         merge_every=args.merge_every,
         coalesce=args.coalesce,
+        sample_every=args.sample_every,
     )
 
 
-def _check_params(name: str, params: dict[str, Any]) -> None:
-    from gmem.workloads import get_workload
+def _run(args, config: RunConfig, strategies: Sequence[str], meta=None):
+    """The stream of ``config`` and its results under each strategy."""
+    from gmem.experiment import make_stream, run_experiment
 
-    spec = get_workload(name)
-    if name.startswith("trace:"):
-        from gmem.traces import trace_workload as fn
-    else:
-        fn = spec.generator
-    allowed = {
-        k
-        for k, v in inspect.signature(fn).parameters.items()
-        if v.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("seed", "chunk", "pages")
-    }
-    for key in params:
-        if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise UsageError(f"workload {name!r} has no parameter {key!r} (parameters: {known})")
-
-
-def _stream(args, workload: str, params: dict[str, Any]):
-    from gmem.workloads import make_workload
-
-    pages = args.pages
-    if pages is None and not workload.startswith("trace:"):
-        pages = DEFAULT_PAGES
-    try:
-        return make_workload(
-            workload, pages, seed=getattr(args, "seed", 0), chunk=args.chunk, **params
-        )
-    except TypeError as e:  # a parameter of the wrong type
-        raise UsageError(f"workload {workload!r}: {e}") from None
-
-
-def _run_strategies(args, stream, strategies: Sequence[str], meta: dict[str, Any]):
-    from gmem.costs import apply_costs, load_costs
-    from gmem.policies import run
-    from gmem.setup import build_vm, make_host
-
-    # a TOML path from the command line, or a mapping from `gmem sweep`
-    overrides = load_costs(args.costs) if isinstance(args.costs, (str, Path)) else args.costs
-    sample_every = args.sample_every or max(1, (stream.total_events or 1 << 20) // 400)
-    results = []
-    for strategy in strategies:
-        host = make_host(stream.pages, huge_order=args.huge_order)
-        apply_costs(host, overrides)
-        guest = build_vm(host, stream.pages, args.vm_type, strategy, args.huge_order)
-        result = run(
-            guest,
-            stream,
-            _policy(args),
-            sample_every=sample_every,
-            progress=not args.no_progress,
-            meta={**meta, "pages": stream.pages, "huge_order": args.huge_order},
-        )
-        results.append(result)
-        del guest, host
-    return results
+    stream = make_stream(config)
+    results = run_experiment(
+        config, strategies, stream=stream, progress=not args.no_progress, meta=meta
+    )
+    return stream, results
 
 
 def _write_outputs(args, results, title: str) -> list[Path]:
@@ -304,11 +276,11 @@ def _title(args, stream) -> str:
     return f"{stream.name} on a {gib:g} GiB {args.vm_type} guest"
 
 
-def _compare_and_write(args, stream, meta) -> int:
+def _compare_and_write(args, config: RunConfig, meta=None) -> int:
     """Run every requested strategy, print the table, write the files."""
     from gmem import reports
 
-    results = _run_strategies(args, stream, args.strategies, meta)
+    stream, results = _run(args, config, args.strategies, meta)
     title = _title(args, stream)
     reports.print_comparison(results, title=title)
     paths = _write_outputs(args, results, title)
@@ -317,22 +289,14 @@ def _compare_and_write(args, stream, meta) -> int:
 
 
 def cmd_compare(args) -> int:
-
-    params = dict(args.param)
-    _check_params(args.workload, params)
-    stream = _stream(args, args.workload, params)
-    meta = {"workload": args.workload, "seed": args.seed}
-    return _compare_and_write(args, stream, meta)
+    return _compare_and_write(args, _config(args, args.workload, dict(args.param)))
 
 
 def cmd_run(args) -> int:
     from gmem import reports
 
-    params = dict(args.param)
-    _check_params(args.workload, params)
-    stream = _stream(args, args.workload, params)
-    meta = {"workload": args.workload, "seed": args.seed}
-    (result,) = _run_strategies(args, stream, [args.strategy], meta)
+    config = _config(args, args.workload, dict(args.param))
+    stream, (result,) = _run(args, config, [args.strategy])
     reports.print_comparison([result], title=_title(args, stream))
     paths = result.write(args.out)
     if not args.no_plots:
@@ -342,19 +306,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from gmem.traces import trace_workload
-
     if not Path(args.trace).is_file():
         raise UsageError(f"{args.trace}: no such file")
-    stream = trace_workload(
-        args.trace,
-        pages=args.pages,
-        chunk=args.chunk,
-        skip_bad=args.skip_bad,
-        touch=not args.no_touch,
-    )
-    meta = {"workload": f"trace:{args.trace}"}
-    return _compare_and_write(args, stream, meta)
+    workload = f"trace:{args.trace}"
+    config = _config(args, workload, {"skip_bad": args.skip_bad, "touch": not args.no_touch})
+    return _compare_and_write(args, config, meta={"workload": workload})
 
 
 def cmd_sweep(args) -> int:

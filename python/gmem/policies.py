@@ -1,4 +1,4 @@
-"""VMM policies and the runner that drives a VM with a workload.
+"""VMM policies, and `run`: a workload on a VM under a policy (see `gmem.runner`).
 
 A policy is what the VMM decides around the guest's requests: whether it discards the
 side of a converted range that is no longer used, what it does when a vCPU exits with
@@ -37,23 +37,22 @@ rounds, 0 for a workload batch); ``finish(vm)`` at the end (return last events);
 from __future__ import annotations
 
 import errno
-import json
-import math
-import os
-import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from gmem._events import CONVERSION_OPS, DETAIL_IMPLICIT_CONVERSION, EVENT_DTYPE, Op
-
-_PAGE_SHIFT = 12
-#: ``KVM_MEMORY_EXIT_FLAG_PRIVATE``: the faulting access was private.
-_EXIT_PRIVATE = 1 << 3
+from gmem._ranges import align_to_huge, concat_events, last_writer, segment_runs
+from gmem.config import FAULT_MODES, MERGE_SCHEDULES, ConfigError, RunConfig, check_knob
+from gmem.constants import (
+    KVM_MEMORY_EXIT_FLAG_PRIVATE,
+    PAGE_SHIFT,
+    SHARED_SIDE,
+    TWO_SIDED_STRATEGIES,
+)
+from gmem.runner import Runner, RunResult, strategy_of
 
 __all__ = [
     "TWO_SIDED_STRATEGIES",
@@ -64,6 +63,7 @@ __all__ = [
     "DiscardNever",
     "FaultHandling",
     "MergePolicy",
+    "MergeSchedule",
     "Policy",
     "RetryEagain",
     "RunResult",
@@ -73,9 +73,6 @@ __all__ = [
     "run",
 ]
 
-#: Strategies with a separate shared backing that a VMM can discard. Elsewhere the shared
-#: view is the guest_memfd page itself and discarding it would destroy live data.
-TWO_SIDED_STRATEGIES = frozenset({"dual", "two_offsets"})
 _EAGAIN = -errno.EAGAIN
 _EMPTY = np.empty(0, EVENT_DTYPE)
 
@@ -123,13 +120,6 @@ class Policy:
         return Compose([self, other])
 
 
-def _concat(parts: Sequence[np.ndarray | None]) -> np.ndarray | None:
-    parts = [p for p in parts if p is not None and len(p)]
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-
 class Compose(Policy):
     """Several policies in order: transforms chain, follow-up events concatenate."""
 
@@ -148,7 +138,7 @@ class Compose(Policy):
         return any(p.wants_details for p in self.policies)
 
     def after_details(self, vm, events, status, details):
-        return _concat([p.after_details(vm, events, status, details) for p in self.policies])
+        return concat_events([p.after_details(vm, events, status, details) for p in self.policies])
 
     def configure(self, vm) -> None:
         for p in self.policies:
@@ -160,10 +150,10 @@ class Compose(Policy):
         return events
 
     def after_batch(self, vm, events, status, round):
-        return _concat([p.after_batch(vm, events, status, round) for p in self.policies])
+        return concat_events([p.after_batch(vm, events, status, round) for p in self.policies])
 
     def finish(self, vm):
-        return _concat([p.finish(vm) for p in self.policies])
+        return concat_events([p.finish(vm) for p in self.policies])
 
     def counters(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -184,10 +174,6 @@ def _discard_ops(ops: np.ndarray) -> np.ndarray:
     return np.where(ops == Op.CONVERT_PRIVATE, Op.DISCARD_SHARED, Op.PUNCH_HOLE).astype(np.uint8)
 
 
-def _strategy_of(vm) -> str:
-    return str(getattr(vm, "strategy", ""))
-
-
 def _huge_discard_ops(vm) -> np.ndarray:
     """Discard ops that must cover whole huge pages: HugeTLB guest_memfd punches only
     huge-aligned ranges (``EINVAL`` otherwise), so on a VM built with ``huge_order`` the
@@ -195,27 +181,9 @@ def _huge_discard_ops(vm) -> np.ndarray:
     huge pages, as a VMM discarding a HugeTLB-backed RAM block must."""
     if not getattr(vm, "huge_order", 0):
         return np.empty(0, np.uint8)
-    if _strategy_of(vm) == "two_offsets":
+    if SHARED_SIDE.get(strategy_of(vm)) == "second_range":
         return np.array([Op.PUNCH_HOLE, Op.DISCARD_SHARED], np.uint8)
     return np.array([Op.PUNCH_HOLE], np.uint8)
-
-
-def _align_to_huge(events: np.ndarray, ops: np.ndarray, order: int) -> np.ndarray:
-    """Shrink the events with an op in ``ops`` to the whole huge pages they cover;
-    drop those that cover none."""
-    if not len(ops) or not len(events):
-        return events
-    sel = np.isin(events["op"], ops)
-    if not sel.any():
-        return events
-    unit = np.uint64(1 << order)
-    start = events["gfn"][sel]
-    lo = (start + unit - np.uint64(1)) // unit * unit
-    hi = (start + events["npages"][sel]) // unit * unit
-    events = events.copy()
-    events["gfn"][sel] = lo
-    events["npages"][sel] = np.where(hi > lo, hi - lo, 0)
-    return events[events["npages"] > 0]
 
 
 class DiscardEager(Policy):
@@ -244,7 +212,7 @@ class DiscardEager(Policy):
         self.huge_order = 0
 
     def configure(self, vm) -> None:
-        self.active = _strategy_of(vm) in TWO_SIDED_STRATEGIES
+        self.active = strategy_of(vm) in TWO_SIDED_STRATEGIES
         self.wants_details = self.active
         self.huge_ops = _huge_discard_ops(vm)
         self.huge_order = int(getattr(vm, "huge_order", 0))
@@ -255,11 +223,11 @@ class DiscardEager(Policy):
             return None
         flags = details["fault_flags"][implicit]
         out = np.zeros(int(implicit.sum()), EVENT_DTYPE)
-        to_private = (flags & _EXIT_PRIVATE) != 0
+        to_private = (flags & KVM_MEMORY_EXIT_FLAG_PRIVATE) != 0
         out["op"] = np.where(to_private, Op.DISCARD_SHARED, Op.PUNCH_HOLE)
-        out["gfn"] = details["fault_gpa"][implicit] >> _PAGE_SHIFT
+        out["gfn"] = details["fault_gpa"][implicit] >> PAGE_SHIFT
         out["npages"] = 1
-        return _align_to_huge(out, self.huge_ops, self.huge_order)
+        return align_to_huge(out, self.huge_ops, self.huge_order)
 
     def transform(self, events: np.ndarray) -> np.ndarray:
         if not self.active or not len(events):
@@ -271,61 +239,13 @@ class DiscardEager(Policy):
         at = np.cumsum(1 + conv)[conv] - 1
         out["op"][at] = _discard_ops(events["op"][conv])
         out["value"][at] = 0
-        return _align_to_huge(out, self.huge_ops, self.huge_order)
+        return align_to_huge(out, self.huge_ops, self.huge_order)
 
 
 class DiscardNever(Policy):
     """Never discard: the VMM leaves both backings allocated (double backing grows)."""
 
     name = "discard=never"
-
-
-def _last_writer(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split the union of ``[start, end)`` ranges into elementary segments and find, for
-    each, the index of the last range covering it (-1 if none).
-
-    Exact and vectorised: every range is a range-max update of its own index on a segment
-    tree over the segments, applied level by level for all ranges at once
-    (O(n log n) numpy work), then pushed down to the leaves.
-    """
-    bounds = np.unique(np.concatenate([start, end]))
-    nseg = max(len(bounds) - 1, 1)
-    size = 1 << math.ceil(math.log2(nseg)) if nseg > 1 else 1
-    tree = np.full(2 * size, -1, dtype=np.int64)
-    lo = np.searchsorted(bounds, start).astype(np.int64) + size
-    hi = np.searchsorted(bounds, end).astype(np.int64) + size
-    idx = np.arange(len(start), dtype=np.int64)
-    while True:
-        live = lo < hi
-        if not live.any():
-            break
-        take = live & (lo & 1 == 1)
-        np.maximum.at(tree, lo[take], idx[take])
-        lo[take] += 1
-        take = (lo < hi) & (hi & 1 == 1)
-        hi[take] -= 1
-        np.maximum.at(tree, hi[take], idx[take])
-        lo >>= 1
-        hi >>= 1
-    level = 1
-    while level < size:
-        nodes = np.arange(level, 2 * level)
-        tree[2 * nodes] = np.maximum(tree[2 * nodes], tree[nodes])
-        tree[2 * nodes + 1] = np.maximum(tree[2 * nodes + 1], tree[nodes])
-        level *= 2
-    return bounds, tree[size : size + len(bounds) - 1]
-
-
-def _segment_runs(bounds: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Merge consecutive segments with equal ``key`` (>= 0; -1 = leave out) into runs:
-    ``(gfn, npages, key)`` per run."""
-    brk = np.ones(len(key), bool)
-    brk[1:] = key[1:] != key[:-1]
-    starts = np.flatnonzero(brk)
-    ends = np.append(starts[1:], len(key))
-    keep = key[starts] >= 0
-    starts, ends = starts[keep], ends[keep]
-    return bounds[starts], bounds[ends] - bounds[starts], key[starts]
 
 
 def final_discards(conversions: np.ndarray) -> np.ndarray:
@@ -338,11 +258,11 @@ def final_discards(conversions: np.ndarray) -> np.ndarray:
     if not len(conversions):
         return _EMPTY
     start = conversions["gfn"]
-    bounds, last = _last_writer(start, start + conversions["npages"])
+    bounds, last = last_writer(start, start + conversions["npages"])
     key = np.full(len(last), -1, np.int64)
     covered = last >= 0
     key[covered] = conversions["op"][last[covered]] == Op.CONVERT_PRIVATE
-    gfn, npages, private = _segment_runs(bounds, key)
+    gfn, npages, private = segment_runs(bounds, key)
     out = np.zeros(len(gfn), EVENT_DTYPE)
     out["op"] = np.where(private == 1, Op.DISCARD_SHARED, Op.PUNCH_HOLE)
     out["gfn"], out["npages"] = gfn, npages
@@ -361,7 +281,7 @@ class DiscardDeferred(Policy):
 
     name = "discard=deferred"
 
-    def __init__(self, every: int | None = None) -> None:
+    def __init__(self, every: int | None = RunConfig.discard_every) -> None:
         if every is not None and every <= 0:
             raise ValueError(f"every must be positive, got {every}")
         self.every = every
@@ -376,7 +296,7 @@ class DiscardDeferred(Policy):
         return f"{self.name}(every={self.every})" if self.every else f"{self.name}(batch)"
 
     def configure(self, vm) -> None:
-        self.active = _strategy_of(vm) in TWO_SIDED_STRATEGIES
+        self.active = strategy_of(vm) in TWO_SIDED_STRATEGIES
         self.huge_ops = _huge_discard_ops(vm)
         self.huge_order = int(getattr(vm, "huge_order", 0))
         self.pending, self.npending, self.passes = [], 0, 0
@@ -387,7 +307,7 @@ class DiscardDeferred(Policy):
         conv = np.concatenate(self.pending)
         self.pending, self.npending = [], 0
         self.passes += 1
-        return _align_to_huge(final_discards(conv), self.huge_ops, self.huge_order)
+        return align_to_huge(final_discards(conv), self.huge_ops, self.huge_order)
 
     def after_batch(self, vm, events, status, round):
         if not self.active:
@@ -421,9 +341,9 @@ class FaultHandling(Policy):
     (``vm.set_options(fault_policy=…)``), so no Python runs per fault.
     """
 
-    MODES = ("convert", "exit")
+    MODES = FAULT_MODES
 
-    def __init__(self, mode: str = "convert") -> None:
+    def __init__(self, mode: str = RunConfig.fault) -> None:
         if mode not in self.MODES:
             raise ValueError(f"fault mode must be one of {self.MODES}, got {mode!r}")
         self.mode = mode
@@ -446,7 +366,7 @@ class RetryEagain(Policy):
     events).
     """
 
-    def __init__(self, max_rounds: int = 3) -> None:
+    def __init__(self, max_rounds: int = RunConfig.retry) -> None:
         if max_rounds < 0:
             raise ValueError(f"max_rounds must be non-negative, got {max_rounds}")
         self.max_rounds = max_rounds
@@ -466,12 +386,12 @@ class RetryEagain(Policy):
             return None
         conv = np.isin(events["op"], CONVERSION_OPS) & ((status == 0) | refused)
         cev, crefused = events[conv], refused[conv]
-        bounds, last = _last_writer(cev["gfn"], cev["gfn"] + cev["npages"])
+        bounds, last = last_writer(cev["gfn"], cev["gfn"] + cev["npages"])
         key = np.full(len(last), -1, np.int64)
         retry = last >= 0
         retry[retry] = crefused[last[retry]]
         key[retry] = cev["op"][last[retry]]
-        gfn, npages, op = _segment_runs(bounds, key)
+        gfn, npages, op = segment_runs(bounds, key)
         still = np.unique(last[retry])
         self.superseded += n - len(still)
         self.retried += len(still)
@@ -487,21 +407,23 @@ class RetryEagain(Policy):
         }
 
 
-class MergePolicy(Policy):
-    """When split huge folios merge back.
+class MergeSchedule(Policy):
+    """When split huge folios merge back (the ``merge_schedule`` knob).
 
     ``"eager"``: the core merges a huge range as soon as it is uniform again
     (``vm.set_options(merge="eager")``), as the HugeTLB guest_memfd tree does on
-    to-private conversion. ``"periodic"``: merging waits for a pass
-    (``vm.merge_pass()``) run every ``every`` workload events, like a khugepaged-style
-    background scan.
+    to-private conversion. ``"periodic"``: the core defers merging
+    (``vm.set_options(merge="deferred")``) and a pass (``vm.merge_pass()``) runs every
+    ``every`` workload events, like a khugepaged-style background scan.
     """
 
-    MODES = ("eager", "periodic")
+    MODES = MERGE_SCHEDULES
 
-    def __init__(self, mode: str = "eager", every: int = 1 << 20) -> None:
+    def __init__(
+        self, mode: str = RunConfig.merge_schedule, every: int = RunConfig.merge_every
+    ) -> None:
         if mode not in self.MODES:
-            raise ValueError(f"merge mode must be one of {self.MODES}, got {mode!r}")
+            raise ValueError(f"merge schedule must be one of {self.MODES}, got {mode!r}")
         if every <= 0:
             raise ValueError(f"every must be positive, got {every}")
         self.mode = mode
@@ -531,6 +453,10 @@ class MergePolicy(Policy):
         if self.mode == "eager":
             return {}
         return {"merge_passes": self.passes, "merge_pass_merged": self.merged}
+
+
+#: The former name of `MergeSchedule`.
+MergePolicy = MergeSchedule
 
 
 class CoalesceConversions(Policy):
@@ -586,16 +512,34 @@ class CoalesceConversions(Policy):
 
 def make_policy(
     *,
-    discard: str = "eager",
-    discard_every: int | None = None,
-    fault: str = "convert",
-    retry: int = 3,
-    merge: str = "eager",
-    merge_every: int = 1 << 20,
-    coalesce: bool = False,
+    discard: str = RunConfig.discard,
+    discard_every: int | None = RunConfig.discard_every,
+    fault: str = RunConfig.fault,
+    retry: int = RunConfig.retry,
+    merge_schedule: str = RunConfig.merge_schedule,
+    merge_every: int = RunConfig.merge_every,
+    coalesce: bool = RunConfig.coalesce,
+    merge: str | None = None,
 ) -> Compose:
-    """The standard VMM policy from its knobs. The defaults are QEMU's behaviour:
-    discard on conversion, convert on memory-fault exit, retry ``EAGAIN``, eager merge."""
+    """The standard VMM policy from its knobs (those of `gmem.config.RunConfig`, with its
+    defaults: QEMU's behaviour — discard on conversion, convert on memory-fault exit,
+    retry ``EAGAIN``, eager merge). ``merge`` is the former name of ``merge_schedule``.
+    A bad value raises `gmem.config.ConfigError` naming the knob."""
+    if merge is not None:
+        merge_schedule = merge
+    knobs: dict[str, Any] = {
+        "discard": discard,
+        "discard_every": discard_every,
+        "fault": fault,
+        "retry": retry,
+        "merge_schedule": merge_schedule,
+        "merge_every": merge_every,
+        "coalesce": coalesce,
+    }
+    for name, value in knobs.items():
+        problem = None if value is None and name == "discard_every" else check_knob(name, value)
+        if problem is not None:
+            raise ConfigError(name, problem)
     parts: list[Policy] = []
     if coalesce:
         parts.append(CoalesceConversions())
@@ -603,306 +547,12 @@ def make_policy(
         parts.append(DiscardEager())
     elif discard == "deferred":
         parts.append(DiscardDeferred(discard_every))
-    elif discard == "never":
-        parts.append(DiscardNever())
     else:
-        raise ValueError(f"discard must be eager, deferred or never, got {discard!r}")
+        parts.append(DiscardNever())
     parts.append(FaultHandling(fault))
     parts.append(RetryEagain(retry))
-    parts.append(MergePolicy(merge, merge_every))
+    parts.append(MergeSchedule(merge_schedule, merge_every))
     return Compose(parts)
-
-
-# --- running ---------------------------------------------------------------------------
-
-
-@dataclass
-class RunResult:
-    """What a run produced: ``summary`` (a flat dict), ``series`` (a DataFrame with one
-    row per sample: ``applied_events`` and ``workload_events`` so far, ``elapsed_s`` and
-    every `vm.stats()`
-    counter) and ``status_counts`` (events per status code)."""
-
-    summary: dict[str, Any]
-    series: pd.DataFrame
-    status_counts: dict[int, int] = field(default_factory=dict)
-
-    def to_csv(self, directory: str | os.PathLike[str], prefix: str = "") -> list[Path]:
-        """Write ``{prefix}summary.csv`` and ``{prefix}series.csv``; return the paths."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        paths = [d / f"{prefix}summary.csv", d / f"{prefix}series.csv"]
-        pd.DataFrame([self.summary]).to_csv(paths[0], index=False)
-        self.series.to_csv(paths[1], index=False)
-        return paths
-
-    def to_json(self, path: str | os.PathLike[str]) -> Path:
-        """Write summary, status counts and series (column lists) as one JSON file."""
-        doc = {
-            "summary": self.summary,
-            "status_counts": {str(k): v for k, v in self.status_counts.items()},
-            "series": {c: self.series[c].tolist() for c in self.series.columns},
-        }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-        return path
-
-    def to_parquet(self, path: str | os.PathLike[str]) -> Path:
-        """Write the series as Parquet (needs pyarrow: ``pip install gmem[parquet]``)."""
-        try:
-            import pyarrow  # noqa: F401
-        except ImportError:
-            raise RuntimeError(
-                "Parquet output needs pyarrow: pip install 'gmem[parquet]'"
-            ) from None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.series.to_parquet(path, index=False)
-        return path
-
-    def write(
-        self,
-        directory: str | os.PathLike[str],
-        prefix: str = "",
-        formats: Iterable[str] = ("csv", "json", "parquet"),
-    ) -> list[Path]:
-        """Write every requested format into ``directory``; Parquet is skipped silently
-        when pyarrow is not installed. Returns the paths written."""
-        d = Path(directory)
-        out: list[Path] = []
-        for fmt in formats:
-            if fmt == "csv":
-                out += self.to_csv(d, prefix)
-            elif fmt == "json":
-                out.append(self.to_json(d / f"{prefix}run.json"))
-            elif fmt == "parquet":
-                if _have_pyarrow():
-                    out.append(self.to_parquet(d / f"{prefix}series.parquet"))
-            else:
-                raise ValueError(f"unknown output format {fmt!r} (csv, json, parquet)")
-        return out
-
-
-def _have_pyarrow() -> bool:
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _json_default(obj):
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-class _Samples:
-    """Growable numpy store of stats snapshots (int64 counters, float seconds)."""
-
-    def __init__(self) -> None:
-        self.columns: list[str] | None = None
-        self.counts = np.zeros((0, 0), np.int64)
-        self.elapsed = np.zeros(0, np.float64)
-        self.n = 0
-
-    def add(self, applied: int, workload: int, elapsed: float, stats: dict[str, Any]) -> None:
-        if self.columns is None:
-            self.columns = ["applied_events", "workload_events", *stats]
-            self.counts = np.zeros((64, len(self.columns)), np.int64)
-            self.elapsed = np.zeros(64, np.float64)
-        if self.n == len(self.counts):
-            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
-            self.elapsed = np.concatenate([self.elapsed, np.zeros_like(self.elapsed)])
-        self.counts[self.n] = [applied, workload, *(stats[c] for c in self.columns[2:])]
-        self.elapsed[self.n] = elapsed
-        self.n += 1
-
-    def last_applied(self) -> int:
-        return int(self.counts[self.n - 1, 0]) if self.n else -1
-
-    def frame(self) -> pd.DataFrame:
-        if self.columns is None:
-            return pd.DataFrame()
-        df = pd.DataFrame(self.counts[: self.n], columns=self.columns)
-        df.insert(2, "elapsed_s", self.elapsed[: self.n])
-        return df
-
-
-def _as_batches(workload) -> Iterable[np.ndarray]:
-    if isinstance(workload, np.ndarray):
-        return [workload]
-    return workload
-
-
-class Runner:
-    """Applies a workload to a VM under a policy, sampling `vm.stats()`.
-
-    Every ``sample_every`` events (workload events plus those the policy adds), a row of
-    the time series is taken; batches are cut at those points so samples land exactly.
-    Each row also says how far through the workload the run is (``workload_events``,
-    interpolated within a batch that the policy rewrote), so that strategies whose
-    policies add different numbers of events can be plotted against one axis.
-    Follow-up rounds per batch are bounded by ``max_rounds`` (a policy that keeps
-    returning events cannot loop forever).
-    """
-
-    def __init__(
-        self,
-        vm,
-        policy: Policy | None = None,
-        *,
-        sample_every: int = 1 << 16,
-        progress: bool = False,
-        max_rounds: int = 16,
-        label: str | None = None,
-    ) -> None:
-        if sample_every <= 0:
-            raise ValueError(f"sample_every must be positive, got {sample_every}")
-        # a GuestVm stands in for its Vm and also tells policies its `huge_order`
-        self.vm = vm
-        self.policy = policy if policy is not None else make_policy()
-        self.sample_every = sample_every
-        self.progress = progress
-        self.max_rounds = max_rounds
-        self.label = label
-        self._samples = _Samples()
-        self._applied = 0
-        self._next_sample = sample_every
-        self._wl_done = 0  # workload events of the batches finished
-        self._wl_len = 0  # workload events of the batch being applied
-        self._tx_len = 0  # events of that batch after the policy's transform
-        self._tx_applied = 0
-        self._status_codes: dict[int, int] = {}
-        self._t0 = 0.0
-
-    def _workload_position(self) -> int:
-        if self._tx_len == 0:
-            return self._wl_done + self._wl_len
-        return self._wl_done + self._wl_len * min(self._tx_applied, self._tx_len) // self._tx_len
-
-    def _sample(self) -> None:
-        self._samples.add(
-            self._applied,
-            self._workload_position(),
-            time.perf_counter() - self._t0,
-            self.vm.stats(),
-        )
-
-    def _count_status(self, status: np.ndarray) -> None:
-        codes, counts = np.unique(status, return_counts=True)
-        for c, k in zip(codes.tolist(), counts.tolist(), strict=True):
-            self._status_codes[c] = self._status_codes.get(c, 0) + k
-
-    def apply(self, events: np.ndarray) -> np.ndarray:
-        """Apply one array, cutting it at sample points; return its statuses."""
-        n = len(events)
-        self._details = None
-        if not n:
-            return np.zeros(0, np.int32)
-        events = np.ascontiguousarray(events, dtype=EVENT_DTYPE)
-        parts = []
-        details = []
-        pos = 0
-        while pos < n:
-            take = min(n - pos, self._next_sample - self._applied)
-            if self.policy.wants_details:
-                st, det = self.vm.apply(events[pos : pos + take], details=True)
-                parts.append(np.asarray(st))
-                details.append(det)
-            else:
-                parts.append(np.asarray(self.vm.apply(events[pos : pos + take])))
-            pos += take
-            self._applied += take
-            self._tx_applied += take
-            if self._applied >= self._next_sample:
-                self._sample()
-                self._next_sample += self.sample_every
-        status = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        self._details = np.concatenate(details) if details else None
-        self._count_status(status)
-        return status
-
-    def _follow(self, events: np.ndarray, status: np.ndarray, round: int):
-        """The policy's reaction to an applied array: detail-driven events first."""
-        extra = None
-        if self._details is not None:
-            extra = self.policy.after_details(self.vm, events, status, self._details)
-        return _concat([extra, self.policy.after_batch(self.vm, events, status, round)])
-
-    def _apply_with_followups(self, events: np.ndarray, workload_len: int) -> None:
-        self._wl_len, self._tx_len, self._tx_applied = workload_len, len(events), 0
-        status = self.apply(events)
-        self._tx_len = 0
-        follow = self._follow(events, status, 0)
-        rounds = 1
-        while follow is not None and len(follow) and rounds <= self.max_rounds:
-            status = self.apply(follow)
-            follow = self._follow(follow, status, rounds)
-            rounds += 1
-        self._wl_done += workload_len
-        self._wl_len = 0
-
-    def run(self, workload, *, meta: dict[str, Any] | None = None) -> RunResult:
-        """Run ``workload`` (an `EventStream`, an iterable of event arrays or one array)."""
-        self.policy.configure(self.vm)
-        total = getattr(workload, "total_events", None)
-        self._t0 = time.perf_counter()
-        self._sample()
-        n_workload = 0
-        batches = 0
-        bar = None
-        if self.progress:
-            from gmem.reports import progress_bar
-
-            bar = progress_bar(total, description=self.label or _strategy_of(self.vm))
-            bar.__enter__()
-        try:
-            for batch in _as_batches(workload):
-                n_workload += len(batch)
-                batches += 1
-                self._apply_with_followups(self.policy.transform(batch), len(batch))
-                if bar is not None:
-                    bar.advance(len(batch))
-            last = self.policy.finish(self.vm)
-            if last is not None and len(last):
-                self._apply_with_followups(last, 0)
-        finally:
-            if bar is not None:
-                bar.__exit__(None, None, None)
-        if self._samples.last_applied() != self._applied:
-            self._sample()
-        wall = time.perf_counter() - self._t0
-        return self._result(n_workload, batches, wall, meta or {})
-
-    def _result(self, n_workload: int, batches: int, wall: float, meta) -> RunResult:
-        series = self._samples.frame()
-        final = self.vm.stats()
-        summary: dict[str, Any] = {
-            "strategy": _strategy_of(self.vm),
-            "vm_type": str(getattr(self.vm, "vm_type", "")),
-            **meta,
-            "policy": self.policy.describe(),
-            "workload_events": n_workload,
-            "applied_events": self._applied,
-            "batches": batches,
-            "wall_s": round(wall, 6),
-            "events_per_s": round(self._applied / wall) if wall > 0 else 0,
-        }
-        summary.update({k: int(v) for k, v in final.items()})
-        if "pages_allocated" in series:
-            summary["mean_pages_allocated"] = round(float(series["pages_allocated"].mean()), 1)
-        if "double_backed_pages" in series:
-            summary["peak_double_backed_pages"] = int(series["double_backed_pages"].max())
-        ok = self._status_codes.get(0, 0)
-        summary["failed_events"] = self._applied - ok
-        for name in ("EFAULT", "EAGAIN", "ENOMEM", "EINVAL"):
-            summary[f"status_{name.lower()}"] = self._status_codes.get(-getattr(errno, name), 0)
-        summary.update(self.policy.counters())
-        return RunResult(summary, series, dict(sorted(self._status_codes.items())))
 
 
 def run(
@@ -916,6 +566,13 @@ def run(
 ) -> RunResult:
     """Run ``workload`` on ``vm`` (a `gmem.Vm` or a `GuestVm` from `build_vm`) under
     ``policy`` (default: `make_policy()`, QEMU's behaviour), sampling `vm.stats()` every
-    ``sample_every`` events; ``meta`` entries are copied into the summary."""
-    runner = Runner(vm, policy, sample_every=sample_every, progress=progress)
-    return runner.run(workload, meta=meta)
+    ``sample_every`` events; ``meta`` entries are copied into the summary. ``progress``
+    shows a progress bar on a terminal (see `gmem.reports.progress_bar`)."""
+    runner = Runner(vm, policy if policy is not None else make_policy(), sample_every=sample_every)
+    if not progress:
+        return runner.run(workload, meta=meta)
+    from gmem.reports import progress_bar
+
+    total = getattr(workload, "total_events", None)
+    with progress_bar(total, description=strategy_of(vm)) as bar:
+        return runner.run(workload, meta=meta, progress=bar.advance)

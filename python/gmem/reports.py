@@ -1,6 +1,6 @@
 """Reports: the terminal comparison table, summary files, PNG plots, progress bars.
 
-Everything takes `gmem.policies.RunResult` objects (one per strategy). Plots use
+Everything takes `gmem.runner.RunResult` objects (one per strategy). Plots use
 matplotlib's non-interactive Agg backend, so they work on machines without a display.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from gmem.policies import RunResult
+    from gmem.runner import RunResult
 
 __all__ = [
     "MAIN_COUNTERS",

@@ -19,7 +19,9 @@ A grid is a TOML file with one ``[grid]`` table whose keys are axes; a value is 
 
 Each cell builds a fresh host and VM, runs the workload under the policy and returns one
 row: the cell's parameters, every summary metric of `gmem.policies.run`, the wall time,
-the gmem version and the host name. A cell that raises gives a row with its ``error``.
+the gmem version and the host name. A cell is a `gmem.config.RunConfig` (`cell_config`),
+run by `gmem.experiment.run_experiment` as ``gmem compare`` runs its arguments. A cell
+that raises gives a row with its ``error``.
 Rows are journalled as they arrive (``DIR/cells.jsonl``) and aggregated into
 ``DIR/results.csv`` (and ``DIR/results.parquet`` when pyarrow is importable); running
 the same grid into the same directory again skips the cells that already succeeded.
@@ -54,8 +56,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from gmem.config import DEFAULT_PAGES, RunConfig, check_knob
+from gmem.constants import STRATEGIES
 from gmem.costs import DEFAULT_COSTS
-from gmem.setup import STRATEGIES, VM_TYPES
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,6 +67,7 @@ __all__ = [
     "AXES",
     "TIMING_COLUMNS",
     "GridError",
+    "cell_config",
     "expand_grid",
     "load_grid",
     "parse_executor",
@@ -80,46 +84,32 @@ JOURNAL = "cells.jsonl"
 #: function of the cell's parameters (and of the gmem version).
 TIMING_COLUMNS = ("wall_s", "events_per_s", "cell_wall_s", "hostname")
 
-_DEFAULT_PAGES = 1 << 21  # as `gmem compare`
-_DEFAULT_CHUNK = 1 << 16
-
-#: Every axis with its default (``...`` for "all strategies"); `costs` and `params` are
-#: sub-tables whose own keys are axes.
+#: The `RunConfig` knobs a grid can vary, in the order of the result columns.
+_KNOB_AXES = (
+    "vm_type",
+    "workload",
+    "pages",
+    "seed",
+    "huge_order",
+    "discard",
+    "discard_every",
+    "fault",
+    "retry",
+    "merge_schedule",
+    "merge_every",
+    "coalesce",
+    "chunk",
+    "sample_every",
+)
+#: Every axis with its default (``...`` for "all strategies"): the defaults of
+#: `RunConfig`. `costs` and `params` are sub-tables whose own keys are axes.
 AXES: dict[str, Any] = {
     "strategy": list(STRATEGIES),
-    "vm_type": "sw_protected",
-    "workload": "dma-churn",
-    "pages": None,  # the CLI's default for built-in workloads, a trace's own extent
-    "seed": 0,
-    "huge_order": 0,
-    "discard": "eager",
-    "discard_every": None,
-    "fault": "convert",
-    "retry": 3,
-    "merge": "eager",
-    "merge_every": 1 << 20,
-    "coalesce": False,
-    "chunk": _DEFAULT_CHUNK,
-    "sample_every": None,
+    **{name: getattr(RunConfig, name) for name in _KNOB_AXES},
 }
 _TABLES = ("costs", "params")
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "strategy": STRATEGIES,
-    "vm_type": VM_TYPES,
-    "huge_order": (0, 9, 18),
-    "discard": ("eager", "deferred", "never"),
-    "fault": ("convert", "exit"),
-    "merge": ("eager", "periodic"),
-}
-_MIN_INT = {
-    "pages": 1,
-    "seed": 0,
-    "retry": 0,
-    "discard_every": 1,
-    "merge_every": 1,
-    "chunk": 1,
-    "sample_every": 1,
-}
+#: Former axis names, still accepted in grid files.
+_ALIASES = {"merge": "merge_schedule"}
 
 
 class GridError(ValueError):
@@ -157,21 +147,18 @@ def _values(source: str, key: str, raw: Any) -> list[Any]:
 
 def _check_axis(source: str, key: str, name: str, values: list[Any]) -> None:
     for v in values:
-        if name in _MIN_INT:
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise GridError(source, key, f"expected an integer, got {v!r}")
-            if v < _MIN_INT[name]:
-                raise GridError(source, key, f"must be >= {_MIN_INT[name]}, got {v!r}")
-        elif name == "coalesce":
-            if not isinstance(v, bool):
-                raise GridError(source, key, f"expected true or false, got {v!r}")
-        elif name == "workload":
+        if name == "workload":
             _check_workload(source, key, v)
-        if name in _CHOICES and (
-            isinstance(v, bool) or not any(type(v) is type(c) and v == c for c in _CHOICES[name])
-        ):
-            known = ", ".join(map(str, _CHOICES[name]))
-            raise GridError(source, key, f"unknown value {v!r} (known: {known})")
+            continue
+        if name == "strategy":
+            problem = None
+            if not isinstance(v, str) or v not in STRATEGIES:
+                known = ", ".join(STRATEGIES)
+                problem = f"unknown value {v!r} (known: {known})"
+        else:
+            problem = check_knob(name, v)
+        if problem is not None:
+            raise GridError(source, key, problem)
 
 
 def _check_workload(source: str, key: str, name: Any) -> None:
@@ -228,6 +215,10 @@ def load_grid(grid: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, lis
                     _check_costs(source, subkey, sub, values)
                 axes[f"{name}.{sub}"] = values
             continue
+        if name in _ALIASES:
+            former, name = name, _ALIASES[name]
+            if name in table:
+                raise GridError(source, key, f"{name} given twice (also as {former})")
         if name not in AXES:
             known = [*AXES, *_TABLES]
             raise GridError(
@@ -251,7 +242,11 @@ def _check_costs(source: str, key: str, name: str, values: list[Any]) -> None:
 
 def cell_key(params: Mapping[str, Any]) -> str:
     """A stable identifier of a cell: a hash of its resolved parameters."""
-    text = json.dumps(dict(params), sort_keys=True, separators=(",", ":"))
+    # hashed under the former axis names, so that a directory swept before a rename
+    # still resumes
+    former = {new: old for old, new in _ALIASES.items()}
+    named = {former.get(k, k): v for k, v in params.items()}
+    text = json.dumps(named, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -268,7 +263,7 @@ def expand_grid(axes: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         if isinstance(params["strategy"], list):  # not an axis: every strategy
             params["strategy"] = None
         if params["pages"] is None and not str(params["workload"]).startswith("trace:"):
-            params["pages"] = _DEFAULT_PAGES
+            params["pages"] = DEFAULT_PAGES
         for name in names:
             if name.split(".", 1)[0] in _TABLES:
                 params[name] = chosen[name]
@@ -286,33 +281,24 @@ def expand_grid(axes: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 
 def _version() -> str:
     try:
-        import gmem
+        from gmem._gmem import __version__
 
-        return str(gmem.__version__)
+        return str(__version__)
     except Exception:  # pragma: no cover - the core is not importable
         return "(unknown)"
 
 
-def _args(cell: Mapping[str, Any]):
-    import argparse
-
-    costs = {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("costs.")}
-    return argparse.Namespace(
-        pages=cell["pages"],
-        seed=cell["seed"],
-        chunk=cell["chunk"],
-        vm_type=cell["vm_type"],
-        huge_order=cell["huge_order"],
-        costs=costs or None,
-        sample_every=cell["sample_every"],
-        no_progress=True,
-        discard=cell["discard"],
-        discard_every=cell["discard_every"],
-        fault=cell["fault"],
-        retry=cell["retry"],
-        merge=cell["merge"],
-        merge_every=cell["merge_every"],
-        coalesce=cell["coalesce"],
+def cell_config(cell: Mapping[str, Any]) -> RunConfig:
+    """The `RunConfig` of a cell from `expand_grid` (raises `ConfigError` for a bad
+    workload parameter, which the grid leaves to each cell)."""
+    table = {
+        t: {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith(t + ".")}
+        for t in _TABLES
+    }
+    return RunConfig(
+        **{name: cell[name] for name in _KNOB_AXES},
+        params=table["params"],
+        costs=table["costs"] or None,
     )
 
 
@@ -322,18 +308,12 @@ def run_cell(cell: Mapping[str, Any]) -> dict[str, Any]:
     Never raises for a failure of the cell itself: the row then has ``error`` set to
     ``"ExceptionType: message"`` and no metrics.
     """
-    from gmem.cli import _check_params, _run_strategies, _stream
+    from gmem.experiment import run_experiment
 
     t0 = time.perf_counter()
     row: dict[str, Any] = dict(cell)
     try:
-        params = {k.split(".", 1)[1]: v for k, v in cell.items() if k.startswith("params.")}
-        workload = cell["workload"]
-        _check_params(workload, params)
-        args = _args(cell)
-        stream = _stream(args, workload, params)
-        meta = {"workload": workload, "seed": cell["seed"]}
-        (result,) = _run_strategies(args, stream, [cell["strategy"]], meta)
+        (result,) = run_experiment(cell_config(cell), [cell["strategy"]])
         for k, v in result.summary.items():
             if row.get(k) is None:
                 row[k] = v
@@ -387,7 +367,7 @@ def _run_local(cells: list[dict[str, Any]], workers: int) -> Iterator[dict[str, 
     # workers fork from a clean server that has gmem imported once
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["gmem.sweep", "gmem.cli", "gmem.policies"])
+        ctx.set_forkserver_preload(["gmem.sweep", "gmem.experiment"])
     pool = ProcessPoolExecutor(max_workers=min(workers, len(cells)), mp_context=ctx)
     try:
         futures = {pool.submit(run_cell, c): c for c in cells}

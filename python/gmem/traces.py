@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from gmem._events import EVENT_DTYPE, Op
-from gmem.workloads import DEFAULT_CHUNK, PAGES_2M, EventStream, chunked, events
+from gmem.constants import PAGE_SHIFT, PAGES_2M
+from gmem.streams import DEFAULT_CHUNK, EventStream, chunked, events
 
 __all__ = [
     "KVM_HC_MAP_GPA_RANGE",
@@ -50,7 +51,6 @@ KVM_HC_MAP_GPA_RANGE = 12
 KVM_MAP_GPA_RANGE_PAGE_SZ_MASK = 0xF  # bits 3:0, a preferred page size (hypercalls.rst)
 KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 KVM_MAP_GPA_RANGE_RESERVED = ~0x1F & 0xFFFF_FFFF_FFFF_FFFF
-PAGE_SHIFT = 12
 _U64_MAX = (1 << 64) - 1
 _PAGE_SIZE_NAMES = {0: "4k", 1: "2m", 2: "1g"}
 _CSV_HEADER = ("op", "gfn", "npages", "value")

@@ -13,17 +13,21 @@ Make memory type private by default if it has guest memfd backend", v9.0), so mo
 workloads begin with one ``CONVERT_PRIVATE`` of the whole guest.
 
 The registry `WORKLOADS` maps a name to ``(generator, description)``; ``trace:PATH``
-replays a trace file (see `gmem.traces`).
+replays a trace file (see `gmem.traces`). `EventStream`, `chunked` and `events` live in
+`gmem.streams` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
 
-from gmem._events import EVENT_DTYPE, Op
+from gmem._events import Op
+from gmem.constants import PAGE_SHIFT, PAGES_1G, PAGES_2M
+from gmem.streams import DEFAULT_CHUNK, EventStream, chunked, events
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -33,6 +37,7 @@ __all__ = [
     "boot",
     "chunked",
     "dma_churn",
+    "events",
     "get_workload",
     "hugepage_frag",
     "make_events",
@@ -40,12 +45,9 @@ __all__ = [
     "random_ranges",
     "swiotlb",
     "swiotlb_pages",
+    "workload_parameters",
 ]
 
-DEFAULT_CHUNK = 1 << 16
-PAGE_SHIFT = 12
-PAGES_2M = 512
-PAGES_1G = 512 * 512
 #: Linux `IO_TLB_DEFAULT_SIZE` (include/linux/swiotlb.h): 64 MiB.
 IO_TLB_DEFAULT_PAGES = (64 << 20) >> PAGE_SHIFT
 #: Largest swiotlb size a confidential guest picks (`SZ_1G` in the clamp below).
@@ -54,81 +56,6 @@ IO_TLB_MAX_CC_PAGES = (1 << 30) >> PAGE_SHIFT
 IO_TLB_MAX_SEGMENT_PAGES = (128 * 2048) >> PAGE_SHIFT
 #: x86 swiotlb lives in low memory (`memblock_alloc_low`): below 4 GiB.
 LOW_MEMORY_PAGES = (4 << 30) >> PAGE_SHIFT
-
-
-class EventStream:
-    """A re-iterable stream of event batches.
-
-    ``factory`` returns a fresh iterator of `EVENT_DTYPE` arrays each time; the stream
-    re-chunks them to at most ``chunk`` events. ``total_events`` is the number of events
-    (an estimate where the workload draws it at random; progress bars use it), or
-    ``None`` when unknown.
-    """
-
-    def __init__(
-        self,
-        factory: Callable[[], Iterable[np.ndarray]],
-        *,
-        name: str,
-        pages: int,
-        chunk: int = DEFAULT_CHUNK,
-        total_events: int | None = None,
-    ) -> None:
-        if chunk <= 0:
-            raise ValueError(f"chunk must be positive, got {chunk}")
-        self._factory = factory
-        self.name = name
-        self.pages = pages
-        self.chunk = chunk
-        self.total_events = total_events
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        return chunked(self._factory(), self.chunk)
-
-    def to_array(self) -> np.ndarray:
-        """All events in one array (for tests and small guests)."""
-        parts = list(self)
-        return np.concatenate(parts) if parts else np.empty(0, EVENT_DTYPE)
-
-    def __repr__(self) -> str:
-        return (
-            f"EventStream({self.name!r}, pages={self.pages}, chunk={self.chunk}, "
-            f"total_events={self.total_events})"
-        )
-
-
-def chunked(pieces: Iterable[np.ndarray], chunk: int) -> Iterator[np.ndarray]:
-    """Re-cut a stream of event arrays into arrays of exactly ``chunk`` events (the
-    last may be shorter), splitting large pieces and joining small ones."""
-    pending: list[np.ndarray] = []
-    held = 0
-    for piece in pieces:
-        if piece.dtype != EVENT_DTYPE:
-            piece = piece.astype(EVENT_DTYPE)
-        start = 0
-        while start < len(piece):
-            take = min(chunk - held, len(piece) - start)
-            pending.append(piece[start : start + take])
-            held += take
-            start += take
-            if held == chunk:
-                yield np.concatenate(pending) if len(pending) > 1 else pending[0].copy()
-                pending, held = [], 0
-    if held:
-        yield np.concatenate(pending) if len(pending) > 1 else pending[0].copy()
-
-
-def events(op, gfn, npages, value=0) -> np.ndarray:
-    """Build an event array from broadcastable columns."""
-    op, gfn, npages, value = np.broadcast_arrays(
-        np.asarray(op, np.uint8),
-        np.asarray(gfn, np.uint64),
-        np.asarray(npages, np.uint64),
-        np.asarray(value, np.uint64),
-    )
-    out = np.empty(op.shape, EVENT_DTYPE)
-    out["op"], out["gfn"], out["npages"], out["value"] = op, gfn, npages, value
-    return out.reshape(-1)
 
 
 def _rowwise(*columns: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
@@ -566,6 +493,21 @@ def get_workload(name: str) -> WorkloadSpec:
     except KeyError:
         known = ", ".join([*WORKLOADS, "trace:PATH"])
         raise ValueError(f"unknown workload {name!r} (known: {known})") from None
+
+
+def workload_parameters(name: str) -> dict[str, str]:
+    """The parameters a workload takes besides ``pages``, ``seed`` and ``chunk``, each
+    with its annotation (``"int | None"``, ``"float"``, …)."""
+    if name.startswith("trace:"):
+        get_workload(name)  # the path check
+        from gmem.traces import trace_workload as fn
+    else:
+        fn = get_workload(name).generator
+    return {
+        k: str(v.annotation)
+        for k, v in inspect.signature(fn).parameters.items()
+        if v.kind is inspect.Parameter.KEYWORD_ONLY and k not in ("seed", "chunk", "pages")
+    }
 
 
 def make_workload(

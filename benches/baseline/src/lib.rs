@@ -5,7 +5,7 @@
 //!   the root as `xa_store()` does. The loop runs in Rust so that the comparison with
 //!   gmem's interval map is a fair fight between data structures, not between languages.
 //! * [`CoreDriver`]: a gmem-core `Host` with the same guest layout as
-//!   `gmem.setup.build_vm`, driven straight from Rust. It measures the work of
+//!   `gmem.guest.build_vm`, driven straight from Rust. It measures the work of
 //!   `vm.apply` / `vm.set_memory_attributes` without the Python binding, so that the
 //!   binding's overhead can be read off as a ratio.
 
@@ -152,7 +152,7 @@ fn os_err(e: &gmem_core::Error) -> PyErr {
     PyOSError::new_err(e.to_string())
 }
 
-/// A gmem-core host with one VM laid out as `gmem.setup.build_vm(host, pages, "sw_protected",
+/// A gmem-core host with one VM laid out as `gmem.guest.build_vm(host, pages, "sw_protected",
 /// strategy)` does, driven from Rust.
 #[pyclass(module = "gmem_bench_baseline")]
 pub struct CoreDriver {

@@ -215,7 +215,6 @@ fn main() {
         .get(3)
         .map_or(1_000_000, |s| s.parse().expect("events"));
     let pages = 1u64 << log2;
-    let bytes = pages << 12;
     let (mut h, vm) = guest(strategy, pages);
     let mut next = rng(0x9E37_79B9_7F4A_7C15);
     let gfns: Vec<u64> = (0..events).map(|_| next() % pages).collect();
@@ -235,7 +234,8 @@ fn main() {
     );
     let reads: Vec<u8> = vec![2; events];
     // Map private pages first, then read them back.
-    let _ = h.set_memory_attributes(vm, 0, bytes, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0);
+    // The conversion an event does (in-place VMs convert through their guest_memfd).
+    h.convert(vm, 0, pages, true).expect("private");
     let touch: Vec<u64> = gfns.iter().map(|g| g % (pages.min(1 << 20))).collect();
     h.apply(vm, &reads, &touch, &ones, &vals, None)
         .expect("apply");

@@ -75,14 +75,9 @@ impl Host {
             let loc = self.guest_loc(vm, gfn, private, pfn);
             return Ok(self.touch(vm, pfn, loc, write));
         }
-        let pfn = match self.guest_fault(vm, gfn, private) {
+        let pfn = match self.guest_fault(vm, gfn, private, write.is_some()) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
                 // The VMM answers the exit by converting the page and re-entering the guest.
-                let attrs = if private {
-                    uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-                } else {
-                    0
-                };
                 self.implicit = Some((
                     gfn << PAGE_SHIFT,
                     if private {
@@ -91,8 +86,8 @@ impl Host {
                         0
                     },
                 ));
-                self.set_memory_attributes(vm, gfn << PAGE_SHIFT, PAGE_SIZE, attrs, 0)?;
-                self.guest_fault(vm, gfn, private)?
+                self.convert(vm, gfn, gfn + 1, private)?;
+                self.guest_fault(vm, gfn, private, write.is_some())?
             }
             r => r?,
         };
@@ -159,23 +154,16 @@ impl Host {
     }
 
     /// A guest write to a `KVM_MEM_READONLY` memslot is emulated MMIO: `KVM_RUN` returns to
-    /// userspace with `KVM_EXIT_MMIO` (api.rst, `KVM_SET_USER_MEMORY_REGION`), reported
-    /// like an access outside every memslot (EFAULT); the page is not written.
-    /// Out of line and cold: only VMs with read-only memslots come here.
+    /// userspace with `KVM_EXIT_MMIO` (api.rst, `KVM_SET_USER_MEMORY_REGION`); the page is
+    /// not written. Out of line and cold: only VMs with read-only memslots come here.
     #[cold]
     #[inline(never)]
-    fn check_writable(&self, vm: usize, gfn: u64) -> Result<()> {
+    fn check_writable(&mut self, vm: usize, gfn: u64) -> Result<()> {
         if self.gfn_private(vm, gfn) {
             return Ok(());
         }
         match self.vms[vm].slot_at(gfn) {
-            Some(s) if s.flags & uapi::KVM_MEM_READONLY != 0 => Err(err(
-                errno::EFAULT,
-                format!(
-                    "guest write to read-only memslot at gpa {:#x} (emulated MMIO)",
-                    gfn << PAGE_SHIFT
-                ),
-            )),
+            Some(s) if s.flags & uapi::KVM_MEM_READONLY != 0 => Err(self.mmio_exit(vm, gfn, true)),
             _ => Ok(()),
         }
     }
@@ -200,6 +188,19 @@ impl Host {
         self.content_at(loc)
     }
 
+    /// `KVM_EXIT_MMIO` for an 8-byte access at `gfn`'s first byte.
+    fn mmio_exit(&mut self, vm: usize, gfn: u64, is_write: bool) -> Error {
+        let c = self.costs.exit_roundtrip;
+        let s = &mut self.vms[vm].stats;
+        s.mmio_exits += 1;
+        s.modelled_ns += c;
+        Error::Mmio {
+            phys_addr: gfn << PAGE_SHIFT,
+            len: 8,
+            is_write,
+        }
+    }
+
     fn memory_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Error {
         let c = self.costs.exit_roundtrip;
         let s = &mut self.vms[vm].stats;
@@ -217,7 +218,14 @@ impl Host {
     }
 
     /// A stage-2 fault: resolve the backing page and install a mapping, or exit.
-    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Result<u32> {
+    ///
+    /// Without a memslot: a shared access is emulated MMIO; a private one is a memory
+    /// fault in mainline (its attribute lives in the VM), and emulated MMIO too in in-place
+    /// mode (v13), where a gfn no memslot binds has no attribute at all.
+    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool, write: bool) -> Result<u32> {
+        if self.vms[vm].strategy.in_place_mode() && self.vms[vm].slot_at(gfn).is_none() {
+            return Err(self.mmio_exit(vm, gfn, write));
+        }
         if self.gfn_private(vm, gfn) != private {
             return Err(self.memory_fault(vm, gfn, private));
         }
@@ -225,10 +233,7 @@ impl Host {
             if private {
                 return Err(self.memory_fault(vm, gfn, private));
             }
-            return Err(err(
-                errno::EFAULT,
-                format!("no memslot at gpa {:#x} (emulated MMIO)", gfn << PAGE_SHIFT),
-            ));
+            return Err(self.mmio_exit(vm, gfn, write));
         };
         if private {
             let Some(FilePage {
@@ -255,6 +260,13 @@ impl Host {
 
     /// The frame backing `gfn`'s shared view, faulted in if needed.
     fn shared_backing(&mut self, vm: usize, slot: &Memslot, gfn: u64) -> Result<u32> {
+        // kvm_gmem_get_pfn() fails on a released file: a memory-fault exit.
+        if self
+            .shared_file_page(vm, slot, gfn)
+            .is_some_and(|p| !p.live)
+        {
+            return Err(self.memory_fault(vm, gfn, false));
+        }
         match self.shared_view(vm, slot, gfn)? {
             SharedView::File(f, off) => {
                 let pfn = self.gmem_get_pfn(vm, f, off)?;
@@ -371,7 +383,7 @@ impl Host {
     }
 
     /// Whether the host may map file page `off`.
-    fn host_may_access(&self, f: usize, off: u64) -> bool {
+    pub(crate) fn host_may_access(&self, f: usize, off: u64) -> bool {
         let file = &self.files[f];
         self.vms[file.vm].strategy.host_may_map(self, f, off)
     }

@@ -325,6 +325,24 @@ impl Host {
             .iter()
             .filter(|m| !m.unmapped && matches!(m.kind, MapKind::Gmem { .. }))
             .count();
+        // No host page table reaches a page the host may not fault.
+        for m in &self.maps {
+            if let MapKind::Gmem {
+                file,
+                pgoff,
+                present,
+            } = &m.kind
+                && let Some(idx) = present
+                    .iter()
+                    .find(|&i| !self.host_may_access(*file, pgoff + i))
+            {
+                return Err(broken(format!(
+                    "host mapping at {:#x} reaches private page {:#x} of guest_memfd {file}",
+                    m.addr + (idx << PAGE_SHIFT),
+                    pgoff + idx
+                )));
+            }
+        }
         if live != self.gmem_mmaps as usize {
             return Err(broken(format!(
                 "{} guest_memfd mmaps counted, {live} live",
@@ -332,5 +350,29 @@ impl Host {
             )));
         }
         self.check_frames()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::host::Host;
+    use crate::mapping::MapKind;
+    use crate::{StrategyKind, VmType, uapi};
+
+    #[test]
+    fn check_finds_a_host_mapping_of_a_private_page() {
+        let mut h = Host::new(64 << 20).unwrap();
+        let vm = h.create_vm(VmType::Snp, StrategyKind::Realloc);
+        let f = h
+            .create_guest_memfd(vm, 1 << 20, uapi::GUEST_MEMFD_FLAG_MMAP, 0)
+            .unwrap();
+        let m = h.gmem_mmap(f, 0, None, true).unwrap();
+        h.check().unwrap();
+        // A page-table entry no fault could have installed: no gfn makes page 1 shared.
+        if let MapKind::Gmem { present, .. } = &mut h.maps[m].kind {
+            present.insert(1);
+        }
+        let e = h.check().unwrap_err().to_string();
+        assert!(e.contains("reaches private page 0x1"), "{e}");
     }
 }

@@ -58,8 +58,11 @@ impl Host {
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
-        if attributes & !uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
-            return Err(einval(format!("unsupported attributes {attributes:#x}")));
+        let supported = self.vms[vm].strategy.vm_attributes();
+        if attributes & !supported != 0 {
+            return Err(einval(format!(
+                "unsupported attributes {attributes:#x} (supported: {supported:#x})"
+            )));
         }
         if size == 0 || address.checked_add(size).is_none() {
             return Err(einval(format!(
@@ -72,6 +75,13 @@ impl Host {
             )));
         }
         let (start, end) = (address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT);
+        if self.vms[vm].strategy.in_place_mode() {
+            // In-place mode (v13): the VM's array no longer tracks PRIVATE (the supported
+            // mask is empty, so only 0 gets here) and the guest_memfd ioctl converts; 0
+            // stores 0 in the VM's own array, which never holds anything else.
+            self.vms[vm].attrs.set(start, end, 0);
+            return Ok(());
+        }
         self.convert(vm, start, end, attributes != 0)
     }
 
@@ -96,17 +106,21 @@ impl Host {
             }
             return self.finish_convert(vm, start, end, private, changed);
         }
-        // The VM map holds what no bound file holds: the gaps between bound parts.
+        // The VM map holds what no bound file holds: the gaps between bound parts. In
+        // in-place mode a conversion is the guest_memfd ioctl on the bound files: the gaps
+        // keep no attribute.
         let mut gaps: Vec<(u64, u64)> = Vec::new();
-        let mut at = start;
-        for p in &parts {
-            if p.g0 > at {
-                gaps.push((at, p.g0));
+        if !strategy.in_place_mode() {
+            let mut at = start;
+            for p in &parts {
+                if p.g0 > at {
+                    gaps.push((at, p.g0));
+                }
+                at = p.g1;
             }
-            at = p.g1;
-        }
-        if at < end {
-            gaps.push((at, end));
+            if at < end {
+                gaps.push((at, end));
+            }
         }
         // kvm_range_has_memory_attributes(): nothing to do when the range already holds the
         // value.
@@ -126,6 +140,7 @@ impl Host {
             changed += self.vms[vm].attrs.set_count(a, b, value);
         }
         for p in &parts {
+            self.scrub_changing(vm, p.file, p.o0, p.o1(), value);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }

@@ -33,6 +33,13 @@ pub enum Error {
     Errno(i32, String),
     /// `KVM_EXIT_MEMORY_FAULT`: the access exits to userspace (`KVM_RUN` returns `EFAULT`).
     MemoryFault { gpa: u64, size: u64, flags: u64 },
+    /// `KVM_EXIT_MMIO`: no memslot backs the access, so KVM hands it to the VMM to
+    /// emulate (`KVM_RUN` returns 0). Not a failure: the exit's data.
+    Mmio {
+        phys_addr: u64,
+        len: u32,
+        is_write: bool,
+    },
     /// A host access the kernel refuses (SIGBUS on a mapping, EFAULT from GUP).
     HostFault { addr: u64, kind: HostFaultKind },
     /// An in-place to-private conversion found a page with elevated references.
@@ -48,7 +55,16 @@ impl Error {
             Error::Errno(e, _) => *e,
             Error::MemoryFault { .. } | Error::HostFault { .. } => errno::EFAULT,
             Error::Busy { .. } => errno::EAGAIN,
-            Error::Invariant(_) => 0,
+            Error::Mmio { .. } | Error::Invariant(_) => 0,
+        }
+    }
+
+    /// The status `apply` reports for an event that ended with this error: `-errno`, or
+    /// `KVM_EXIT_MMIO` (positive) for an emulated-MMIO exit.
+    pub fn status(&self) -> i32 {
+        match self {
+            Error::Mmio { .. } => crate::uapi::KVM_EXIT_MMIO,
+            e => -e.errno(),
         }
     }
 }
@@ -69,6 +85,15 @@ impl fmt::Display for Error {
                     write!(f, "host access beyond end of file at {addr:#x} (SIGBUS)")
                 }
             },
+            Error::Mmio {
+                phys_addr,
+                len,
+                is_write,
+            } => write!(
+                f,
+                "KVM_EXIT_MMIO: {} of {len} bytes at gpa {phys_addr:#x} (no memslot)",
+                if *is_write { "write" } else { "read" }
+            ),
             Error::Busy { error_offset } => write!(
                 f,
                 "conversion refused: page at offset {error_offset:#x} has elevated references"

@@ -289,7 +289,7 @@ impl Host {
                 self.check_vm(vm)?;
             }
             if let Err(e) = &r {
-                out[i] = -e.errno();
+                out[i] = e.status();
             }
             if let Some(d) = details.as_deref_mut() {
                 let (a0, f0) = before.expect("set with details");
@@ -309,7 +309,9 @@ impl Host {
                         det.fault_gpa = gpa;
                         det.fault_flags = flags as u32;
                     }
-                    Err(Error::HostFault { addr, .. }) => det.fault_gpa = addr,
+                    Err(
+                        Error::HostFault { addr: gpa, .. } | Error::Mmio { phys_addr: gpa, .. },
+                    ) => det.fault_gpa = gpa,
                     Err(_) => {}
                 }
                 d.push(det);

@@ -560,6 +560,30 @@ impl Host {
         }
     }
 
+    /// Remove the host mappings of the pages of `[start, end)` of `file` that the host may
+    /// no longer fault (`host_may_access`).
+    pub(crate) fn unmap_unreachable(&mut self, file: usize, start: u64, end: u64) {
+        let mut gone = Vec::new();
+        for &mid in &self.files[file].mappings {
+            if let MapKind::Gmem { pgoff, present, .. } = &self.maps[mid].kind {
+                let lo = start.saturating_sub(*pgoff);
+                let hi = end.saturating_sub(*pgoff);
+                gone.extend(
+                    present
+                        .iter()
+                        .skip_while(|&i| i < lo)
+                        .take_while(|&i| i < hi)
+                        .map(|i| pgoff + i),
+                );
+            }
+        }
+        for off in gone {
+            if !self.host_may_access(file, off) {
+                self.unmap_file_range(file, off, off + 1);
+            }
+        }
+    }
+
     /// `mmap()` of a guest_memfd.
     pub fn gmem_mmap(
         &mut self,
@@ -570,6 +594,14 @@ impl Host {
     ) -> Result<usize> {
         self.file_open(file)?;
         let f = &self.files[file];
+        // do_mmap() checks its arguments (EINVAL) before the file's mmap handler runs
+        // (kvm_gmem_mmap(): ENODEV without GUEST_MEMFD_FLAG_MMAP, then EINVAL for a
+        // private mapping).
+        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
+        if !offset.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
+        }
+        let length = mmap_length(length)?;
         if f.flags & uapi::GUEST_MEMFD_FLAG_MMAP == 0 {
             return Err(err(
                 errno::ENODEV,
@@ -579,11 +611,6 @@ impl Host {
         if !shared {
             return Err(einval("guest_memfd cannot be mapped MAP_PRIVATE"));
         }
-        let length = length.unwrap_or((f.size_pages << PAGE_SHIFT).saturating_sub(offset));
-        if !offset.is_multiple_of(PAGE_SIZE) {
-            return Err(einval(format!("mmap offset {offset:#x} not page aligned")));
-        }
-        let length = mmap_length(length)?;
         Ok(self.add_mapping(
             length >> PAGE_SHIFT,
             MapKind::Gmem {

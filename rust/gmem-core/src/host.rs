@@ -234,6 +234,7 @@ impl Host {
             | uapi::KVM_CAP_GUEST_MEMFD
             | uapi::KVM_CAP_MEMORY_FAULT_INFO => 1,
             uapi::KVM_CAP_MEMORY_ATTRIBUTES => v.strategy.vm_attributes(),
+            uapi::KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES => v.strategy.gmem_attributes(),
             uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
             uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),
             uapi::KVM_CAP_READONLY_MEM => u64::from(v.vm_type.has_readonly_mem()),

@@ -286,17 +286,21 @@ impl Host {
         size: u64,
     ) -> Result<()> {
         let file = &self.files[f];
-        if off > i64::MAX as u64 || pgoff + npages > file.size_pages {
+        // Offsets are unsigned since 7.2 (the `offset < 0` check is gone); the caller has
+        // checked that offset + size does not wrap.
+        if pgoff + npages > file.size_pages {
             return Err(einval(format!(
                 "guest_memfd range {off:#x}+{size:#x} beyond file size {:#x}",
                 file.size_pages << PAGE_SHIFT
             )));
         }
         if file.range_bound(pgoff, pgoff + npages) {
-            // Mainline kvm_gmem_bind: `r = -EINVAL` when xa_find() finds a binding.
-            return Err(einval(format!(
-                "guest_memfd range {off:#x}+{size:#x} is already bound"
-            )));
+            // kvm_gmem_bind() since 7.2: EEXIST when xa_find() finds a binding (EINVAL up
+            // to 7.1).
+            return Err(err(
+                errno::EEXIST,
+                format!("guest_memfd range {off:#x}+{size:#x} is already bound"),
+            ));
         }
         Ok(())
     }
@@ -378,6 +382,9 @@ impl Host {
         for b in [slot.gmem, slot.shared].into_iter().flatten() {
             if b.live {
                 self.files[b.file].bindings.remove(&b.pgoff);
+                // An offset no gfn reaches has no attribute that makes it shared any more
+                // (see `host_may_access`): the host loses the mappings it took through one.
+                self.unmap_unreachable(b.file, b.pgoff, b.pgoff + slot.npages);
             }
         }
         self.zap(vm, slot.base_gfn, slot.end_gfn(), None);

@@ -36,6 +36,8 @@ stats_struct! {
     conversions,
     converted_pages,
     memory_faults,
+    /// Emulated-MMIO exits: guest accesses that no memslot backs.
+    mmio_exits,
     host_faults,
     violations,
     stage2_zaps,

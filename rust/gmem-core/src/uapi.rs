@@ -22,6 +22,8 @@ pub const KVM_CAP_MEMORY_FAULT_INFO: u64 = 232;
 pub const KVM_CAP_MEMORY_ATTRIBUTES: u64 = 233;
 pub const KVM_CAP_GUEST_MEMFD: u64 = 234;
 pub const KVM_CAP_GUEST_MEMFD_FLAGS: u64 = 244;
+/// In-place series v13 (earlier revisions used 246, 248, 249, 250).
+pub const KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: u64 = 252;
 
 /// x86: `KVM_MEM_SLOTS_NUM` (`SHRT_MAX`) minus the three internal slots.
 pub const KVM_USER_MEM_SLOTS: u32 = 32764;
@@ -38,3 +40,6 @@ pub const MAX_GPA_BITS: u32 = 52;
 pub const TDX_SHARED_GPA_BIT: u32 = 51;
 /// x86-64 user address space (`TASK_SIZE_MAX` with 4-level paging).
 pub const TASK_SIZE: u64 = (1 << 47) - 4096;
+
+/// `KVM_EXIT_MMIO`: the exit reason of an access KVM hands to the VMM to emulate.
+pub const KVM_EXIT_MMIO: i32 = 6;

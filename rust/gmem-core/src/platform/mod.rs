@@ -222,11 +222,21 @@ pub(crate) trait Platform {
 }
 
 impl Host {
-    /// Clear the present, uptodate pages of `[o0, o1)` of file `f` (TDX/SNP conversion
-    /// re-keys the page).
-    pub(crate) fn scrub(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
+    /// Clear the present, uptodate pages of `[o0, o1)` of file `f` whose attribute is not
+    /// yet `value`, where the platform re-keys a page that changes hands (TDX removes the
+    /// private S-EPT leaves it had, SNP's invalidate skips pfns that are not assigned): a
+    /// page already at the target attribute keeps its content. Runs before the conversion
+    /// stores the attributes, while the pages that change hands are still known.
+    pub(crate) fn scrub_changing(&mut self, vm: usize, f: usize, o0: u64, o1: u64, value: u64) {
+        if self.vms[vm].vm_type.keeps_content() {
+            return;
+        }
         let offs = self.present_offsets(f, o0, o1);
         for off in offs {
+            let a = self.files[f].attrs.as_ref().expect("file attrs");
+            if a.get(off) == value {
+                continue;
+            }
             let r = self.files[f].page(off).expect("present");
             if r.uptodate {
                 self.zero_file_pages(Some(vm), f, off, r.pfn, 0);

@@ -38,7 +38,6 @@ impl Platform for Snp {
     }
 
     fn convert_in_place(h: &mut Host, vm: usize, f: usize, o0: u64, o1: u64, private: bool) {
-        h.scrub(vm, f, o0, o1);
         if private || h.rmp.is_empty() {
             return;
         }

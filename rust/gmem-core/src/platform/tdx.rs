@@ -40,10 +40,6 @@ impl Platform for Tdx {
         v.stats.modelled_ns += costs.tdx_page_remove * leaves;
     }
 
-    fn convert_in_place(h: &mut Host, vm: usize, f: usize, o0: u64, o1: u64, _private: bool) {
-        h.scrub(vm, f, o0, o1);
-    }
-
     fn populate_refused(h: &Host, vm: usize, gfn: u64, _f: usize, _off: u64) -> Result<()> {
         // `tdx_gmem_post_populate()`: the TDP MMU's map of the page is not `RET_PF_FIXED`.
         if h.vms[vm]

@@ -8,6 +8,7 @@
 
 use super::{SharedSide, Strategy, shared_by_file_attr};
 use crate::host::Host;
+use crate::uapi;
 
 pub struct AttrHook;
 
@@ -27,8 +28,12 @@ impl Strategy for AttrHook {
         h.convert_same_page(vm, start, end, private);
     }
 
+    /// The file's attribute decides where a gfn binds the offset (its attributes start
+    /// shared, as mainline's VM attributes do); an offset no gfn reaches stays private.
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
         shared_by_file_attr(h, file, off)
+            && (h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0
+                || h.files[file].binding_at(off).is_some())
     }
 }
 

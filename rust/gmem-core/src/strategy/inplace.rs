@@ -10,7 +10,7 @@
 //! VMs (a file starts private unless created with it) and deprecates VM-scoped PRIVATE
 //! tracking (`KVM_CAP_MEMORY_ATTRIBUTES` reports 0).
 
-use super::{SharedSide, Strategy, StrategyKind, shared_by_file_attr};
+use super::{SharedSide, Strategy, shared_by_file_attr};
 use crate::error::{Error, Result, einval, err, errno};
 use crate::guest_memfd::Zap;
 use crate::host::Host;
@@ -25,6 +25,7 @@ impl Strategy for Inplace {
     const HAS_GATE: bool = true;
     const GMEM_FLAGS: u64 = uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
     const VM_ATTRIBUTES: u64 = 0;
+    const GMEM_ATTRIBUTES: u64 = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
 
     fn initial_file_attr(flags: u64) -> Option<u64> {
         Some(if flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
@@ -92,12 +93,8 @@ impl Host {
         if f.fd.is_none() {
             return Err(err(errno::EBADF, "guest_memfd is closed"));
         }
-        if self.vms[f.vm].strategy != StrategyKind::Inplace {
-            return Err(err(
-                errno::ENOTTY,
-                "KVM_SET_MEMORY_ATTRIBUTES2 needs in-place conversion (strategy inplace)",
-            ));
-        }
+        // Checks in the order of the in-place series v13 (KERNEL.md §7); whether in-place
+        // mode is on comes last.
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
@@ -120,6 +117,12 @@ impl Host {
                 "range {offset:#x}+{size:#x} beyond file size {isize:#x}"
             )));
         }
+        if !self.vms[f.vm].strategy.in_place_mode() {
+            return Err(err(
+                errno::ENOTTY,
+                "KVM_SET_MEMORY_ATTRIBUTES2 needs in-place conversion (strategy inplace)",
+            ));
+        }
         let (o0, o1) = (offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT);
         let private = attributes != 0;
         let vm = f.vm;
@@ -135,6 +138,7 @@ impl Host {
                 return Err(self.busy(vm, first));
             }
         }
+        self.scrub_changing(vm, file, o0, o1, attributes);
         self.files[file]
             .attrs
             .as_mut()

@@ -147,6 +147,17 @@ impl StrategyKind {
         with_design!(self, D => D::VM_ATTRIBUTES)
     }
 
+    /// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES`: the per-file attributes offered.
+    pub(crate) fn gmem_attributes(self) -> u64 {
+        with_design!(self, D => D::GMEM_ATTRIBUTES)
+    }
+
+    /// In-place mode (v13): conversions go to the bound files only.
+    #[inline]
+    pub(crate) fn in_place_mode(self) -> bool {
+        self.gmem_attributes() != 0
+    }
+
     /// The per-offset attribute value a new guest_memfd starts with, or `None` when the
     /// design keeps no attributes in the file.
     pub(crate) fn initial_file_attr(self, flags: u64) -> Option<u64> {
@@ -208,8 +219,14 @@ pub(crate) trait Strategy {
     /// never for a VM with private memory.
     const GMEM_FLAGS: u64 = uapi::GUEST_MEMFD_FLAG_MMAP;
 
-    /// `KVM_CAP_MEMORY_ATTRIBUTES`.
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`: the attributes `KVM_SET_MEMORY_ATTRIBUTES` accepts.
     const VM_ATTRIBUTES: u64 = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
+
+    /// `KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES` (in-place series v13): the attributes the
+    /// guest_memfd's `KVM_SET_MEMORY_ATTRIBUTES2` accepts; nonzero means in-place mode is
+    /// on: a conversion is that ioctl on the bound files, and a gfn no memslot binds has
+    /// no attribute at all.
+    const GMEM_ATTRIBUTES: u64 = 0;
 
     /// The attribute every offset of a new guest_memfd created with `flags` starts with,
     /// for designs that keep attributes per offset.
@@ -242,9 +259,15 @@ fn shared_by_file_attr(h: &Host, file: usize, off: u64) -> bool {
         .is_some_and(|a| a.get(off) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0)
 }
 
-/// Whether the host may map page `off` of a file whose pages are private exactly where the
-/// gfn bound there is: pages of a shared-side binding and unbound pages always.
+/// Whether the host may map page `off` of a file whose pages are shared exactly where the
+/// gfn bound there is: pages of a shared-side binding always, pages of a private-side
+/// binding while their gfn is shared. An offset that no memslot binds has no attribute
+/// that could make it shared: private, as mainline's files without INIT_SHARED
+/// (`kvm_gmem_fault_user_mapping()`: SIGBUS) and the in-place series' offsets.
 fn shared_by_bound_gfn(h: &Host, file: usize, off: u64) -> bool {
+    if h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+        return true;
+    }
     match h.files[file].binding_at(off) {
         Some((_, b)) if b.shared_side => true,
         Some((bs, b)) => {
@@ -252,7 +275,7 @@ fn shared_by_bound_gfn(h: &Host, file: usize, off: u64) -> bool {
             let gfn = slot.base_gfn + (off - bs);
             h.vms[b.vm].attrs.get(gfn) & uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE == 0
         }
-        None => true,
+        None => false,
     }
 }
 

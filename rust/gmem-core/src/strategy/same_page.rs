@@ -13,8 +13,9 @@ impl Host {
     }
 
     /// The page stays; what changes is who may reach it. To private: unmap it from the
-    /// host, scrub where the platform re-keys, merge huge folios that became wholly
-    /// private. To shared: split huge folios, scrub, return SNP frames to the hypervisor.
+    /// host, merge huge folios that became wholly private. To shared: split huge folios,
+    /// return SNP frames to the hypervisor. (Where the platform re-keys, the pages that
+    /// change hands were scrubbed before the attributes were stored: `scrub_changing`.)
     pub(crate) fn same_page_work(&mut self, vm: usize, f: usize, o0: u64, o1: u64, private: bool) {
         let vt = self.vms[vm].vm_type;
         if private {
@@ -22,8 +23,7 @@ impl Host {
         } else {
             self.split_range(vm, f, o0, o1);
         }
-        // Scrub where the platform re-keys; SNP frames turning shared return to the
-        // hypervisor.
+        // SNP frames turning shared return to the hypervisor.
         vt.convert_in_place(self, vm, f, o0, o1, private);
         if private && self.vms[vm].opts.merge == MergePolicy::Eager {
             self.merge_range(f, o0, o1);

@@ -7,7 +7,7 @@
 
 use super::{SharedSide, Strategy, shared_by_bound_gfn};
 use crate::PAGE_SHIFT;
-use crate::error::{Result, einval};
+use crate::error::{Result, einval, err, errno};
 use crate::host::{GmemArg, Host};
 use crate::memslot::Binding;
 
@@ -55,7 +55,11 @@ impl Host {
         let spg = soff >> PAGE_SHIFT;
         self.check_bind(sf, spg, npages, soff, size)?;
         if sf == private_file && spg < pgoff + npages && pgoff < spg + npages {
-            return Err(einval("shared range overlaps the private range"));
+            // The same offsets bound twice: EEXIST, as any range already bound.
+            return Err(err(
+                errno::EEXIST,
+                "shared range overlaps the private range",
+            ));
         }
         Ok(Binding {
             file: sf,

@@ -202,9 +202,9 @@ pub fn apply_checked(
         return Err(format!("{} details for {} events", det.len(), events.len()));
     }
     for (e, &s) in events.iter().zip(&status) {
-        if s != 0 && !ERRNOS.contains(&-s) {
+        if s != 0 && s != gmem_core::uapi::KVM_EXIT_MMIO && !ERRNOS.contains(&-s) {
             return Err(format!(
-                "status {s} for {e:?} is neither 0 nor a negative errno the API lists"
+                "status {s} for {e:?} is neither 0, KVM_EXIT_MMIO nor a negative errno the API lists"
             ));
         }
         if let Some(f) = fixed_status(e)

@@ -304,7 +304,7 @@ FAILING_CALLS = {
         ),
     ),
     "slot_range_already_bound": (
-        errno.EINVAL,
+        errno.EEXIST,
         lambda a, g, o, n: g.vm.set_user_memory_region2(
             1, a.KVM_MEM_GUEST_MEMFD, 1 << 30, 4 * PAGE, g.mem.addr, g.gmem, 60 * PAGE
         ),

@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gmem import Op, policies, setup
+from gmem import Op, policies
+from gmem import guest as gmem_guest
+from gmem.constants import STRATEGIES
 from gmem.policies import (
     CoalesceConversions,
     Compose,
@@ -182,8 +184,8 @@ def churn(**kw):
 
 
 def guest(strategy="dual", huge_order=0, pages=PAGES):
-    host = setup.make_host(pages, huge_order=huge_order)
-    return setup.build_vm(host, pages, "sw_protected", strategy, huge_order)
+    host = gmem_guest.make_host(pages, huge_order=huge_order)
+    return gmem_guest.build_vm(host, pages, "sw_protected", strategy, huge_order)
 
 
 def test_eager_discard_never_backs_twice():
@@ -277,7 +279,7 @@ def test_runs_are_deterministic():
     }
 
 
-@pytest.mark.parametrize("strategy", setup.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_boots_cleanly(strategy):
     r = run(guest(strategy), make_workload("boot", PAGES))
     assert r.summary["failed_events"] == 0
@@ -306,10 +308,11 @@ def test_eager_discard_follows_implicit_conversions():
     same discard an explicit conversion gets (QEMU's kvm_convert_memory), so dual never
     ends up backed twice."""
     import gmem
-    from gmem import policies, setup
+    from gmem import guest as gmem_guest
+    from gmem import policies
 
-    host = setup.make_host(64)
-    guest = setup.build_vm(host, 64, "sw_protected", "dual")
+    host = gmem_guest.make_host(64)
+    guest = gmem_guest.build_vm(host, 64, "sw_protected", "dual")
     ev = np.zeros(4, gmem.EVENT_DTYPE)
     ev[0] = (gmem.Op.GUEST_WRITE_SHARED, 5, 1, 1)  # shared page allocated
     ev[1] = (gmem.Op.GUEST_WRITE_PRIVATE, 5, 1, 2)  # implicit conversion to private
@@ -319,8 +322,8 @@ def test_eager_discard_follows_implicit_conversions():
         guest, ev, policies.DiscardEager() + policies.FaultHandling("convert"), sample_every=1
     )
     assert eager.summary["double_backed_pages"] == 0
-    host2 = setup.make_host(64)
-    guest2 = setup.build_vm(host2, 64, "sw_protected", "dual")
+    host2 = gmem_guest.make_host(64)
+    guest2 = gmem_guest.build_vm(host2, 64, "sw_protected", "dual")
     never = policies.run(
         guest2, ev, policies.DiscardNever() + policies.FaultHandling("convert"), sample_every=1
     )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gmem
-from gmem.setup import build_vm, make_host
+from gmem.guest import build_vm, make_host
 from gmem.workloads import make_events
 
 PAGE = gmem.PAGE_SIZE
@@ -129,7 +129,10 @@ def test_enomem_mid_batch_then_continue(strategy):
     if strategy == "two_offsets":
         kw = {"shared_guest_memfd": vm.create_guest_memfd(size), "shared_offset": 0}
     vm.set_user_memory_region2(0, gmem.KVM_MEM_GUEST_MEMFD, 0, size, anon.addr, fd, 0, **kw)
-    vm.set_memory_attributes(0, size, PRIVATE)
+    if strategy == "inplace":  # v13: the guest_memfd ioctl converts
+        fd.set_memory_attributes2(0, size, PRIVATE)
+    else:
+        vm.set_memory_attributes(0, size, PRIVATE)
     ev = np.zeros(256, gmem.EVENT_DTYPE)
     ev["op"] = gmem.Op.GUEST_WRITE_PRIVATE
     ev["gfn"] = np.arange(256)
@@ -215,7 +218,7 @@ def test_gil_released_during_apply():
 def test_strict_mode_checks_every_operation():
     code = (
         "import gmem\n"
-        "from gmem.setup import build_vm, make_host\n"
+        "from gmem.guest import build_vm, make_host\n"
         "from gmem.workloads import make_events\n"
         "h = make_host(2048)\n"
         "assert h.strict\n"
@@ -287,7 +290,7 @@ def test_hostile_event_values_never_crash():
     ev["npages"] = counts[rng.integers(0, len(counts), 5000)]
     ev["value"] = rng.integers(0, 2**63, 5000)
     status = g.vm.apply(ev)
-    assert (status <= 0).all()
+    assert ((status <= 0) | (status == gmem.KVM_EXIT_MMIO)).all()
     g.vm.check()
     host.check()
 

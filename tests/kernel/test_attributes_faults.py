@@ -229,17 +229,21 @@ def test_private_access_without_slot(api, vm):
     _assert_fault(api, info, GiB, False)
 
 
-def test_shared_access_without_slot_is_not_a_memory_fault(api, vm):
-    """Emulated MMIO is out of scope: GmemError(EFAULT), not MemoryFault."""
-    for call in (
-        lambda: vm.guest_read(GiB, private=False),
-        lambda: vm.guest_write(GiB, 1, private=False),
+def test_shared_access_without_slot_is_an_mmio_exit(api, vm):
+    """A shared access no memslot backs is emulated MMIO (KVM_EXIT_MMIO, 8 bytes), not a
+    memory fault."""
+    for call, is_write in (
+        (lambda: vm.guest_read(GiB, private=False), False),
+        (lambda: vm.guest_write(GiB + 8 * PAGE, 1, private=False), True),
     ):
-        with pytest.raises(api.GmemError) as info:
+        with pytest.raises(api.MmioExit) as info:
             call()
-        assert info.value.errno == errno.EFAULT
-        assert not isinstance(info.value, api.MemoryFault)
+        assert info.value.phys_addr == (GiB + 8 * PAGE if is_write else GiB)
+        assert info.value.len == 8
+        assert info.value.is_write is is_write
+        assert not isinstance(info.value, OSError)
     assert vm.stats()["memory_faults"] == 0
+    assert vm.stats()["mmio_exits"] == 2
 
 
 def test_close_while_bound(api, vm, host):

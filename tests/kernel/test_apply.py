@@ -83,6 +83,8 @@ def per_call(api, g, op, gfn, npages, value):
                     raise AssertionError(op)
     except api.MemoryFault as e:
         return -e.errno, last, (e.gpa, e.flags)
+    except api.MmioExit as e:
+        return gmem.KVM_EXIT_MMIO, last, (e.phys_addr, 0)
     except OSError as e:
         return -e.errno, last, fault
     return 0, last, fault
@@ -155,7 +157,7 @@ def test_statuses():
         0,
         0,
         0,
-        -errno.EFAULT,
+        gmem.KVM_EXIT_MMIO,  # no memslot: emulated MMIO, a positive exit reason
         -errno.EINVAL,
         -errno.EINVAL,
         0,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from gmem import setup
+from gmem.constants import STRATEGIES
 from gmem.sweep import (
     TIMING_COLUMNS,
     GridError,
@@ -21,7 +21,7 @@ from gmem.sweep import (
     sweep,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGES = 1 << 12
 
 GRID = f"""
@@ -108,7 +108,7 @@ def test_grid_is_the_cartesian_product(tmp_path):
 
 def test_grid_defaults_to_every_strategy():
     cells = expand_grid(load_grid({"seed": [0, 1], "costs": {"zero_4k": 1}}))
-    assert [c["strategy"] for c in cells] == list(setup.STRATEGIES) * 2
+    assert [c["strategy"] for c in cells] == list(STRATEGIES) * 2
     assert all(c["costs.zero_4k"] == 1 for c in cells)
 
 

@@ -9,7 +9,7 @@ import pytest
 import gmem
 from gmem.costs import DEFAULT_COSTS, apply_costs, load_costs, validate_costs
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "cost-model.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cost-model.md"
 
 
 def test_defaults_match_the_core():
@@ -74,15 +74,15 @@ def test_apply_to_host(tmp_path):
 
 def test_costs_drive_modelled_time():
     """Doubling every cost doubles modelled_ns for the same events."""
-    from gmem import setup
+    from gmem import guest as gmem_guest
     from gmem.workloads import make_events
 
     ev = make_events("dma-churn", 1 << 14, seed=1, rounds=20, pin=0.0)
     totals = []
     for scale in (1, 2):
-        host = setup.make_host(1 << 14)
+        host = gmem_guest.make_host(1 << 14)
         apply_costs(host, {k: v * scale for k, v in DEFAULT_COSTS.items()})
-        guest = setup.build_vm(host, 1 << 14, "sw_protected", "dual")
+        guest = gmem_guest.build_vm(host, 1 << 14, "sw_protected", "dual")
         guest.vm.apply(ev)
         totals.append(guest.vm.stats()["modelled_ns"])
     assert totals[0] > 0

@@ -154,7 +154,7 @@ def test_fd_numbers_are_reused_lowest_first(api):
     with raises_errno(errno.EBADF):
         vm.set_user_memory_region2(0, GM, 0, 2 * PAGE, 0, f1, 0)
     vm.set_user_memory_region2(0, GM, 0, 4 * PAGE, 0, n1, 0)  # 4 pages: f3's size
-    with raises_errno(errno.EINVAL):  # f3's range is bound now
+    with raises_errno(errno.EEXIST):  # f3's range is bound now (7.2; EINVAL before)
         vm.set_user_memory_region2(1, GM, 1 << 30, PAGE, 0, f3, 0)
     f2.close()
     f3.close()
@@ -186,18 +186,19 @@ def test_readonly_memslots_by_vm_type(vm_type, allowed):
 
 
 def test_guest_write_to_readonly_memslot_is_mmio(api):
-    """api.rst: writes to a KVM_MEM_READONLY slot exit to userspace (emulated MMIO,
-    EFAULT here) and leave memory as it was; reads work; the host's own mapping stays
-    writable; a private access is still decided by the attributes first."""
+    """api.rst: writes to a KVM_MEM_READONLY slot exit to userspace (KVM_EXIT_MMIO) and
+    leave memory as it was; reads work; the host's own mapping stays writable; a private
+    access is still decided by the attributes first."""
     host = api.Host(16 * MiB)
     vm = host.create_vm("sw_protected", "dual")
     mem = host.mmap_anonymous(4 * PAGE)
     mem.write(PAGE, 9)
     vm.set_user_memory_region(0, api.KVM_MEM_READONLY, 0, 4 * PAGE, mem.addr)
     assert vm.guest_read(PAGE, private=False) == 9
-    with raises_errno(errno.EFAULT):
+    with pytest.raises(api.MmioExit) as info:
         vm.guest_write(PAGE, 5, private=False)  # mapped by the read above
-    with raises_errno(errno.EFAULT):
+    assert (info.value.phys_addr, info.value.len, info.value.is_write) == (PAGE, 8, True)
+    with pytest.raises(api.MmioExit):
         vm.guest_write(2 * PAGE, 5, private=False)  # not mapped yet
     assert vm.guest_read(PAGE, private=False) == 9
     assert mem.read(2 * PAGE) == 0
@@ -220,7 +221,7 @@ def test_guest_write_to_readonly_memslot_is_mmio(api):
 
 def test_readonly_memslot_in_event_batches():
     """`vm.apply` gives the same answer as single calls: a shared write to a mapped page of
-    a read-only slot is -EFAULT (the batch's fast path for mapped pages must not write
+    a read-only slot is an MMIO exit (the batch's fast path for mapped pages must not write
     it), while writes elsewhere in the same batch go through."""
     host = gmem.Host(16 * MiB)
     vm = host.create_vm("sw_protected", "dual")
@@ -239,7 +240,7 @@ def test_readonly_memslot_in_event_batches():
     for i, (op, gfn, value) in enumerate(rows):
         ev[i] = (int(op), gfn, 1, value)
     status = vm.apply(ev)
-    assert list(status) == [0, 0, -errno.EFAULT, 0, 0]
+    assert list(status) == [0, 0, gmem.KVM_EXIT_MMIO, 0, 0]
     assert ro.read(0) == 7
     assert rw.read(0) == 2
     vm.check()

@@ -12,14 +12,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["STRATEGIES", "VM_TYPES", "GuestVm", "build_vm", "host_pages_for", "make_host"]
+from gmem._gmem import Host
+from gmem.constants import (
+    GUEST_MEMFD_FLAG_HUGETLB,
+    GUEST_MEMFD_FLAG_MMAP,
+    HUGE_ORDERS,
+    KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_MEM_GUEST_MEMFD,
+    PAGE_SIZE,
+    SAME_FILE_STRATEGIES,
+    SHARED_SIDE,
+    STRATEGIES,
+    VM_TYPES,
+)
 
-PAGE_SIZE = 4096
-#: Strategy names, in the order reports show them.
-STRATEGIES = ("dual", "inplace", "realloc", "two_offsets", "attr_hook")
-VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
-#: Strategies whose shared view is the guest_memfd page itself: the host maps the file.
-_SAME_FILE = frozenset({"inplace", "realloc", "attr_hook"})
+__all__ = ["GuestVm", "build_vm", "host_pages_for", "make_host"]
+
 _MAX_HOST_PAGES = 1 << 31
 
 
@@ -55,9 +63,7 @@ def host_pages_for(pages: int, huge_order: int = 0) -> int:
 
 def make_host(pages: int, *, huge_order: int = 0, costs: dict | None = None):
     """A `gmem.Host` sized by `host_pages_for`."""
-    import gmem
-
-    return gmem.Host(host_pages_for(pages, huge_order) * PAGE_SIZE, costs=costs)
+    return Host(host_pages_for(pages, huge_order) * PAGE_SIZE, costs=costs)
 
 
 def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0) -> GuestVm:
@@ -67,8 +73,6 @@ def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0)
     1 GiB (``GUEST_MEMFD_FLAG_HUGETLB``, dev tree); the file is rounded up to the huge size.
     Raises `ValueError` for unknown names, and whatever the core raises otherwise.
     """
-    import gmem
-
     pages = int(pages)
     if pages <= 0:
         raise ValueError(f"pages must be positive, got {pages}")
@@ -76,30 +80,30 @@ def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0)
         raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
     if vm_type not in VM_TYPES:
         raise ValueError(f"unknown vm type {vm_type!r} (known: {', '.join(VM_TYPES)})")
-    if huge_order not in (0, 9, 18):
+    if huge_order not in HUGE_ORDERS:
         raise ValueError(f"huge_order must be 0, 9 or 18, got {huge_order}")
 
     vm = host.create_vm(vm_type=vm_type, strategy=strategy)
-    supported = vm.check_extension(gmem.KVM_CAP_GUEST_MEMFD_FLAGS)
-    mmap_flag = gmem.GUEST_MEMFD_FLAG_MMAP & supported
+    supported = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+    mmap_flag = GUEST_MEMFD_FLAG_MMAP & supported
     unit = 1 << huge_order
     size = -(-pages // unit) * unit * PAGE_SIZE
     flags, order_kw = 0, {}
     if huge_order:
-        flags |= gmem.GUEST_MEMFD_FLAG_HUGETLB
+        flags |= GUEST_MEMFD_FLAG_HUGETLB
         order_kw = {"page_order": huge_order}
-    private_flags = flags | (mmap_flag if strategy in _SAME_FILE else 0)
+    private_flags = flags | (mmap_flag if strategy in SAME_FILE_STRATEGIES else 0)
     gmemfd = vm.create_guest_memfd(size, private_flags, **order_kw)
 
     mapping = host.mmap_anonymous(pages * PAGE_SIZE)
     extra: dict[str, Any] = {}
     shared = None
-    if strategy == "two_offsets":
+    if SHARED_SIDE[strategy] == "second_range":
         shared = vm.create_guest_memfd(size, flags | mmap_flag, **order_kw)
         extra = {"shared_guest_memfd": shared, "shared_offset": 0}
     vm.set_user_memory_region2(
         0,
-        gmem.KVM_MEM_GUEST_MEMFD,
+        KVM_MEM_GUEST_MEMFD,
         0,
         pages * PAGE_SIZE,
         mapping.addr,

@@ -2,7 +2,7 @@
 and fallocate alignment rules, stage-2 mapping levels (folio order, memslot alignment,
 the mixed rule, the platform limit), split on to-shared and merge back on to-private.
 
-Every VM and host a test creates is checked when the test ends.
+Every VM and host a test creates is checked when the test ends (``conftest.py``).
 """
 
 from __future__ import annotations
@@ -10,10 +10,20 @@ from __future__ import annotations
 import errno
 
 import pytest
+from design_env import (
+    GPA,
+    MEMFD,
+    MMAP,
+    PRIV,
+    PUNCH,
+    VM_TYPES,
+    new_host,
+    new_vm,
+    st,
+    vmm_convert,
+)
 
 import gmem
-from test_strategies import GPA, MEMFD, MMAP, PRIV, PUNCH, VM_TYPES, new_host, new_vm, st
-from test_strategies import _check_everything as _check_everything
 from util import PAGE, raises_errno
 
 MiB = 1 << 20
@@ -104,7 +114,7 @@ def test_fallocate_alignment():
 def test_private_fault_maps_2m(vm_type, strategy):
     """Private faults over a uniform, aligned, intact 2M folio map one 2M leaf."""
     _, vm, _, _ = huge_vm(vm_type, strategy)
-    vm.set_memory_attributes(G2, 4 * MiB, PRIV)
+    vmm_convert(vm, G2, 4 * MiB, PRIV)
     vm.guest_write(G2, 1, private=True)
     vm.guest_write(G2 + PAGE, 2, private=True)
     assert levels(vm) == (0, 1, 0)
@@ -125,7 +135,7 @@ def test_private_fault_1g_limited_by_platform(vm_type, strategy):
     """An order-18 folio maps 1G on sw_protected/pkvm; TDX and SNP map private memory at
     most at 2M (stage2_1g stays 0)."""
     _, vm, _, _ = huge_vm(vm_type, strategy, size=GiB, order=18)
-    vm.set_memory_attributes(G2, GiB, PRIV)
+    vmm_convert(vm, G2, GiB, PRIV)
     vm.guest_write(G2, 1, private=True)
     vm.guest_write(G2 + 5 * MiB, 1, private=True)
     if vm_type in ("sw_protected", "pkvm"):
@@ -174,12 +184,12 @@ def test_unaligned_memslot_gpa_maps_4k():
 @pytest.mark.parametrize("vm_type", VM_TYPES)
 def test_split_merge_round_trip(vm_type, strategy):
     _, vm, _, _ = huge_vm(vm_type, strategy)
-    vm.set_memory_attributes(G2, 4 * MiB, PRIV)
+    vmm_convert(vm, G2, 4 * MiB, PRIV)
     vm.guest_write(G2, 1, private=True)
     vm.guest_write(G2 + PAGE, 2, private=True)
     assert levels(vm) == (0, 1, 0)
     # One page shared: the folio splits, the 2M leaf goes, faults map 4K.
-    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, 0)
+    vmm_convert(vm, G2 + 5 * PAGE, PAGE, 0)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 0}
     assert levels(vm) == (0, 0, 0)
     assert vm.guest_read(G2 + PAGE, private=True) == 2  # only the converted page scrubs
@@ -189,7 +199,7 @@ def test_split_merge_round_trip(vm_type, strategy):
     vm.guest_read(G2 + 2 * MiB, private=True)
     assert levels(vm) == (2, 1, 0)
     # All private again: merge, the small mappings are zapped, the next fault maps 2M.
-    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, PRIV)
+    vmm_convert(vm, G2 + 5 * PAGE, PAGE, PRIV)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 1}
     assert levels(vm) == (0, 1, 0)
     assert vm.guest_read(G2, private=True) == 1
@@ -232,8 +242,8 @@ def test_dual_huge_keeps_folio_mixed_rule_maps_4k(vm_type):
     """dual: conversions never split the private folio; a mixed range maps 4K; once the
     range is uniform again a fault may map 2M."""
     _, vm, _, _ = huge_vm(vm_type, "dual")
-    vm.set_memory_attributes(G2, 4 * MiB, PRIV)
-    vm.set_memory_attributes(G2 + PAGE, PAGE, 0)
+    vmm_convert(vm, G2, 4 * MiB, PRIV)
+    vmm_convert(vm, G2 + PAGE, PAGE, 0)
     vm.guest_write(G2, 1, private=True)
     vm.guest_write(G2 + 2 * PAGE, 3, private=True)
     vm.guest_write(G2 + PAGE, 2, private=False)
@@ -243,7 +253,7 @@ def test_dual_huge_keeps_folio_mixed_rule_maps_4k(vm_type):
     # The other (uniform) 2M range maps huge.
     vm.guest_read(G2 + 2 * MiB, private=True)
     assert levels(vm)[1] == 1
-    vm.set_memory_attributes(G2 + PAGE, PAGE, PRIV)
+    vmm_convert(vm, G2 + PAGE, PAGE, PRIV)
     assert vm.guest_read(G2 + PAGE, private=True) == 0  # the private page of that gfn
     assert st(vm, "splits", "merges") == {"splits": 0, "merges": 0}
     assert vm.guest_read(G2, private=True) == 1
@@ -253,10 +263,10 @@ def test_dual_huge_keeps_folio_mixed_rule_maps_4k(vm_type):
 def test_deferred_merge():
     _, vm, _, _ = huge_vm("sw_protected", "inplace")
     vm.set_options(merge="deferred")
-    vm.set_memory_attributes(G2, 4 * MiB, PRIV)
+    vmm_convert(vm, G2, 4 * MiB, PRIV)
     vm.guest_read(G2 + 9 * PAGE, private=True)
-    vm.set_memory_attributes(G2 + PAGE, PAGE, 0)
-    vm.set_memory_attributes(G2 + PAGE, PAGE, PRIV)
+    vmm_convert(vm, G2 + PAGE, PAGE, 0)
+    vmm_convert(vm, G2 + PAGE, PAGE, PRIV)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 0}
     vm.guest_read(G2, private=True)
     assert levels(vm) == (1, 0, 0)  # the folio is still split: 4K
@@ -313,16 +323,16 @@ def test_two_backings_split_and_merge_the_private_folio(strategy):
     it (the VMM may punch that page); the whole range private again merges it back and
     the next fault maps 2M."""
     _, vm, f, _ = huge_vm("sw_protected", strategy)
-    vm.set_memory_attributes(G2, 2 * MiB, PRIV)
+    vmm_convert(vm, G2, 2 * MiB, PRIV)
     vm.guest_write(G2, 1, private=True)
     assert levels(vm) == (0, 1, 0)
-    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, 0)
+    vmm_convert(vm, G2 + 5 * PAGE, PAGE, 0)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 0}
     assert levels(vm) == (0, 0, 0)
     vm.guest_write(G2 + 5 * PAGE, 2, private=False)
     assert vm.guest_read(G2, private=True) == 1
     assert levels(vm)[1] == 0
-    vm.set_memory_attributes(G2 + 5 * PAGE, PAGE, PRIV)
+    vmm_convert(vm, G2 + 5 * PAGE, PAGE, PRIV)
     assert st(vm, "splits", "merges") == {"splits": 1, "merges": 1}
     assert vm.guest_read(G2, private=True) == 1
     assert levels(vm) == (0, 1, 0)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from gmem import reports, setup
+from gmem import guest as gmem_guest
+from gmem import reports
+from gmem.constants import STRATEGIES
 from gmem.policies import run
 from gmem.workloads import make_workload
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--pages", "16384", "-p", "rounds=60", "--no-progress"]
 
 
@@ -44,13 +46,13 @@ def test_compare_writes_table_and_files(tmp_path):
     out = tmp_path / "out"
     r = gmem_cli("compare", *SMALL, "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in setup.STRATEGIES:
+    for name in STRATEGIES:
         assert name in r.stdout
         assert (out / f"series-{name}.csv").is_file()
     assert "peak MiB" in r.stdout
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
-    assert [row["strategy"] for row in summary] == list(setup.STRATEGIES)
+    assert [row["strategy"] for row in summary] == list(STRATEGIES)
     assert all(row["workload"] == "dma-churn" for row in summary)
     data = json.loads((out / "summary.json").read_text())
     assert len(data) == 5
@@ -211,8 +213,8 @@ def test_no_command_prints_usage(tmp_path):
 def test_reports_in_process(tmp_path):
     results = []
     for strategy in ("dual", "inplace"):
-        host = setup.make_host(8192)
-        guest = setup.build_vm(host, 8192, "sw_protected", strategy)
+        host = gmem_guest.make_host(8192)
+        guest = gmem_guest.build_vm(host, 8192, "sw_protected", strategy)
         results.append(run(guest, make_workload("dma-churn", 8192, rounds=20), sample_every=200))
     assert_png(reports.plot_memory(results, tmp_path / "m.png"))
     assert_png(reports.plot_counters(results, tmp_path / "c.png"))

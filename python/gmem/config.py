@@ -1,0 +1,235 @@
+"""The knobs of a run: `RunConfig`, with the one copy of every default and allowed value.
+
+A `RunConfig` is frozen and checked when it is made: a bad value raises `ConfigError`
+(a `ValueError`) whose message names the knob, the value and what is allowed, as in
+``retry: must be >= 0, got -1``. The command line, a sweep's grid cells and notebooks
+all build one; `gmem.experiment.run_experiment` runs it::
+
+    from gmem.experiment import RunConfig, run_experiment
+    config = RunConfig(workload="hugepage-frag", pages=1 << 15, huge_order=9,
+                       params={"per_granule": 4}, merge_schedule="periodic")
+    results = run_experiment(config, ["dual", "inplace"])
+
+`check_knob` is the per-knob check itself, for readers of other inputs (a grid file).
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from gmem.constants import HUGE_ORDERS, VM_TYPES
+from gmem.costs import validate_costs
+from gmem.streams import DEFAULT_CHUNK
+from gmem.workloads import get_workload, workload_parameters
+
+__all__ = [
+    "DEFAULT_PAGES",
+    "DISCARD_MODES",
+    "FAULT_MODES",
+    "KNOB_CHOICES",
+    "KNOB_MINIMUM",
+    "MERGE_SCHEDULES",
+    "ConfigError",
+    "RunConfig",
+    "UsageError",
+    "check_knob",
+    "check_params",
+]
+
+#: The guest size of a built-in workload when none is given: an 8 GiB guest.
+DEFAULT_PAGES = 1 << 21
+#: What the VMM does with the side of a converted range that is no longer used.
+DISCARD_MODES = ("eager", "deferred", "never")
+#: What the VMM does on a memory-fault exit.
+FAULT_MODES = ("convert", "exit")
+#: When split huge folios merge back: at once (the core's ``merge="eager"``), or by a
+#: pass every ``merge_every`` events (the core's ``merge="deferred"`` plus
+#: ``vm.merge_pass()``). Not to be confused with the core's merge policy names.
+MERGE_SCHEDULES = ("eager", "periodic")
+
+#: The knobs that take one of a few values.
+KNOB_CHOICES: dict[str, tuple[Any, ...]] = {
+    "vm_type": VM_TYPES,
+    "huge_order": HUGE_ORDERS,
+    "discard": DISCARD_MODES,
+    "fault": FAULT_MODES,
+    "merge_schedule": MERGE_SCHEDULES,
+}
+#: The integer knobs and their smallest value.
+KNOB_MINIMUM: dict[str, int] = {
+    "pages": 1,
+    "seed": 0,
+    "chunk": 1,
+    "retry": 0,
+    "discard_every": 1,
+    "merge_every": 1,
+    "sample_every": 1,
+}
+_BOOL_KNOBS = ("coalesce",)
+#: Knobs whose None means "derived": a trace's own extent, a pass per batch, ~400 samples.
+_OPTIONAL = ("pages", "discard_every", "sample_every")
+
+
+class UsageError(ValueError):
+    """Bad input to a run as a user gave it: an unknown workload parameter, a bad knob
+    (`ConfigError`), a bad command-line argument. ``gmem`` exits with status 2."""
+
+
+class ConfigError(UsageError):
+    """A knob with a bad value; ``knob`` is its name (``params.X`` for a workload
+    parameter), and the message names it, the value and what is allowed."""
+
+    def __init__(self, knob: str, problem: str) -> None:
+        self.knob = knob
+        super().__init__(f"{knob}: {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_knob(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for the knob ``name`` (a phrase naming the value and
+    what is allowed), or None if it is fine. Only the knobs with a fixed domain:
+    `KNOB_CHOICES`, `KNOB_MINIMUM` and ``coalesce``."""
+    if name in KNOB_MINIMUM:
+        if not _is_int(value):
+            return f"expected an integer, got {value!r}"
+        if value < KNOB_MINIMUM[name]:
+            return f"must be >= {KNOB_MINIMUM[name]}, got {value!r}"
+    elif name in _BOOL_KNOBS and not isinstance(value, bool):
+        return f"expected true or false, got {value!r}"
+    if name in KNOB_CHOICES and (
+        isinstance(value, bool)
+        or not any(type(value) is type(c) and value == c for c in KNOB_CHOICES[name])
+    ):
+        known = ", ".join(map(str, KNOB_CHOICES[name]))
+        return f"unknown value {value!r} (known: {known})"
+    return None
+
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":  # 0/1 as well, as a command line gives them
+        return isinstance(value, bool) or (_is_int(value) and value in (0, 1))
+    if kind == "int":
+        return _is_int(value)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return True  # an annotation this check does not know: left to the workload
+
+
+def check_params(workload: str, params: Mapping[str, Any]) -> None:
+    """Check workload parameters against the workload's signature: an unknown name raises
+    `UsageError` (listing the workload's parameters), a value of the wrong type
+    `ConfigError` (``knob`` = ``params.X``); an unknown workload raises `ValueError`."""
+    allowed = workload_parameters(workload)
+    for key, value in params.items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise UsageError(
+                f"workload {workload!r} has no parameter {key!r} (parameters: {known})"
+            )
+        kinds = [k.strip() for k in allowed[key].split("|")]
+        if not any(_fits(value, k) for k in kinds):
+            expected = " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
+            raise ConfigError(
+                f"params.{key}",
+                f"expected {expected}, got {value!r} (a parameter of workload {workload!r})",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every knob of a run, checked on construction (`ConfigError` names a bad one).
+
+    ``workload`` is a name from `gmem.workloads.WORKLOADS` or ``trace:PATH``, ``params``
+    its parameters. ``pages`` is the guest size (None: `DEFAULT_PAGES`, or a trace's own
+    extent); ``chunk`` the events per batch; ``costs`` cost-model overrides (a mapping,
+    or a TOML path read when the run starts). The VMM policy knobs are those of
+    `gmem.policies.make_policy`; ``sample_every`` None samples about 400 times a run.
+    """
+
+    workload: str = "dma-churn"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    pages: int | None = None
+    seed: int = 0
+    chunk: int = DEFAULT_CHUNK
+    vm_type: str = "sw_protected"
+    huge_order: int = 0
+    costs: Mapping[str, int] | str | os.PathLike[str] | None = None
+    discard: str = "eager"
+    discard_every: int | None = None
+    fault: str = "convert"
+    retry: int = 3
+    merge_schedule: str = "eager"
+    merge_every: int = 1 << 20
+    coalesce: bool = False
+    sample_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.name in _OPTIONAL:
+                continue
+            problem = check_knob(f.name, value)
+            if problem is not None:
+                raise ConfigError(f.name, problem)
+        if not isinstance(self.workload, str):
+            raise ConfigError("workload", f"expected a workload name, got {self.workload!r}")
+        get_workload(self.workload)  # an unknown name: ValueError listing the known ones
+        if not isinstance(self.params, Mapping):
+            raise ConfigError("params", f"expected a mapping, got {self.params!r}")
+        params = {str(k).replace("-", "_"): v for k, v in self.params.items()}
+        check_params(self.workload, params)
+        object.__setattr__(self, "params", MappingProxyType(params))
+        costs = self.costs
+        if isinstance(costs, Mapping):
+            object.__setattr__(self, "costs", MappingProxyType(validate_costs(costs)))
+        elif costs is not None and not isinstance(costs, (str, os.PathLike)):
+            raise ConfigError(
+                "costs", f"expected a mapping or a TOML path, got {type(costs).__name__}"
+            )
+
+    def __reduce__(self):
+        # the read-only views of params and costs do not pickle; their contents do
+        knobs = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name in ("params", "costs"):
+            if isinstance(knobs[name], Mapping):
+                knobs[name] = dict(knobs[name])
+        return (functools.partial(RunConfig, **knobs), ())
+
+    @property
+    def is_trace(self) -> bool:
+        return self.workload.startswith("trace:")
+
+    @property
+    def guest_pages(self) -> int | None:
+        """``pages``, or `DEFAULT_PAGES` for a built-in workload (None: a trace's extent)."""
+        if self.pages is None and not self.is_trace:
+            return DEFAULT_PAGES
+        return self.pages
+
+    def policy_knobs(self) -> dict[str, Any]:
+        """The keyword arguments of `gmem.policies.make_policy` for this run."""
+        return {
+            "discard": self.discard,
+            "discard_every": self.discard_every,
+            "fault": self.fault,
+            "retry": self.retry,
+            "merge_schedule": self.merge_schedule,
+            "merge_every": self.merge_every,
+            "coalesce": self.coalesce,
+        }
