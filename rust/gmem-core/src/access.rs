@@ -203,9 +203,7 @@ impl Host {
 
     fn memory_fault(&mut self, vm: usize, gfn: u64, private: bool) -> Error {
         let c = self.costs.exit_roundtrip;
-        let s = &mut self.vms[vm].stats;
-        s.memory_faults += 1;
-        s.modelled_ns += c;
+        self.vms[vm].stats.memory_fault(c);
         Error::MemoryFault {
             gpa: gfn << PAGE_SHIFT,
             size: PAGE_SIZE,
@@ -342,9 +340,8 @@ impl Host {
             && self.files[f].split(h)
         {
             let vm = self.files[f].vm;
-            self.vms[vm].stats.splits += 1;
             let c = self.costs.split;
-            self.charge(vm, c);
+            self.vms[vm].stats.split(c);
         }
     }
 

@@ -200,9 +200,8 @@ impl Host {
                 for p in fresh {
                     self.zero_file_pages(Some(vm), f, h + u64::from(p - pfn0), p, 0);
                 }
-                self.vms[vm].stats.merges += 1;
                 let c = self.costs.merge;
-                self.charge(vm, c);
+                self.vms[vm].stats.merged(c);
                 self.gmem_invalidate(f, h, h + n, Zap::Only(None));
             }
             h += n;
@@ -218,9 +217,8 @@ impl Host {
         }
         for (h, _) in self.files[f].folios_in(o0, o1) {
             if self.files[f].split(h) {
-                self.vms[vm].stats.splits += 1;
                 let c = self.costs.split;
-                self.charge(vm, c);
+                self.vms[vm].stats.split(c);
             }
         }
     }

@@ -44,14 +44,9 @@ impl Host {
             let (ca, cf) = (self.costs.alloc_4k, self.costs.free_4k);
             let s = &mut self.vms[v].stats;
             if alloc {
-                s.allocations += 1;
-                s.pages_allocated += 1;
-                s.peak_pages_allocated = s.peak_pages_allocated.max(s.pages_allocated);
-                s.modelled_ns += ca;
+                s.allocated(1, ca);
             } else {
-                s.frees += 1;
-                s.pages_allocated -= 1;
-                s.modelled_ns += cf;
+                s.freed(1, cf);
             }
         }
         vms.first().copied()

@@ -57,12 +57,7 @@ impl Host {
         let pfn = self.alloc.alloc(order)?;
         if let Some(v) = vm {
             let cost = self.costs.alloc(order);
-            let s = &mut self.vms[v].stats;
-            let n = 1u64 << order;
-            s.allocations += n;
-            s.pages_allocated += n;
-            s.peak_pages_allocated = s.peak_pages_allocated.max(s.pages_allocated);
-            s.modelled_ns += cost;
+            self.vms[v].stats.allocated(1u64 << order, cost);
         }
         Ok(pfn)
     }
@@ -75,11 +70,7 @@ impl Host {
                 self.zero_frames(Some(v), pfn, order);
             }
             let cost = self.costs.free(order);
-            let s = &mut self.vms[v].stats;
-            let n = 1u64 << order;
-            s.frees += n;
-            s.pages_allocated -= n;
-            s.modelled_ns += cost;
+            self.vms[v].stats.freed(1u64 << order, cost);
         }
         let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
         if self.frames_may_leak() {
@@ -141,9 +132,7 @@ impl Host {
         }
         if let Some(v) = vm {
             let cost = self.costs.zero(order);
-            let s = &mut self.vms[v].stats;
-            s.zeroed_pages += 1u64 << order;
-            s.modelled_ns += cost;
+            self.vms[v].stats.zeroed(1u64 << order, cost);
         }
     }
 

@@ -431,9 +431,8 @@ impl Host {
                 self.files[file].nr_pages -= n;
                 self.release_or_orphan(file, head, n, pfn, vm);
             } else if self.files[file].split(head) {
-                self.vms[vm].stats.splits += 1;
                 let c = self.costs.split;
-                self.charge(vm, c);
+                self.vms[vm].stats.split(c);
             }
         }
         for (off, pfn) in self.files[file].small_pages_in(start, end) {
@@ -503,9 +502,7 @@ impl Host {
         }
         if total > 0 {
             let c = self.costs.host_unmap * total + self.costs.tlb_flush;
-            let s = &mut self.vms[vm].stats;
-            s.host_unmaps += total;
-            s.modelled_ns += c;
+            self.vms[vm].stats.host_unmapped(total, c);
         }
         total
     }

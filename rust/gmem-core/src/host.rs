@@ -246,8 +246,7 @@ impl Host {
 
     #[inline]
     pub(crate) fn charge(&mut self, vm: usize, ns: u64) {
-        let s = &mut self.vms[vm].stats;
-        s.modelled_ns = s.modelled_ns.saturating_add(ns);
+        self.vms[vm].stats.charge(ns);
     }
 
     // ---------------------------------------------------------------- guest_memfd

@@ -58,3 +58,73 @@ stats_struct! {
     events,
     modelled_ns,
 }
+
+/// Counter updates that pair each count with its modelled cost (`ns`), so a step is never
+/// counted without being charged or charged without being counted.
+impl Stats {
+    /// Modelled time for a step counted elsewhere (or not counted).
+    #[inline]
+    pub(crate) fn charge(&mut self, ns: u64) {
+        self.modelled_ns = self.modelled_ns.saturating_add(ns);
+    }
+
+    /// `n` pages allocated to the VM.
+    #[inline]
+    pub(crate) fn allocated(&mut self, n: u64, ns: u64) {
+        self.allocations += n;
+        self.pages_allocated += n;
+        self.peak_pages_allocated = self.peak_pages_allocated.max(self.pages_allocated);
+        self.modelled_ns += ns;
+    }
+
+    /// `n` pages of the VM freed.
+    #[inline]
+    pub(crate) fn freed(&mut self, n: u64, ns: u64) {
+        self.frees += n;
+        self.pages_allocated -= n;
+        self.modelled_ns += ns;
+    }
+
+    /// `n` pages zeroed.
+    #[inline]
+    pub(crate) fn zeroed(&mut self, n: u64, ns: u64) {
+        self.zeroed_pages += n;
+        self.modelled_ns += ns;
+    }
+
+    /// One stage-2 zap that removed something, with its TLB flush.
+    #[inline]
+    pub(crate) fn stage2_zapped(&mut self, ns: u64) {
+        self.stage2_zaps += 1;
+        self.tlb_flushes += 1;
+        self.modelled_ns += ns;
+    }
+
+    /// `n` host page-table entries removed (one TLB flush included in `ns`).
+    #[inline]
+    pub(crate) fn host_unmapped(&mut self, n: u64, ns: u64) {
+        self.host_unmaps += n;
+        self.modelled_ns += ns;
+    }
+
+    /// A memory-fault exit to the VMM.
+    #[inline]
+    pub(crate) fn memory_fault(&mut self, ns: u64) {
+        self.memory_faults += 1;
+        self.modelled_ns += ns;
+    }
+
+    /// A huge folio split.
+    #[inline]
+    pub(crate) fn split(&mut self, ns: u64) {
+        self.splits += 1;
+        self.charge(ns);
+    }
+
+    /// A huge folio merged back.
+    #[inline]
+    pub(crate) fn merged(&mut self, ns: u64) {
+        self.merges += 1;
+        self.charge(ns);
+    }
+}

@@ -189,11 +189,9 @@ impl Host {
             return 0;
         }
         v.refresh_stage2_counts();
-        v.stats.stage2_zaps += 1;
-        v.stats.tlb_flushes += 1;
         let c = &self.costs;
-        let ns = c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush;
-        v.stats.modelled_ns += ns;
+        v.stats
+            .stage2_zapped(c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush);
         if filter != Some(false) {
             let vt = v.vm_type;
             vt.zap_private(v, c, z.leaves);
