@@ -191,9 +191,7 @@ impl Host {
     /// `KVM_EXIT_MMIO` for an 8-byte access at `gfn`'s first byte.
     fn mmio_exit(&mut self, vm: usize, gfn: u64, is_write: bool) -> Error {
         let c = self.costs.exit_roundtrip;
-        let s = &mut self.vms[vm].stats;
-        s.mmio_exits += 1;
-        s.modelled_ns += c;
+        self.vms[vm].stats.mmio_exit(c);
         Error::Mmio {
             phys_addr: gfn << PAGE_SHIFT,
             len: 8,

@@ -114,6 +114,13 @@ impl Stats {
         self.modelled_ns += ns;
     }
 
+    /// An emulated-MMIO exit to the VMM.
+    #[inline]
+    pub(crate) fn mmio_exit(&mut self, ns: u64) {
+        self.mmio_exits += 1;
+        self.modelled_ns += ns;
+    }
+
     /// A huge folio split.
     #[inline]
     pub(crate) fn split(&mut self, ns: u64) {
