@@ -8,12 +8,12 @@
 //! | `tdx.rs` | Intel TDX: S-EPT `AUG`/`ACCEPT`, `PAGE.ADD` at populate, `PAGE.REMOVE` at zap |
 //! | `snp.rs` | AMD SEV-SNP: the RMP assigns each private frame to one gpa |
 //!
-//! The hooks ([`Platform`]): a private page is mapped (`kvm_arch_gmem_prepare` and the
-//! fault's map: [`Platform::map_private`]), private leaves are zapped
-//! ([`Platform::zap_private`]), a page converts in place ([`Platform::convert_in_place`]),
+//! The hooks (`Platform`): a private page is mapped (`kvm_arch_gmem_prepare` and the
+//! fault's map: `Platform::map_private`), private leaves are zapped
+//! (`Platform::zap_private`), a page converts in place (`Platform::convert_in_place`),
 //! a page is populated (`kvm_gmem_populate`'s post-populate hook:
-//! [`Platform::populate_refused`], [`Platform::populate`]), and the platform's invariants
-//! ([`Platform::check_private`]). A frame freed back to the hypervisor
+//! `Platform::populate_refused`, `Platform::populate`), and the platform's invariants
+//! (`Platform::check_private`). A frame freed back to the hypervisor
 //! (`kvm_arch_gmem_invalidate`) leaves the RMP in `Host::give_frames`: the RMP is keyed by
 //! frame, whichever VM owned it. [`VmType`] dispatches with a `match` over unit types, as
 //! `StrategyKind` does: no call is virtual.
@@ -122,19 +122,19 @@ impl VmType {
         Ok(())
     }
 
-    /// [`Platform::map_private`].
+    /// `Platform::map_private`.
     #[inline]
     pub(crate) fn map_private(self, h: &mut Host, vm: usize, g0: u64, n: u64, p0: u32) -> u64 {
         with_platform!(self, P => P::map_private(h, vm, g0, n, p0))
     }
 
-    /// [`Platform::zap_private`].
+    /// `Platform::zap_private`.
     #[inline]
     pub(crate) fn zap_private(self, v: &mut Vm, costs: &CostModel, leaves: u64) {
         with_platform!(self, P => P::zap_private(v, costs, leaves));
     }
 
-    /// [`Platform::convert_in_place`].
+    /// `Platform::convert_in_place`.
     pub(crate) fn convert_in_place(
         self,
         h: &mut Host,
@@ -147,7 +147,7 @@ impl VmType {
         with_platform!(self, P => P::convert_in_place(h, vm, f, o0, o1, private));
     }
 
-    /// [`Platform::populate_refused`].
+    /// `Platform::populate_refused`.
     pub(crate) fn populate_refused(
         self,
         h: &Host,
@@ -159,12 +159,12 @@ impl VmType {
         with_platform!(self, P => P::populate_refused(h, vm, gfn, f, off))
     }
 
-    /// [`Platform::populate`].
+    /// `Platform::populate`.
     pub(crate) fn populate(self, h: &mut Host, vm: usize, gfn: u64, f: usize, off: u64, pfn: u32) {
         with_platform!(self, P => P::populate(h, vm, gfn, f, off, pfn));
     }
 
-    /// [`Platform::check_private`].
+    /// `Platform::check_private`.
     pub(crate) fn check_private(self, h: &Host, vm: usize, gfn: u64, pfn: u32) -> Result<()> {
         with_platform!(self, P => P::check_private(h, vm, gfn, pfn))
     }

@@ -12,17 +12,17 @@
 //! | `two_sided.rs` | the HugeTLB work of the private side of `dual` and `two_offsets` |
 //! | `lost_content.rs` | pKVM's content promise, broken by the designs that move pages |
 //!
-//! Each design is a unit type implementing [`Strategy`]: constants for what it offers and
+//! Each design is a unit type implementing `Strategy`: constants for what it offers and
 //! associated functions for the work it does. [`StrategyKind`] dispatches with a `match`
 //! (`with_design!`), so every call is static and the constants fold: the conversion path
 //! gets no virtual call per event.
 //!
 //! The shared conversion path (`Host::convert`) validates, asks the design's
-//! [`Strategy::gate`] whether the conversion may proceed (before anything changes), stores
+//! `Strategy::gate` whether the conversion may proceed (before anything changes), stores
 //! the attributes, zaps stage-2 mappings of the old type, then lets the design do its
-//! backing work in [`Strategy::after_convert`]. Where a gfn's shared view lives
-//! ([`Host::shared_file_page`], [`Host::slot_shared_in_userspace`]) and how the VMM discards
-//! it ([`Host::discard_shared`]) follow from [`Strategy::SHARED_SIDE`], here too.
+//! backing work in `Strategy::after_convert`. Where a gfn's shared view lives
+//! (`Host::shared_file_page`, `Host::slot_shared_in_userspace`) and how the VMM discards
+//! it ([`Host::discard_shared`]) follow from `Strategy::SHARED_SIDE`, here too.
 
 mod attr_hook;
 mod dual;
@@ -118,7 +118,7 @@ impl StrategyKind {
         with_design!(self, D => D::FILE_ATTRS)
     }
 
-    /// Whether the design's [`Strategy::gate`] can refuse a conversion (the in-place
+    /// Whether the design's `Strategy::gate` can refuse a conversion (the in-place
     /// series' refcount check); the conversion path then checks for a no-op before asking,
     /// instead of storing first.
     #[inline]
@@ -169,7 +169,7 @@ impl StrategyKind {
         self.shared_side() == SharedSide::SecondRange
     }
 
-    /// [`Strategy::gate`] of the design.
+    /// `Strategy::gate` of the design.
     #[inline]
     pub(crate) fn gate(
         self,
@@ -182,7 +182,7 @@ impl StrategyKind {
         with_design!(self, D => D::gate(h, vm, start, end, private))
     }
 
-    /// [`Strategy::after_convert`] of the design.
+    /// `Strategy::after_convert` of the design.
     #[inline]
     pub(crate) fn after_convert(
         self,
@@ -211,7 +211,7 @@ pub(crate) trait Strategy {
     /// Attributes of bound gfns live at the file's offsets.
     const FILE_ATTRS: bool = false;
 
-    /// Whether [`Strategy::gate`] can refuse.
+    /// Whether `Strategy::gate` can refuse.
     const HAS_GATE: bool = false;
 
     /// guest_memfd creation flags offered (`KVM_CAP_GUEST_MEMFD_FLAGS`). Mainline always
