@@ -120,4 +120,4 @@ def run_experiment(
 
 
 class _Stopped(Exception):
-    """Ends a strategy's run early once the experiment it belongs to has failed."""
+    """Ends a strategy's run early once its experiment has failed or been interrupted."""
