@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gmem.config import DEFAULT_PAGES, KNOB_CHOICES, RunConfig, UsageError
+from gmem.config import DEFAULT_PAGES, KNOB_CHOICES, RunConfig, UsageError, default_jobs
 from gmem.constants import STRATEGIES
 from gmem.sweep import DEFAULT_OUT as SWEEP_OUT
 
@@ -41,6 +41,26 @@ def _nonneg_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be non-negative: {text!r}")
     return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _add_jobs(p: argparse.ArgumentParser) -> None:
+    # the range is `run_experiment`'s to check, so the message is the config layer's
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=_int,
+        default=None,
+        metavar="N",
+        help=f"strategies run at once (default: one per CPU, {default_jobs()} here; "
+        "1: one after another)",
+    )
 
 
 def _strategies(text: str) -> list[str]:
@@ -167,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(STRATEGIES),
         help=f"comma-separated (default: {','.join(STRATEGIES)})",
     )
+    _add_jobs(p)
 
     p = sub.add_parser(
         "run",
@@ -186,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("trace", help="trace file (.jsonl, .csv, or ftrace text)")
     _add_common(p, workload=False)
     p.add_argument("--strategies", "-s", type=_strategies, default=list(STRATEGIES))
+    _add_jobs(p)
     p.add_argument("--skip-bad", action="store_true", help="skip malformed lines, count them")
     p.add_argument(
         "--no-touch",
@@ -251,7 +273,12 @@ def _run(args, config: RunConfig, strategies: Sequence[str], meta=None):
 
     stream = make_stream(config)
     results = run_experiment(
-        config, strategies, stream=stream, progress=not args.no_progress, meta=meta
+        config,
+        strategies,
+        stream=stream,
+        progress=not args.no_progress,
+        meta=meta,
+        jobs=getattr(args, "jobs", 1),  # `gmem run` runs one strategy
     )
     return stream, results
 

@@ -40,6 +40,7 @@ __all__ = [
     "UsageError",
     "check_knob",
     "check_params",
+    "default_jobs",
 ]
 
 #: The guest size of a built-in workload when none is given: an 8 GiB guest.
@@ -70,6 +71,9 @@ KNOB_MINIMUM: dict[str, int] = {
     "discard_every": 1,
     "merge_every": 1,
     "sample_every": 1,
+    # not a `RunConfig` field: how many strategies run at once changes how long a run
+    # takes, never what it computes (`gmem.experiment.run_experiment` takes it)
+    "jobs": 1,
 }
 _BOOL_KNOBS = ("coalesce",)
 #: Knobs whose None means "derived": a trace's own extent, a pass per batch, ~400 samples.
@@ -88,6 +92,15 @@ class ConfigError(UsageError):
     def __init__(self, knob: str, problem: str) -> None:
         self.knob = knob
         super().__init__(f"{knob}: {problem}")
+
+
+def default_jobs() -> int:
+    """The CPUs this process may run on: how many strategies ``gmem compare`` runs at
+    once, and how many cells ``gmem sweep`` runs at once, unless told."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def _is_int(value: Any) -> bool:

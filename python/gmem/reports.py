@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ __all__ = [
     "plot_memory",
     "print_comparison",
     "progress_bar",
+    "progress_bars",
     "write_summary",
 ]
 
@@ -249,16 +251,18 @@ def rich_bar(*, transient: bool = False):
 
 
 class _LazyProgress:
-    """A rich progress bar on stderr that appears only once the run has lasted
-    ``delay`` seconds, so short runs print nothing."""
+    """Rich progress bars on stderr, one per description, that appear only once the run
+    has lasted ``delay`` seconds, so short runs print nothing. Runs in several threads
+    may advance their own bars at once."""
 
-    def __init__(self, total: int | None, description: str, delay: float) -> None:
+    def __init__(self, total: int | None, descriptions: Sequence[str], delay: float) -> None:
         self.total = total
-        self.description = description
+        self.descriptions = list(descriptions)
         self.delay = delay
-        self.done = 0
+        self.done = [0] * len(self.descriptions)
+        self._lock = threading.Lock()
         self._progress = None
-        self._task = None
+        self._tasks: list[Any] = []
         self._t0 = 0.0
 
     def __enter__(self) -> _LazyProgress:
@@ -268,18 +272,22 @@ class _LazyProgress:
     def _start(self) -> None:
         self._progress = rich_bar(transient=True)
         self._progress.start()
-        self._task = self._progress.add_task(
-            self.description, total=self.total, completed=self.done
-        )
+        self._tasks = [
+            self._progress.add_task(d, total=self.total, completed=done)
+            for d, done in zip(self.descriptions, self.done, strict=True)
+        ]
 
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self._progress is None:
-            if time.monotonic() - self._t0 < self.delay or not sys.stderr.isatty():
-                return
-            self._start()
-        else:
-            self._progress.update(self._task, completed=self.done)
+    def advance(self, n: int, bar: int = 0) -> None:
+        """Count ``n`` more events on bar number ``bar`` (in the order of the
+        descriptions)."""
+        with self._lock:
+            self.done[bar] += n
+            if self._progress is None:
+                if time.monotonic() - self._t0 < self.delay or not sys.stderr.isatty():
+                    return
+                self._start()
+            else:
+                self._progress.update(self._tasks[bar], completed=self.done[bar])
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
@@ -291,4 +299,12 @@ def progress_bar(
 ) -> _LazyProgress:
     """A context manager with ``advance(n)``: a rich progress bar on stderr, shown when
     stderr is a terminal and the run has lasted ``delay`` seconds."""
-    return _LazyProgress(total, description, delay)
+    return _LazyProgress(total, [description], delay)
+
+
+def progress_bars(
+    total: int | None, descriptions: Sequence[str], *, delay: float = 1.0
+) -> _LazyProgress:
+    """`progress_bar` with one bar of ``total`` per description (one per strategy of a
+    comparison): ``advance(n, i)`` advances bar ``i``, from any thread."""
+    return _LazyProgress(total, descriptions, delay)

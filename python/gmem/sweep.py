@@ -56,7 +56,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from gmem.config import DEFAULT_PAGES, RunConfig, check_knob
+from gmem.config import DEFAULT_PAGES, RunConfig, check_knob, default_jobs
 from gmem.constants import STRATEGIES
 from gmem.costs import DEFAULT_COSTS
 
@@ -351,13 +351,6 @@ def parse_executor(text: str) -> tuple[str, str | None]:
     raise ValueError(f"unknown executor {text!r} (expected local, dask or dask=tcp://HOST:PORT)")
 
 
-def _default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def _run_local(cells: list[dict[str, Any]], workers: int) -> Iterator[dict[str, Any]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -394,7 +387,7 @@ def _run_dask(
     cluster = None
     if address is None:
         cluster = LocalCluster(
-            n_workers=workers or _default_workers(),
+            n_workers=workers or default_jobs(),
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
@@ -566,7 +559,7 @@ def sweep(
     try:
         if todo:
             if kind == "local":
-                results = _run_local(todo, workers or _default_workers())
+                results = _run_local(todo, workers or default_jobs())
             else:
                 results = _run_dask(todo, workers, address)
             with (

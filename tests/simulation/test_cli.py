@@ -169,6 +169,8 @@ def test_replay_ftrace(tmp_path):
         (["run", "--strategy", "nope"], 2, "invalid choice"),
         (["replay", "absent.trace"], 2, "absent.trace: no such file"),
         (["compare", "--costs", "missing.toml"], 1, "missing.toml"),
+        (["compare", "--jobs", "0"], 2, "jobs: must be >= 1, got 0"),
+        (["replay", "absent.trace", "-j", "x"], 2, "--jobs/-j: not an integer: 'x'"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tmp_path, args, status, message):

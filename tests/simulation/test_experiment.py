@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from gmem import policies
@@ -152,6 +153,47 @@ def test_run_experiment_refuses_unknown_strategies():
         run_experiment(RunConfig(pages=PAGES), [])
 
 
+def test_strategies_in_parallel_give_the_sequential_results():
+    """Every field but the wall-clock ones is the same with the strategies run side by
+    side as one after another, and the results keep the strategies' order."""
+    config = RunConfig(pages=PAGES, seed=3, params={"rounds": 40}, discard="deferred")
+    order = ["two_offsets", "dual", "attr_hook", "inplace", "realloc", "dual"]
+    alone = run_experiment(config, order, jobs=1)
+    side_by_side = run_experiment(config, order, jobs=3)
+    strip = lambda s: {k: v for k, v in s.items() if k not in TIMING}  # noqa: E731
+    assert [r.summary["strategy"] for r in side_by_side] == order
+    for a, b in zip(alone, side_by_side, strict=True):
+        assert strip(a.summary) == strip(b.summary)
+        assert a.status_counts == b.status_counts
+        pd.testing.assert_frame_equal(
+            a.series.drop(columns="elapsed_s"), b.series.drop(columns="elapsed_s")
+        )
+    assert alone[1].summary["applied_events"] > 0
+
+
+@pytest.mark.parametrize("jobs", [0, -2, 1.5, True, "2"])
+def test_bad_jobs_names_the_knob(jobs):
+    with pytest.raises(ConfigError, match=r"^jobs: ") as err:
+        run_experiment(RunConfig(pages=PAGES), ["dual", "inplace"], jobs=jobs)
+    assert err.value.knob == "jobs"
+    assert repr(jobs) in str(err.value)
+
+
+def test_a_failing_strategy_fails_the_parallel_experiment(monkeypatch):
+    """The error is the one a sequential run meets first; the other strategies stop."""
+    import gmem.experiment as experiment
+
+    def build_vm_failing(host, pages, vm_type, strategy, huge_order=0):
+        if strategy in ("inplace", "attr_hook"):
+            raise OSError(f"no room for {strategy}")
+        return build_vm(host, pages, vm_type, strategy, huge_order)
+
+    monkeypatch.setattr(experiment, "build_vm", build_vm_failing)
+    config = RunConfig(pages=PAGES, params={"rounds": 20})
+    with pytest.raises(OSError, match="no room for inplace"):
+        run_experiment(config, ["dual", "inplace", "realloc", "attr_hook"], jobs=2)
+
+
 def test_make_policy_former_merge_keyword_and_class_name():
     periodic = policies.make_policy(merge_schedule="periodic", merge_every=10)
     assert policies.make_policy(merge="periodic", merge_every=10).describe() == (
@@ -214,3 +256,33 @@ def test_cli_merge_flag_keeps_its_former_name():
     old = parser.parse_args(["compare", "--merge", "periodic"])
     new = parser.parse_args(["compare", "--merge-schedule", "periodic"])
     assert old.merge_schedule == new.merge_schedule == "periodic"
+
+
+def test_one_progress_bar_per_strategy_advanced_from_threads(monkeypatch):
+    """The bars of strategies run side by side draw on a terminal, each with its own
+    count, however their threads interleave."""
+    import io
+    import threading
+
+    from gmem import reports
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    names = ["dual", "inplace", "realloc"]
+    with reports.progress_bars(300, names, delay=0.0) as bars:
+        threads = [
+            threading.Thread(target=lambda i=i: [bars.advance(1, i) for _ in range(100 * i)])
+            for i in range(3)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert bars.done == [0, 100, 200]
+    out = term.getvalue()
+    for shown in (*names, "100/300", "200/300"):
+        assert shown in out, shown
