@@ -250,8 +250,55 @@ impl Host {
             .map(gfn, Level::L4K, pfn, false, &self.files);
         self.vms[vm].refresh_stage2_counts();
         let c = self.costs.stage2_map;
-        self.charge(vm, c);
+        self.vms[vm].stats.stage2_fault(c);
         Ok(pfn)
+    }
+
+    /// `KVM_PRE_FAULT_MEMORY` (6.11, api.rst 4.143): map `[gpa, gpa + size)` into stage-2
+    /// ahead of the guest, each page as its current attribute says; returns the bytes
+    /// processed. A page already mapped costs nothing; a huge leaf covers the pages after
+    /// it. Stops at the first page that cannot be mapped: its error when it is the first
+    /// page (ENOENT where no memslot covers it), else the bytes processed so far.
+    pub fn pre_fault_memory(&mut self, vm: usize, gpa: u64, size: u64) -> Result<u64> {
+        if size == 0 {
+            return Err(einval("KVM_PRE_FAULT_MEMORY: size 0"));
+        }
+        if !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
+            return Err(einval(format!(
+                "KVM_PRE_FAULT_MEMORY: range {gpa:#x}+{size:#x} not page aligned"
+            )));
+        }
+        let Some(end) = gpa.checked_add(size) else {
+            return Err(einval(format!(
+                "KVM_PRE_FAULT_MEMORY: range {gpa:#x}+{size:#x} wraps"
+            )));
+        };
+        let (g0, g1) = (gpa >> PAGE_SHIFT, end >> PAGE_SHIFT);
+        let mut gfn = g0;
+        while gfn < g1 {
+            let r = if self.vms[vm].slot_at(gfn).is_none() {
+                Err(err(
+                    errno::ENOENT,
+                    format!(
+                        "KVM_PRE_FAULT_MEMORY: no memslot at gpa {:#x}",
+                        gfn << PAGE_SHIFT
+                    ),
+                ))
+            } else if let Some(l) = self.vms[vm].s2.lookup(gfn, &self.files) {
+                // Mapped already (as a huge leaf, maybe): skip to the leaf's end.
+                gfn = l.gfn + l.level.pages();
+                continue;
+            } else {
+                let private = self.gfn_private(vm, gfn);
+                self.guest_fault(vm, gfn, private, false).map(drop)
+            };
+            match r {
+                Ok(()) => gfn += 1,
+                Err(e) if gfn == g0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok((gfn.min(g1) - g0) << PAGE_SHIFT)
     }
 
     /// The frame backing `gfn`'s shared view, faulted in if needed.
@@ -324,7 +371,7 @@ impl Host {
         let mut ns = self.costs.stage2_map;
         let vt = self.vms[vm].vm_type;
         ns += vt.map_private(self, vm, g0, n, p0);
-        self.charge(vm, ns);
+        self.vms[vm].stats.stage2_fault(ns);
     }
 
     /// A shared page of a same-page file lives in an order-0 folio (HugeTLB dev tree):

@@ -4,6 +4,7 @@ use std::fmt;
 
 /// Linux errno values used by the model (x86-64 numbering).
 pub mod errno {
+    pub const ENOENT: i32 = 2;
     pub const EIO: i32 = 5;
     pub const EBADF: i32 = 9;
     pub const EAGAIN: i32 = 11;

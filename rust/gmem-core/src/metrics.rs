@@ -45,6 +45,9 @@ stats_struct! {
     stage2_4k,
     stage2_2m,
     stage2_1g,
+    /// Stage-2 faults that installed a mapping (a guest access's, or
+    /// `KVM_PRE_FAULT_MEMORY`'s ahead of the guest).
+    stage2_faults,
     splits,
     merges,
     eagain,
@@ -111,6 +114,13 @@ impl Stats {
     #[inline]
     pub(crate) fn memory_fault(&mut self, ns: u64) {
         self.memory_faults += 1;
+        self.modelled_ns += ns;
+    }
+
+    /// A stage-2 fault installed a mapping.
+    #[inline]
+    pub(crate) fn stage2_fault(&mut self, ns: u64) {
+        self.stage2_faults += 1;
         self.modelled_ns += ns;
     }
 

@@ -168,6 +168,14 @@ impl PyVm {
             .call_detached(py, |h| h.populate(self.id, gpa, size, value))?)
     }
 
+    /// KVM_PRE_FAULT_MEMORY (6.11): map `[gpa, gpa + size)` into stage-2 ahead of the
+    /// guest, as the current attributes say; returns the bytes processed.
+    fn pre_fault_memory(&self, py: Python<'_>, gpa: u64, size: u64) -> PyResult<u64> {
+        Ok(self
+            .shared
+            .call_detached(py, |h| h.pre_fault_memory(self.id, gpa, size))?)
+    }
+
     /// The attributes of `gfn`.
     fn get_memory_attributes(&self, gfn: u64) -> u64 {
         self.shared.lock().get_memory_attributes(self.id, gfn)
