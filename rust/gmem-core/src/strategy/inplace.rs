@@ -1,5 +1,5 @@
-//! `inplace`: the 2026 in-place conversion series (applied at v13; v8 before). Attributes live per guest_memfd
-//! offset; shared pages are mapped by the host from guest_memfd itself. Converting to
+//! `inplace`: the 2026 in-place conversion series (as applied at v13; v8 before).
+//! Attributes live per guest_memfd offset; shared pages are mapped by the host from guest_memfd itself. Converting to
 //! private unmaps the range from every host page table and then refuses with `EAGAIN`
 //! (`error_offset` = first offending page) if any page still has an elevated reference —
 //! before anything changes. HugeTLB folios split when any page turns shared and merge back
