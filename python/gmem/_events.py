@@ -113,7 +113,8 @@ def _column(events: np.ndarray, name: str, code: str) -> np.ndarray:
 
 def apply(self: Any, events: Any, *, details: bool = False) -> Any:
     """apply(events, *, details=False): run an `EVENT_DTYPE` batch on this VM; int32 status
-    per event (0 or -errno), and with ``details=True`` a `DETAIL_DTYPE` array too.
+    per event (0, -errno, or `KVM_EXIT_MMIO` for an emulated-MMIO exit), and with
+    ``details=True`` a `DETAIL_DTYPE` array too.
 
     ``events`` is a one-dimensional structured array with the fields of `EVENT_DTYPE`
     (see `as_events`); an `EVENT_DTYPE` array in one piece is read in place."""

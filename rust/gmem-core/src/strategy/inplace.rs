@@ -1,9 +1,9 @@
-//! `inplace`: the 2026 in-place conversion series (as applied at v13; v8 before).
-//! Attributes live per guest_memfd offset; shared pages are mapped by the host from guest_memfd itself. Converting to
-//! private unmaps the range from every host page table and then refuses with `EAGAIN`
-//! (`error_offset` = first offending page) if any page still has an elevated reference —
-//! before anything changes. HugeTLB folios split when any page turns shared and merge back
-//! once the whole huge range is private again (`same_page.rs`).
+//! `inplace`: the 2026 in-place conversion series (as applied at v13; v8 before). Attributes live
+//! per guest_memfd offset; shared pages are mapped by the host from guest_memfd itself. Converting
+//! to private unmaps the range from every host page table and then refuses with `EAGAIN`
+//! (`error_offset` = first offending page) if any page still has an elevated reference — before
+//! anything changes. HugeTLB folios split when any page turns shared and merge back once the whole
+//! huge range is private again (`same_page.rs`).
 //!
 //! The series also adds a second conversion ioctl, `KVM_SET_MEMORY_ATTRIBUTES2` on the
 //! guest_memfd itself ([`Host::set_memory_attributes2`]), enables `INIT_SHARED` for CoCo
