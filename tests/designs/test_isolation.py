@@ -167,3 +167,25 @@ def test_attr_hook_conversion_scrubs_only_pages_that_change(vm_type):
     assert vm.stats()["zeroed_pages"] - before == 1
     assert vm.guest_read(GPA, private=True) == 77
     host.check()
+
+
+@pytest.mark.parametrize("vm_type", VM_TYPES)
+def test_two_offsets_private_range_leaves_the_host_with_its_gfn(vm_type):
+    """two_offsets: the host may map a private-range page while its gfn is shared; the
+    conversion to private takes that mapping away (check() would see it otherwise)."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm(vm_type, "two_offsets")
+    priv = vm.create_guest_memfd(16 * PAGE, MMAP)
+    shared = vm.create_guest_memfd(16 * PAGE, MMAP)
+    mem = host.mmap_anonymous(16 * PAGE)
+    vm.set_user_memory_region2(
+        0, MEMFD, GPA, 16 * PAGE, mem.addr, priv, 0, shared_guest_memfd=shared, shared_offset=0
+    )
+    m = priv.mmap()
+    m.write(0, 5)
+    unmaps = vm.stats()["host_unmaps"]
+    vm.set_memory_attributes(GPA, PAGE, PRIV)
+    assert vm.stats()["host_unmaps"] == unmaps + 1
+    host.check()
+    _host_faults(m, (0,))
+    host.check()

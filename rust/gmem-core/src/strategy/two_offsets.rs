@@ -21,6 +21,12 @@ impl Strategy for TwoOffsets {
     fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
         h.count_lost_content(vm, start, end, private, true);
         h.huge_private_side(vm, start, end, private);
+        if private {
+            // The private range's pages leave the host's reach with their gfns.
+            for p in h.bound_parts(vm, start, end) {
+                h.unmap_file_range(p.file, p.o0, p.o1());
+            }
+        }
     }
 
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
