@@ -259,3 +259,25 @@ def test_stage2_faults_count_guest_faults():
     vm.guest_read(8 * PAGE, private=False)
     assert vm.stats()["stage2_faults"] == 5
     host.check()
+
+
+def test_snp_prepare_on_every_get_pfn_is_idempotent():
+    """7.0: kvm_arch_gmem_prepare() runs on every kvm_gmem_get_pfn() (no preparation
+    tracking); SNP's RMP makes it idempotent. A private page faulted again after its
+    stage-2 entry went away (memslot deleted and recreated: the RMP state belongs to the
+    inode) is mapped again without a second RMPUPDATE or PVALIDATE, its content kept."""
+    host = gmem.Host(64 * MiB)
+    vm = host.create_vm("snp", "dual")
+    f = vm.create_guest_memfd(16 * PAGE)
+    mem = host.mmap_anonymous(16 * PAGE)
+    vm.set_user_memory_region2(0, MEMFD, 0, 16 * PAGE, mem.addr, f, 0)
+    vm.set_memory_attributes(0, 16 * PAGE, gmem.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vm.guest_write(0, 7, private=True)
+    before = vm.stats()
+    assert (before["rmpupdates"], before["pvalidates"], before["stage2_faults"]) == (1, 1, 1)
+    vm.set_user_memory_region2(0, MEMFD, 0, 0, mem.addr, f, 0)
+    vm.set_user_memory_region2(0, MEMFD, 0, 16 * PAGE, mem.addr, f, 0)
+    assert vm.guest_read(0, private=True) == 7
+    after = vm.stats()
+    assert (after["rmpupdates"], after["pvalidates"], after["stage2_faults"]) == (1, 1, 2)
+    host.check()
