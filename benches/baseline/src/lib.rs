@@ -187,7 +187,7 @@ impl CoreDriver {
             let shared = host
                 .create_guest_memfd(vm, size, mmap, 0)
                 .map_err(|e| os_err(&e))?;
-            let fd = host.file(shared).fd.expect("open");
+            let fd = host.file(shared).fd().expect("open");
             (GmemArg::Fd(i64::from(fd)), Some(0))
         } else {
             (GmemArg::None, None)
@@ -198,7 +198,7 @@ impl CoreDriver {
             guest_phys_addr: 0,
             memory_size: size,
             userspace_addr: host.mapping(map).addr,
-            guest_memfd: GmemArg::Fd(i64::from(host.file(file).fd.expect("open"))),
+            guest_memfd: GmemArg::Fd(i64::from(host.file(file).fd().expect("open"))),
             guest_memfd_offset: 0,
             shared_guest_memfd,
             shared_offset,

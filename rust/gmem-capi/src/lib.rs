@@ -764,7 +764,7 @@ fn gmem_arg(vm: &Object, file: *const gmem_guest_memfd) -> Res<GmemArg> {
         return Ok(GmemArg::Foreign);
     }
     // A closed file has no fd: the kernel sees a number that is no longer open.
-    let fd = vm.cell.lock()?.file(f.id).fd;
+    let fd = vm.cell.lock()?.file(f.id).fd();
     Ok(GmemArg::Fd(fd.map_or(-1, i64::from)))
 }
 

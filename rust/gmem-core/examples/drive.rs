@@ -36,7 +36,10 @@ fn guest(strategy: StrategyKind, pages: u64) -> (Host, usize) {
     let m = h.mmap_anonymous(bytes).expect("anon");
     let shared = if strategy == StrategyKind::TwoOffsets {
         let s = h.create_guest_memfd(vm, bytes, mmap, 0).expect("gmem");
-        (GmemArg::Fd(i64::from(h.file(s).fd.expect("open"))), Some(0))
+        (
+            GmemArg::Fd(i64::from(h.file(s).fd().expect("open"))),
+            Some(0),
+        )
     } else {
         (GmemArg::None, None)
     };
@@ -46,7 +49,7 @@ fn guest(strategy: StrategyKind, pages: u64) -> (Host, usize) {
         guest_phys_addr: 0,
         memory_size: bytes,
         userspace_addr: h.mapping(m).addr,
-        guest_memfd: GmemArg::Fd(i64::from(h.file(f).fd.expect("open"))),
+        guest_memfd: GmemArg::Fd(i64::from(h.file(f).fd().expect("open"))),
         guest_memfd_offset: 0,
         shared_guest_memfd: shared.0,
         shared_offset: shared.1,
@@ -192,7 +195,7 @@ fn goal(log2: u32, events: usize, rounds: usize, scattered: bool) {
     println!(
         "goal at 2^{log2} pages, frames {}, {} intervals, {k} events x {rounds} rounds: conversion {:.1} ns/event, read {:.1} ns/event (medians)",
         if scattered { "scattered" } else { "in runs" },
-        h.vm(vm).attrs.intervals(),
+        h.vm(vm).attr_runs(),
         median(&mut conv),
         median(&mut read)
     );
@@ -230,7 +233,7 @@ fn main() {
         "{}: {events} random single-page conversions at 2^{log2} pages: {:.1} ns/event ({ok} ok), {} intervals",
         strategy.name(),
         dt.as_nanos() as f64 / events as f64,
-        h.vm(vm).attrs.intervals()
+        h.vm(vm).attr_runs()
     );
     let reads: Vec<u8> = vec![2; events];
     // Map private pages first, then read them back.

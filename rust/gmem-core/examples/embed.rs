@@ -11,7 +11,7 @@ fn main() -> gmem_core::Result<()> {
     let vm = host.create_vm(VmType::Snp, StrategyKind::Dual);
     let file = host.create_guest_memfd(vm, 64 << 20, 0, 0)?;
     let shared = host.mmap_anonymous(64 << 20)?;
-    let fd = host.file(file).fd.expect("a new guest_memfd is open");
+    let fd = host.file(file).fd().expect("a new guest_memfd is open");
     host.set_user_memory_region2(
         vm,
         MemRegion {

@@ -56,40 +56,73 @@ pub struct FileBinding {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Gmem {
-    pub vm: usize,
-    pub fd: Option<i32>,
-    pub inode: u64,
-    pub size_pages: u64,
-    pub flags: u64,
+    pub(crate) vm: usize,
+    pub(crate) fd: Option<i32>,
+    pub(crate) inode: u64,
+    pub(crate) size_pages: u64,
+    pub(crate) flags: u64,
     /// Folio order: 0, or the HugeTLB page order (9, 18).
-    pub order: u32,
+    pub(crate) order: u32,
     /// Intact huge folios: head file page -> (pfn, uptodate).
-    pub folios: BTreeMap<u64, (u32, bool)>,
+    pub(crate) folios: BTreeMap<u64, (u32, bool)>,
     /// Order-0 pages: file page -> `pfn + 1 | UPTODATE`.
-    pub pages: SparseVec<u32>,
+    pub(crate) pages: SparseVec<u32>,
     /// Pages held by the page cache, in 4 KiB pages.
-    pub nr_pages: u64,
+    pub(crate) nr_pages: u64,
     /// The content of the frames in the page cache, by file page. A frame's content lives
     /// here while the frame is in the page cache, and in the host's frame store before and
     /// after (`Host::content`), so a guest access to a guest_memfd-backed page finds it
     /// from the gfn by arithmetic, without loading the stage-2 frame entry first.
-    pub content: SparseVec<u64, Dense<u64>>,
-    pub bindings: BTreeMap<u64, FileBinding>,
+    pub(crate) content: SparseVec<u64, Dense<u64>>,
+    pub(crate) bindings: BTreeMap<u64, FileBinding>,
     /// Per-offset attributes (`inplace`, `attr_hook`): the in-place series' maple tree.
-    pub attrs: Option<BitAttrMap>,
+    pub(crate) attrs: Option<BitAttrMap>,
     /// Host pins (GUP references) per file page.
-    pub pins: BTreeMap<u64, u32>,
+    pub(crate) pins: BTreeMap<u64, u32>,
     /// Pinned pages removed from the page cache: alive until unpinned.
-    pub orphans: FxHashMap<u64, Vec<(u32, u32)>>,
+    pub(crate) orphans: FxHashMap<u64, Vec<(u32, u32)>>,
     /// Live mmaps of this file (host-wide mapping ids).
-    pub mappings: Vec<usize>,
+    pub(crate) mappings: Vec<usize>,
     /// The VMM's own mapping of the file, made on first use by event-driven host access.
-    pub vmm_map: Option<usize>,
+    pub(crate) vmm_map: Option<usize>,
     /// Released: the fd is closed and no mapping is left; pages are gone.
-    pub released: bool,
+    pub(crate) released: bool,
 }
 
 impl Gmem {
+    /// The file's fd, `None` once closed.
+    pub fn fd(&self) -> Option<i32> {
+        self.fd
+    }
+
+    /// The VM that created the file.
+    pub fn vm(&self) -> usize {
+        self.vm
+    }
+
+    pub fn inode(&self) -> u64 {
+        self.inode
+    }
+
+    pub fn size_pages(&self) -> u64 {
+        self.size_pages
+    }
+
+    /// Creation flags (`GUEST_MEMFD_FLAG_*`).
+    pub fn flags(&self) -> u64 {
+        self.flags
+    }
+
+    /// Folio order: 0, or the HugeTLB page order.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+
+    /// Pages held by the page cache, in 4 KiB pages.
+    pub fn nr_pages(&self) -> u64 {
+        self.nr_pages
+    }
+
     pub fn folio_pages(&self) -> u64 {
         1 << self.order
     }

@@ -50,7 +50,7 @@
 //!         guest_phys_addr: 0,
 //!         memory_size: 2 << 20,
 //!         userspace_addr: h.mapping(anon).addr,
-//!         guest_memfd: GmemArg::Fd(i64::from(h.file(file).fd.expect("open"))),
+//!         guest_memfd: GmemArg::Fd(i64::from(h.file(file).fd().expect("open"))),
 //!         guest_memfd_offset: 0,
 //!         shared_guest_memfd: GmemArg::None,
 //!         shared_offset: None,

@@ -107,30 +107,59 @@ impl Default for Options {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Vm {
-    pub fd: i32,
-    pub vm_type: VmType,
-    pub strategy: StrategyKind,
-    pub slots: BTreeMap<u32, Memslot>,
+    pub(crate) fd: i32,
+    /// `KVM_CREATE_VM`'s type: the uAPI's name, kept.
+    #[allow(clippy::struct_field_names)]
+    pub(crate) vm_type: VmType,
+    pub(crate) strategy: StrategyKind,
+    pub(crate) slots: BTreeMap<u32, Memslot>,
     /// base gfn -> slot id (memslots never overlap).
-    pub by_gfn: BTreeMap<u64, u32>,
+    pub(crate) by_gfn: BTreeMap<u64, u32>,
     /// VM-scoped attributes (mainline `mem_attr_array`), default shared.
-    pub attrs: BitAttrMap,
-    pub s2: Stage2,
-    pub stats: Stats,
-    pub opts: Options,
-    pub closed: bool,
+    pub(crate) attrs: BitAttrMap,
+    pub(crate) s2: Stage2,
+    pub(crate) stats: Stats,
+    pub(crate) opts: Options,
+    pub(crate) closed: bool,
     /// Some live private-side binding is a huge-folio file (kept by
     /// `Host::bindings_changed`): conversions skip folio splitting and merging otherwise.
-    pub huge_bound: bool,
+    pub(crate) huge_bound: bool,
     /// Memslots with `KVM_MEM_READONLY` (kept by `Host::insert_slot`/`delete_slot`): while
     /// there are none, a guest write needs no memslot lookup.
-    pub readonly_slots: u32,
+    pub(crate) readonly_slots: u32,
     /// How many of its memslots point at each host address with their shared view (see
     /// `Host::slot_shared_in_userspace`): the anonymous pages it counts in its footprint.
-    pub anon_cover: Cover,
+    pub(crate) anon_cover: Cover,
 }
 
 impl Vm {
+    /// The VM's fd.
+    pub fn fd(&self) -> i32 {
+        self.fd
+    }
+
+    pub fn vm_type(&self) -> VmType {
+        self.vm_type
+    }
+
+    pub fn strategy(&self) -> StrategyKind {
+        self.strategy
+    }
+
+    /// The VMM policy knobs (`vm.set_options`).
+    pub fn opts(&self) -> Options {
+        self.opts
+    }
+
+    pub fn set_opts(&mut self, opts: Options) {
+        self.opts = opts;
+    }
+
+    /// Runs in the VM-scoped attribute map.
+    pub fn attr_runs(&self) -> usize {
+        self.attrs.intervals()
+    }
+
     pub fn new(fd: i32, vm_type: VmType, strategy: StrategyKind) -> Self {
         Self {
             fd,

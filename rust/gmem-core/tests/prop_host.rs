@@ -264,19 +264,19 @@ fn refault_in_a_split_huge_folio() {
             (g.shared_file.expect("two_offsets"), ops.0, ops.1, ops.2)
         };
         assert_eq!(event_status(&mut host, vm, touch, 0, 1), 0);
-        assert_eq!(host.file(file).nr_pages, 512);
+        assert_eq!(host.file(file).nr_pages(), 512);
         assert_eq!(event_status(&mut host, vm, free_op, 5, 1), 0);
         assert_eq!(
-            host.file(file).nr_pages,
+            host.file(file).nr_pages(),
             511,
             "{strategy:?}: split and freed one page"
         );
         assert_eq!(event_status(&mut host, vm, read, 5, 1), 0);
         host.check().expect("check after the re-fault");
         assert!(
-            host.file(file).nr_pages <= 512,
+            host.file(file).nr_pages() <= 512,
             "{strategy:?}: {} pages held for 512 file offsets",
-            host.file(file).nr_pages
+            host.file(file).nr_pages()
         );
         assert_eq!(event_status(&mut host, vm, free_op, 6, 1), 0);
         host.check().unwrap_or_else(|e| panic!("{strategy:?}: {e}"));

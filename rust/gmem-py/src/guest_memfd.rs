@@ -20,32 +20,32 @@ impl PyGuestMemfd {
     /// The fd number (-1 once closed).
     #[getter]
     fn fd(&self) -> i32 {
-        self.shared.lock().file(self.id).fd.unwrap_or(-1)
+        self.shared.lock().file(self.id).fd().unwrap_or(-1)
     }
     #[getter]
     fn size(&self) -> u64 {
-        self.shared.lock().file(self.id).size_pages << gmem_core::PAGE_SHIFT
+        self.shared.lock().file(self.id).size_pages() << gmem_core::PAGE_SHIFT
     }
     #[getter]
     fn flags(&self) -> u64 {
-        self.shared.lock().file(self.id).flags
+        self.shared.lock().file(self.id).flags()
     }
     #[getter]
     fn page_order(&self) -> u32 {
-        self.shared.lock().file(self.id).order
+        self.shared.lock().file(self.id).order()
     }
     #[getter]
     fn inode(&self) -> u64 {
-        self.shared.lock().file(self.id).inode
+        self.shared.lock().file(self.id).inode()
     }
     #[getter]
     fn closed(&self) -> bool {
-        self.shared.lock().file(self.id).fd.is_none()
+        self.shared.lock().file(self.id).fd().is_none()
     }
     /// Pages held by the page cache.
     #[getter]
     fn nr_pages(&self) -> u64 {
-        self.shared.lock().file(self.id).nr_pages
+        self.shared.lock().file(self.id).nr_pages()
     }
 
     /// fallocate(mode, offset, length)
@@ -126,9 +126,9 @@ impl PyGuestMemfd {
         let f = h.file(self.id);
         format!(
             "<gmem.GuestMemfd inode={} size={:#x} flags={:#x}>",
-            f.inode,
-            f.size_pages << 12,
-            f.flags
+            f.inode(),
+            f.size_pages() << 12,
+            f.flags()
         )
     }
 }

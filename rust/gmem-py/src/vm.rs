@@ -31,7 +31,7 @@ fn gmem_arg(host: &Arc<Shared>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Gmem
         if foreign(&g.get().shared) {
             return Ok(GmemArg::Foreign);
         }
-        let fd = g.get().shared.lock().file(g.get().id).fd;
+        let fd = g.get().shared.lock().file(g.get().id).fd();
         // A closed file has no fd: the kernel sees a number that is no longer open.
         return Ok(GmemArg::Fd(fd.map_or(-1, i64::from)));
     }
@@ -40,7 +40,7 @@ fn gmem_arg(host: &Arc<Shared>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Gmem
             return Ok(GmemArg::Foreign);
         }
         return Ok(GmemArg::Fd(i64::from(
-            v.get().shared.lock().vm(v.get().id).fd,
+            v.get().shared.lock().vm(v.get().id).fd(),
         )));
     }
     if let Ok(h) = o.cast::<PyHost>() {
@@ -62,17 +62,17 @@ fn gmem_arg(host: &Arc<Shared>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<Gmem
 impl PyVm {
     #[getter]
     fn fd(&self) -> i32 {
-        self.shared.lock().vm(self.id).fd
+        self.shared.lock().vm(self.id).fd()
     }
 
     #[getter]
     fn vm_type(&self) -> &'static str {
-        self.shared.lock().vm(self.id).vm_type.name()
+        self.shared.lock().vm(self.id).vm_type().name()
     }
 
     #[getter]
     fn strategy(&self) -> &'static str {
-        self.shared.lock().vm(self.id).strategy.name()
+        self.shared.lock().vm(self.id).strategy().name()
     }
 
     /// KVM_CHECK_EXTENSION on the VM fd.
@@ -226,7 +226,7 @@ impl PyVm {
     ) -> PyResult<()> {
         use gmem_core::vm::{FaultPolicy, MergePolicy, ZeroPolicy};
         let mut h = self.shared.lock();
-        let mut o = h.vm(self.id).opts;
+        let mut o = h.vm(self.id).opts();
         let bad = |e: Error| PyValueError::new_err(e.to_string());
         if let Some(f) = fault_policy {
             o.fault = FaultPolicy::parse(f).map_err(bad)?;
@@ -237,7 +237,7 @@ impl PyVm {
         if let Some(z) = zero {
             o.zero = ZeroPolicy::parse(z).map_err(bad)?;
         }
-        h.vm_mut(self.id).opts = o;
+        h.vm_mut(self.id).set_opts(o);
         Ok(())
     }
 
@@ -267,9 +267,9 @@ impl PyVm {
         let v = h.vm(self.id);
         format!(
             "<gmem.Vm fd={} vm_type={} strategy={}>",
-            v.fd,
-            v.vm_type.name(),
-            v.strategy.name()
+            v.fd(),
+            v.vm_type().name(),
+            v.strategy().name()
         )
     }
 }

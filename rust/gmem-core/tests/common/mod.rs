@@ -62,13 +62,13 @@ pub struct Guest {
 }
 
 fn fd(host: &Host, file: usize) -> GmemArg {
-    GmemArg::Fd(i64::from(host.file(file).fd.expect("open")))
+    GmemArg::Fd(i64::from(host.file(file).fd().expect("open")))
 }
 
 /// Create a VM with one guest_memfd memslot at gpa 0 (plus what `spec` asks for).
 pub fn build(host: &mut Host, strategy: StrategyKind, vm_type: VmType, spec: VmSpec) -> Guest {
     let vm = host.create_vm(vm_type, strategy);
-    host.vm_mut(vm).opts = spec.opts;
+    host.vm_mut(vm).set_opts(spec.opts);
     let same_file = matches!(
         strategy,
         StrategyKind::Inplace | StrategyKind::Realloc | StrategyKind::AttrHook
