@@ -274,7 +274,7 @@ impl Cell {
         }
     }
 
-    /// Run `f` on the host; in strict mode check every invariant afterwards.
+    /// Run `f` on the host as one call of the core's API (`Host::call`).
     fn with<T>(&self, f: impl FnOnce(&mut Host) -> gmem_core::Result<T>) -> Res<T> {
         self.with_inspect(f, |_| ())
     }
@@ -285,12 +285,8 @@ impl Cell {
         f: impl FnOnce(&mut Host) -> gmem_core::Result<T>,
         inspect: impl FnOnce(&Error),
     ) -> Res<T> {
-        let mut h = self.lock()?;
-        let r = f(&mut h).inspect_err(inspect)?;
-        if h.strict {
-            h.check()?;
-        }
-        Ok(r)
+        // `Host::call`: in strict mode, one check of every invariant after a success.
+        Ok(self.lock()?.call(f).inspect_err(inspect)?)
     }
 }
 

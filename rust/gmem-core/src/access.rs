@@ -117,9 +117,9 @@ impl Host {
             return Loc::File(f, off);
         }
         if !private
-            && self.gmem_mmaps != 0
+            && self.space.gmem_mmaps != 0
             && let Some((m, idx)) = self.mapping_at(slot.hva_of(gfn))
-            && let MapKind::Gmem { file, pgoff, .. } = self.maps[m].kind
+            && let MapKind::Gmem { file, pgoff, .. } = self.space.maps[m].kind
         {
             debug_assert_eq!(self.files[file].page(pgoff + idx).map(|r| r.pfn), Some(pfn));
             return Loc::File(file, pgoff + idx);
@@ -140,7 +140,7 @@ impl Host {
         loc: Loc,
     ) -> Option<u64> {
         if (write.is_some() && !private && self.vms[vm].readonly_slots != 0)
-            || !self.stale.is_empty()
+            || !self.frames.stale.is_empty()
         {
             return None;
         }
@@ -173,13 +173,13 @@ impl Host {
     fn touch(&mut self, vm: usize, pfn: u32, loc: Loc, write: Option<u64>) -> u64 {
         if let Some(v) = write {
             self.set_content_at(loc, v);
-            if !self.stale.is_empty() {
-                self.stale.remove(&pfn);
+            if !self.frames.stale.is_empty() {
+                self.frames.stale.remove(&pfn);
             }
             return v;
         }
-        if !self.stale.is_empty()
-            && let Some(&w) = self.stale.get(&pfn)
+        if !self.frames.stale.is_empty()
+            && let Some(&w) = self.frames.stale.get(&pfn)
             && w != vm as u16 + 1
         {
             // The guest received data another owner left in the frame.
@@ -323,7 +323,7 @@ impl Host {
                         format!("gfn {gfn:#x}: nothing mapped at hva {hva:#x}"),
                     ));
                 };
-                match self.maps[m].kind {
+                match self.space.maps[m].kind {
                     MapKind::Anon { .. } => self.anon_fault(m, idx),
                     MapKind::Gmem { .. } => self.gmem_map_fault(m, idx).map(|(_, _, pfn)| pfn),
                 }
@@ -407,7 +407,7 @@ impl Host {
 
     /// Fault in anonymous page `idx` of mapping `m` (zero-filled).
     fn anon_fault(&mut self, m: usize, idx: u64) -> Result<u32> {
-        if let Some(p) = self.maps[m].anon_pfn(idx) {
+        if let Some(p) = self.space.maps[m].anon_pfn(idx) {
             return Ok(p);
         }
         let pfn = self.take_frames(None, 0)?;
@@ -417,7 +417,7 @@ impl Host {
             let c = self.costs.host_fault;
             self.charge(v, c);
         }
-        if let MapKind::Anon { pages, .. } = &mut self.maps[m].kind {
+        if let MapKind::Anon { pages, .. } = &mut self.space.maps[m].kind {
             pages.set(idx, pfn + 1);
         }
         self.double_update_anon(m, idx, true);
@@ -438,7 +438,7 @@ impl Host {
 
     /// A host fault on page `idx` of guest_memfd mapping `m`: returns (file, offset, pfn).
     fn gmem_map_fault(&mut self, m: usize, idx: u64) -> Result<(usize, u64, u32)> {
-        let (f, pgoff, newly) = match &self.maps[m].kind {
+        let (f, pgoff, newly) = match &self.space.maps[m].kind {
             MapKind::Gmem {
                 file,
                 pgoff,
@@ -447,7 +447,7 @@ impl Host {
             MapKind::Anon { .. } => unreachable!("gmem mapping expected"),
         };
         let off = pgoff + idx;
-        let addr = self.maps[m].addr + (idx << PAGE_SHIFT);
+        let addr = self.space.maps[m].addr + (idx << PAGE_SHIFT);
         if off >= self.files[f].size_pages {
             return Err(self.host_fault(f, addr, HostFaultKind::BeyondEof));
         }
@@ -458,7 +458,7 @@ impl Host {
         let pfn = self.gmem_get_pfn(vm, f, off)?;
         self.split_for_shared(f, off);
         if newly {
-            if let MapKind::Gmem { present, .. } = &mut self.maps[m].kind {
+            if let MapKind::Gmem { present, .. } = &mut self.space.maps[m].kind {
                 present.insert(idx);
             }
             let c = self.costs.host_mmap_fault;
@@ -468,7 +468,7 @@ impl Host {
     }
 
     fn check_map_offset(&self, m: usize, offset: u64) -> Result<u64> {
-        let map = &self.maps[m];
+        let map = &self.space.maps[m];
         if map.unmapped {
             return Err(einval("mapping was unmapped"));
         }
@@ -484,11 +484,11 @@ impl Host {
     /// A host access at `offset` of mapping `m`.
     pub fn map_access(&mut self, m: usize, offset: u64, op: HostOp) -> Result<u64> {
         let idx = self.check_map_offset(m, offset)?;
-        if matches!(self.maps[m].kind, MapKind::Anon { .. }) {
+        if matches!(self.space.maps[m].kind, MapKind::Anon { .. }) {
             return self.anon_access(m, idx, op);
         }
         if op == HostOp::Unpin {
-            let MapKind::Gmem { file, pgoff, .. } = self.maps[m].kind else {
+            let MapKind::Gmem { file, pgoff, .. } = self.space.maps[m].kind else {
                 unreachable!()
             };
             return self.gmem_unpin(file, pgoff + idx).map(|()| 0);
@@ -498,8 +498,8 @@ impl Host {
             HostOp::Read => self.content_at(Loc::File(f, off)),
             HostOp::Write(v) => {
                 self.set_content_at(Loc::File(f, off), v);
-                if !self.stale.is_empty() {
-                    self.stale.remove(&pfn);
+                if !self.frames.stale.is_empty() {
+                    self.frames.stale.remove(&pfn);
                 }
                 v
             }
@@ -522,26 +522,26 @@ impl Host {
 
     fn anon_access(&mut self, m: usize, idx: u64, op: HostOp) -> Result<u64> {
         match op {
-            HostOp::Read => Ok(self.maps[m]
+            HostOp::Read => Ok(self.space.maps[m]
                 .anon_pfn(idx)
-                .map_or(0, |p| self.content.get(u64::from(p)))),
+                .map_or(0, |p| self.frames.content.get(u64::from(p)))),
             HostOp::Write(v) => {
                 let pfn = self.anon_fault(m, idx)?;
-                self.content.set(u64::from(pfn), v);
-                if !self.stale.is_empty() {
-                    self.stale.remove(&pfn);
+                self.frames.content.set(u64::from(pfn), v);
+                if !self.frames.stale.is_empty() {
+                    self.frames.stale.remove(&pfn);
                 }
                 Ok(v)
             }
             HostOp::Pin => {
                 self.anon_fault(m, idx)?;
-                if let MapKind::Anon { pins, .. } = &mut self.maps[m].kind {
+                if let MapKind::Anon { pins, .. } = &mut self.space.maps[m].kind {
                     *pins.entry(idx).or_insert(0) += 1;
                 }
                 Ok(0)
             }
             HostOp::Unpin => {
-                let MapKind::Anon { pins, orphans, .. } = &mut self.maps[m].kind else {
+                let MapKind::Anon { pins, orphans, .. } = &mut self.space.maps[m].kind else {
                     unreachable!()
                 };
                 if let Some(pfn) = drop_pin(pins, orphans, idx)? {
@@ -556,7 +556,7 @@ impl Host {
     /// `madvise(MADV_DONTNEED)`: anonymous pages are freed (pinned ones live on until
     /// unpinned); guest_memfd pages are only unmapped from the host page table.
     pub fn map_discard(&mut self, m: usize, offset: u64, length: u64) -> Result<()> {
-        let map = &self.maps[m];
+        let map = &self.space.maps[m];
         if map.unmapped {
             return Err(einval("mapping was unmapped"));
         }
@@ -575,7 +575,7 @@ impl Host {
     }
 
     pub(crate) fn discard_pages(&mut self, m: usize, i0: u64, i1: u64) {
-        match &mut self.maps[m].kind {
+        match &mut self.space.maps[m].kind {
             MapKind::Gmem { present, .. } => {
                 present.remove_range(i0..i1);
             }
@@ -591,7 +591,7 @@ impl Host {
                         pages,
                         pins,
                         orphans,
-                    } = &mut self.maps[m].kind
+                    } = &mut self.space.maps[m].kind
                     else {
                         unreachable!()
                     };
@@ -616,8 +616,8 @@ impl Host {
     /// The MMU notifier: zap shared stage-2 entries that map anonymous pages `[i0, i1)`.
     fn anon_invalidate(&mut self, m: usize, i0: u64, i1: u64) {
         let (a0, a1) = (
-            self.maps[m].addr + (i0 << PAGE_SHIFT),
-            self.maps[m].addr + (i1 << PAGE_SHIFT),
+            self.space.maps[m].addr + (i0 << PAGE_SHIFT),
+            self.space.maps[m].addr + (i1 << PAGE_SHIFT),
         );
         for vm in 0..self.vms.len() {
             let ranges: Vec<(u64, u64)> = self.vms[vm]
@@ -645,16 +645,16 @@ impl Host {
 
     /// `munmap()` of a whole mapping.
     pub fn map_unmap(&mut self, m: usize) -> Result<()> {
-        if self.maps[m].unmapped {
+        if self.space.maps[m].unmapped {
             return Err(einval("mapping already unmapped"));
         }
-        let pages = self.maps[m].pages;
+        let pages = self.space.maps[m].pages;
         self.discard_pages(m, 0, pages);
-        let addr = self.maps[m].addr;
-        self.va.remove(&addr);
-        self.maps[m].unmapped = true;
-        if let MapKind::Gmem { file, .. } = self.maps[m].kind {
-            self.gmem_mmaps -= 1;
+        let addr = self.space.maps[m].addr;
+        self.space.va.remove(&addr);
+        self.space.maps[m].unmapped = true;
+        if let MapKind::Gmem { file, .. } = self.space.maps[m].kind {
+            self.space.gmem_mmaps -= 1;
             self.files[file].mappings.retain(|&x| x != m);
             if self.files[file].vmm_map == Some(m) {
                 self.files[file].vmm_map = None;

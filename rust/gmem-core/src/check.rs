@@ -125,6 +125,7 @@ impl Host {
             let folios = f.folios.values().map(|&(pfn, _)| (pfn, f.folio_pages()));
             for (pfn, n) in cached.chain(folios) {
                 if !self
+                    .frames
                     .content
                     .entries(u64::from(pfn), u64::from(pfn) + n)
                     .is_empty()
@@ -211,8 +212,8 @@ impl Host {
         }) = fp
         else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
-            return match &self.maps[m].kind {
-                MapKind::Anon { .. } => self.maps[m].anon_pfn(idx),
+            return match &self.space.maps[m].kind {
+                MapKind::Anon { .. } => self.space.maps[m].anon_pfn(idx),
                 MapKind::Gmem { file, pgoff, .. } => {
                     self.files[*file].page(pgoff + idx).map(|r| r.pfn)
                 }
@@ -226,7 +227,7 @@ impl Host {
 
     /// Host-wide: each frame has at most one owner and no owned frame is free.
     pub fn check_frames(&self) -> Result<()> {
-        self.alloc.check().map_err(broken)?;
+        self.frames.check().map_err(broken)?;
         self.check_fds()?;
         let mut owned: Vec<(u32, u32)> = Vec::new(); // (pfn, count)
         for f in &self.files {
@@ -238,7 +239,7 @@ impl Host {
             }
             owned.extend(f.orphans.values().flatten().map(|&(p, _)| (p, 1)));
         }
-        for m in &self.maps {
+        for m in &self.space.maps {
             if let MapKind::Anon { pages, orphans, .. } = &m.kind {
                 owned.extend(pages.all().into_iter().map(|(_, e)| (e - 1, 1)));
                 owned.extend(orphans.values().flatten().map(|&(p, _)| (p, 1)));
@@ -250,7 +251,7 @@ impl Host {
             if u64::from(p) < end {
                 return Err(broken(format!("pfn {p:#x} has more than one owner")));
             }
-            if self.alloc.is_free(p) {
+            if self.frames.alloc.is_free(p) {
                 return Err(broken(format!(
                     "pfn {p:#x} is owned but free in the allocator"
                 )));
@@ -258,18 +259,13 @@ impl Host {
             end = u64::from(p) + u64::from(n);
         }
         let total: u64 = owned.iter().map(|&(_, n)| u64::from(n)).sum();
-        if total + self.alloc.free_pages() != self.alloc.total_pages() {
+        if total + self.frames.alloc.free_pages() != self.frames.alloc.total_pages() {
             return Err(broken(format!(
                 "frames: {} owned + {} free != {} total",
                 total,
-                self.alloc.free_pages(),
-                self.alloc.total_pages()
+                self.frames.alloc.free_pages(),
+                self.frames.alloc.total_pages()
             )));
-        }
-        for &pfn in self.rmp.keys() {
-            if self.alloc.is_free(pfn) {
-                return Err(broken(format!("SNP RMP assigns free pfn {pfn:#x}")));
-            }
         }
         Ok(())
     }
@@ -321,12 +317,13 @@ impl Host {
             self.check_vm(vm)?;
         }
         let live = self
+            .space
             .maps
             .iter()
             .filter(|m| !m.unmapped && matches!(m.kind, MapKind::Gmem { .. }))
             .count();
         // No host page table reaches a page the host may not fault.
-        for m in &self.maps {
+        for m in &self.space.maps {
             if let MapKind::Gmem {
                 file,
                 pgoff,
@@ -343,10 +340,10 @@ impl Host {
                 )));
             }
         }
-        if live != self.gmem_mmaps as usize {
+        if live != self.space.gmem_mmaps as usize {
             return Err(broken(format!(
                 "{} guest_memfd mmaps counted, {live} live",
-                self.gmem_mmaps
+                self.space.gmem_mmaps
             )));
         }
         self.check_frames()
@@ -369,7 +366,7 @@ mod tests {
         let m = h.gmem_mmap(f, 0, None, true).unwrap();
         h.check().unwrap();
         // A page-table entry no fault could have installed: no gfn makes page 1 shared.
-        if let MapKind::Gmem { present, .. } = &mut h.maps[m].kind {
+        if let MapKind::Gmem { present, .. } = &mut h.space.maps[m].kind {
             present.insert(1);
         }
         let e = h.check().unwrap_err().to_string();

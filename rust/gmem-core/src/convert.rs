@@ -45,6 +45,21 @@ impl Host {
             .collect()
     }
 
+    /// Remove from the host's page tables every file page that gfns `[start, end)` are
+    /// bound to (the private side of their memslots); returns those parts.
+    pub(crate) fn unmap_bound_parts(
+        &mut self,
+        vm: usize,
+        start: u64,
+        end: u64,
+    ) -> SmallVec<[BoundPart; 2]> {
+        let parts = self.bound_parts(vm, start, end);
+        for p in &parts {
+            self.unmap_file_range(p.file, p.o0, p.o1());
+        }
+        parts
+    }
+
     /// `KVM_SET_MEMORY_ATTRIBUTES`: checks in the order of mainline
     /// `kvm_vm_ioctl_set_mem_attributes()`, then an all-or-nothing conversion.
     pub fn set_memory_attributes(
@@ -104,7 +119,8 @@ impl Host {
             if changed == 0 {
                 return Ok(());
             }
-            return self.finish_convert(vm, start, end, private, changed);
+            self.finish_convert(vm, start, end, private, changed);
+            return Ok(());
         }
         // The VM map holds what no bound file holds: the gaps between bound parts. In
         // in-place mode a conversion is the guest_memfd ioctl on the bound files: the gaps
@@ -144,18 +160,12 @@ impl Host {
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
-        self.finish_convert(vm, start, end, private, changed)
+        self.finish_convert(vm, start, end, private, changed);
+        Ok(())
     }
 
     /// Zap stale mappings, do the strategy's backing work, count.
-    fn finish_convert(
-        &mut self,
-        vm: usize,
-        start: u64,
-        end: u64,
-        private: bool,
-        changed: u64,
-    ) -> Result<()> {
+    fn finish_convert(&mut self, vm: usize, start: u64, end: u64, private: bool, changed: u64) {
         let strategy = self.vms[vm].strategy;
         self.zap(vm, start, end, Some(!private));
         strategy.after_convert(self, vm, start, end, private);
@@ -166,11 +176,7 @@ impl Host {
             // Mainline: one xarray entry reserved and stored per gfn.
             self.costs.attr_per_gfn.saturating_mul(end - start)
         };
-        let s = &mut self.vms[vm].stats;
-        s.conversions += 1;
-        s.converted_pages += changed;
-        s.modelled_ns = s.modelled_ns.saturating_add(c);
-        self.strict_check(vm)
+        self.vms[vm].stats.converted(changed, c);
     }
 
     // ---------------------------------------------------------------- huge folios

@@ -376,7 +376,7 @@ impl Host {
                     .filter(|l| !l.private)
                     .map(|l| self.guest_loc(vm, gfn, false, l.pfn + (gfn - l.gfn) as u32));
                 match loc {
-                    Some(Loc::Frame(p)) => self.content.prefetch(u64::from(p)),
+                    Some(Loc::Frame(p)) => self.frames.content.prefetch(u64::from(p)),
                     Some(Loc::File(f, off)) => self.files[f].content.prefetch(off),
                     None => {}
                 }
@@ -462,15 +462,6 @@ impl Host {
             }
         }
         Ok(last)
-    }
-
-    /// Run the strict-mode check if enabled.
-    pub(crate) fn strict_check(&self, vm: usize) -> Result<()> {
-        if self.strict {
-            self.check_vm(vm)
-        } else {
-            Ok(())
-        }
     }
 
     /// Whether `gfn` is private, as an attribute value.

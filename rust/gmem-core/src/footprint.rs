@@ -12,7 +12,7 @@ impl Host {
     pub(crate) fn anon_pages_in(&self, a0: u64, a1: u64) -> u64 {
         let mut n = 0;
         for (m, i0, i1) in self.maps_in(a0, a1) {
-            if let MapKind::Anon { pages, orphans, .. } = &self.maps[m].kind {
+            if let MapKind::Anon { pages, orphans, .. } = &self.space.maps[m].kind {
                 if !pages.is_empty() {
                     n += pages.entries(i0, i1).len() as u64;
                 }
@@ -30,7 +30,7 @@ impl Host {
     /// page counts into their footprint. Slots of same-page strategies point nowhere that
     /// the guest uses, so they do not count.
     pub(crate) fn anon_vms(&self, m: usize, idx: u64) -> Vec<usize> {
-        let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
+        let hva = self.space.maps[m].addr + (idx << PAGE_SHIFT);
         (0..self.vms.len())
             .filter(|&v| self.vms[v].anon_cover.at(hva) > 0)
             .collect()
@@ -72,7 +72,7 @@ impl Host {
                 s.userspace_addr + (s.npages << PAGE_SHIFT),
             );
             for (m, i0, i1) in self.maps_in(a0, a1) {
-                if let MapKind::Anon { pages, orphans, .. } = &self.maps[m].kind {
+                if let MapKind::Anon { pages, orphans, .. } = &self.space.maps[m].kind {
                     anon.extend(pages.entries(i0, i1).into_iter().map(|(i, _)| (m, i, 1)));
                     for (&i, l) in orphans {
                         if i >= i0 && i < i1 {
@@ -92,7 +92,7 @@ impl Host {
         if self.slot_shared_in_userspace(vm, slot) {
             return self
                 .mapping_at(slot.hva_of(gfn))
-                .is_some_and(|(m, idx)| self.maps[m].anon_pfn(idx).is_some());
+                .is_some_and(|(m, idx)| self.space.maps[m].anon_pfn(idx).is_some());
         }
         self.vms[vm].strategy.binds_second_range()
             && slot
@@ -132,7 +132,7 @@ impl Host {
 
     /// After allocating (or before freeing) anonymous page `idx` of mapping `m`.
     pub(crate) fn double_update_anon(&mut self, m: usize, idx: u64, alloc: bool) {
-        let hva = self.maps[m].addr + (idx << PAGE_SHIFT);
+        let hva = self.space.maps[m].addr + (idx << PAGE_SHIFT);
         for vm in 0..self.vms.len() {
             // Only memslots whose shared view is userspace memory count (`anon_cover`).
             if self.vms[vm].anon_cover.at(hva) == 0 {

@@ -1,11 +1,136 @@
 //! Host frames: the page allocator's blocks handed to VMs and the VMM, where each
 //! frame's content lives (the frame store or a guest_memfd page cache), the owner tags of
 //! stale data left in freed frames, and the SEV-SNP RMP entries released with a frame.
+//!
+//! `HostFrames` holds the physical side on its own (allocator, frame store, stale tags,
+//! RMP) and keeps its own invariants; the `impl Host` below adds what a VM sees of it:
+//! the counters and modelled cost of each allocation, free and clear, and the zeroing
+//! policy that decides whether a freed frame's data may reach its next user.
 
+use rustc_hash::FxHashMap;
+
+use crate::alloc::BuddyAllocator;
 use crate::error::Result;
 use crate::host::{HOST_WRITER, Host, Loc};
 use crate::sparse::{Dense, SparseVec};
 use crate::vm::ZeroPolicy;
+
+/// The host's physical memory: which frames are free, what each frame in no page cache
+/// holds, whose data freed frames still hold, and (SEV-SNP) which VM and gfn each
+/// assigned frame belongs to.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HostFrames {
+    pub(crate) alloc: BuddyAllocator,
+    /// Content value per frame (what a read of the page returns), for frames in no
+    /// guest_memfd page cache; a frame in one keeps its content in the file
+    /// ([`crate::guest_memfd::Gmem::content`]) until it leaves the page cache. Each
+    /// frame's content is in exactly one of the two places (`check()` verifies it).
+    pub(crate) content: SparseVec<u64, Dense<u64>>,
+    /// Frames freed with data still in them: frame -> owner tag of that data (`vm + 1`,
+    /// or `HOST_WRITER` for VMM memory). Empty unless zeroing is skipped; a guest that
+    /// reads such data of another owner is an isolation violation.
+    pub(crate) stale: FxHashMap<u32, u16>,
+    /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
+    pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
+}
+
+impl HostFrames {
+    pub(crate) fn new(pages: u64) -> Self {
+        Self {
+            alloc: BuddyAllocator::new(pages),
+            content: SparseVec::new(),
+            stale: FxHashMap::default(),
+            rmp: FxHashMap::default(),
+        }
+    }
+
+    /// Frames `pfn..pfn + 2^order` freed. `leak`: the owner tag of their data when a later
+    /// user may read it unzeroed (the data stays and is tagged); otherwise the data is
+    /// unobservable and dropped. Returns the VM whose RMP entries the block held, if any.
+    pub(crate) fn free(&mut self, pfn: u32, order: u32, leak: Option<u16>) -> Option<usize> {
+        let (a, b) = block(pfn, order);
+        if let Some(tag) = leak {
+            for (p, _) in self.content.entries(a, b) {
+                self.stale.insert(p as u32, tag);
+            }
+        } else {
+            self.content.clear_range(a, b);
+        }
+        let owner = self.rmp_release(pfn, order);
+        self.alloc.free(pfn, order);
+        owner
+    }
+
+    /// Frames `pfn..pfn + 2^order` hold zeroes now: no content, nobody's stale data.
+    pub(crate) fn clear(&mut self, pfn: u32, order: u32) {
+        let (a, b) = block(pfn, order);
+        self.content.clear_range(a, b);
+        self.forget_stale(pfn, order);
+    }
+
+    /// Frames `pfn..pfn + 2^order` no longer hold anyone's stale data (cleared, or written
+    /// over by their new owner).
+    pub(crate) fn forget_stale(&mut self, pfn: u32, order: u32) {
+        if self.stale.is_empty() {
+            return;
+        }
+        let (a, b) = block(pfn, order);
+        if b - a <= self.stale.len() as u64 {
+            for p in a..b {
+                self.stale.remove(&(p as u32));
+            }
+        } else {
+            self.stale
+                .retain(|&p, _| u64::from(p) < a || u64::from(p) >= b);
+        }
+    }
+
+    /// Drop RMP assignments of a block being freed; the VM that owned them, if any.
+    pub(crate) fn rmp_release(&mut self, pfn: u32, order: u32) -> Option<usize> {
+        if self.rmp.is_empty() {
+            return None;
+        }
+        let mut owner = None;
+        for p in pfn..pfn + (1u32 << order) {
+            if let Some((v, _)) = self.rmp.remove(&p) {
+                owner = Some(v);
+            }
+        }
+        owner
+    }
+
+    /// Heap bytes of the per-frame structures.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        self.content.heap_bytes() + self.stale.len() * 16 + self.alloc.heap_bytes()
+    }
+
+    /// The invariants that need nothing outside the frames: the allocator's own, and
+    /// content, stale tags and RMP entries only on frames that exist, RMP entries only on
+    /// allocated frames, stale tags only where data is.
+    pub(crate) fn check(&self) -> std::result::Result<(), String> {
+        self.alloc.check()?;
+        let total = self.alloc.total_pages();
+        if let Some((p, _)) = self.content.entries(total, u64::MAX).first() {
+            return Err(format!(
+                "content stored for frame {p:#x} beyond the host's {total} pages"
+            ));
+        }
+        if let Some(p) = self.rmp.keys().find(|&&p| self.alloc.is_free(p)) {
+            return Err(format!("RMP entry for free frame {p:#x}"));
+        }
+        if let Some(p) = self.stale.keys().find(|&&p| u64::from(p) >= total) {
+            return Err(format!(
+                "stale tag on frame {p:#x} beyond the host's {total} pages"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The frame numbers of a block, as `u64` bounds.
+fn block(pfn: u32, order: u32) -> (u64, u64) {
+    (u64::from(pfn), u64::from(pfn) + (1u64 << order))
+}
 
 impl Host {
     /// The content at `loc`.
@@ -13,7 +138,7 @@ impl Host {
     #[inline(always)]
     pub(crate) fn content_at(&self, loc: Loc) -> u64 {
         match loc {
-            Loc::Frame(p) => self.content.get(u64::from(p)),
+            Loc::Frame(p) => self.frames.content.get(u64::from(p)),
             Loc::File(f, off) => self.files[f].content.get(off),
         }
     }
@@ -22,7 +147,7 @@ impl Host {
     #[inline]
     pub(crate) fn set_content_at(&mut self, loc: Loc, v: u64) {
         match loc {
-            Loc::Frame(p) => self.content.set(u64::from(p), v),
+            Loc::Frame(p) => self.frames.content.set(u64::from(p), v),
             Loc::File(f, off) => self.files[f].content.set(off, v),
         };
     }
@@ -37,7 +162,7 @@ impl Host {
     /// (left by a previous owner, if any) moves with them.
     pub(crate) fn admit_content(&mut self, file: usize, off: u64, pfn: u32, n: u64) {
         let c = &mut self.files[file].content;
-        move_content(&mut self.content, u64::from(pfn), c, off, n);
+        move_content(&mut self.frames.content, u64::from(pfn), c, off, n);
     }
 
     /// Pages `off..off + n` of `file` (frames `pfn..pfn + n`) leave its page cache: their
@@ -49,12 +174,12 @@ impl Host {
             return;
         }
         let c = &mut self.files[file].content;
-        move_content(c, off, &mut self.content, u64::from(pfn), n);
+        move_content(c, off, &mut self.frames.content, u64::from(pfn), n);
     }
 
     /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
     pub(crate) fn take_frames(&mut self, vm: Option<usize>, order: u32) -> Result<u32> {
-        let pfn = self.alloc.alloc(order)?;
+        let pfn = self.frames.alloc.alloc(order)?;
         if let Some(v) = vm {
             let cost = self.costs.alloc(order);
             self.vms[v].stats.allocated(1u64 << order, cost);
@@ -72,26 +197,18 @@ impl Host {
             let cost = self.costs.free(order);
             self.vms[v].stats.freed(1u64 << order, cost);
         }
-        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
-        if self.frames_may_leak() {
-            // Someone may hand these frames out unzeroed: remember whose data they hold.
-            let tag = vm.map_or(HOST_WRITER, |v| v as u16 + 1);
-            for (p, _) in self.content.entries(a, b) {
-                self.stale.insert(p as u32, tag);
-            }
-        } else {
-            // Every later user clears the frames before reading them (guest_memfd zeroes on
-            // first use, anonymous memory is zero-filled): the leftover data is unobservable,
-            // so the model stops carrying it.
-            self.content.clear_range(a, b);
-        }
-        if let Some(owner) = self.rmp_release(pfn, order) {
+        // Someone may hand these frames out unzeroed: remember whose data they hold.
+        // Otherwise every later user clears the frames before reading them (guest_memfd
+        // zeroes on first use, anonymous memory is zero-filled): the leftover data is
+        // unobservable, so the model stops carrying it.
+        let leak = self
+            .frames_may_leak()
+            .then(|| vm.map_or(HOST_WRITER, |v| v as u16 + 1));
+        if let Some(owner) = self.frames.free(pfn, order, leak) {
             // kvm_arch_gmem_invalidate: the frames go back to the hypervisor state.
-            self.vms[owner].stats.rmpupdates += 1;
             let c = self.costs.rmpupdate;
-            self.charge(owner, c);
+            self.vms[owner].stats.rmp_updated(1, c);
         }
-        self.alloc.free(pfn, order);
     }
 
     /// Clear the pages `off..off + 2^order` of `file`'s page cache (frames from `pfn`),
@@ -112,42 +229,21 @@ impl Host {
 
     /// Clear a block of frames in no page cache, counted as zeroing.
     pub(crate) fn zero_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
-        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
-        self.content.clear_range(a, b);
-        self.count_zeroed(vm, pfn, order);
+        self.frames.clear(pfn, order);
+        self.count_vm_zeroing(vm, order);
     }
 
     /// A block of frames was just cleared: nobody's data is left in it; count the zeroing.
     pub(crate) fn count_zeroed(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
-        let (a, b) = (u64::from(pfn), u64::from(pfn) + (1u64 << order));
-        if !self.stale.is_empty() {
-            if b - a <= self.stale.len() as u64 {
-                for p in a..b {
-                    self.stale.remove(&(p as u32));
-                }
-            } else {
-                self.stale
-                    .retain(|&p, _| u64::from(p) < a || u64::from(p) >= b);
-            }
-        }
+        self.frames.forget_stale(pfn, order);
+        self.count_vm_zeroing(vm, order);
+    }
+
+    fn count_vm_zeroing(&mut self, vm: Option<usize>, order: u32) {
         if let Some(v) = vm {
             let cost = self.costs.zero(order);
             self.vms[v].stats.zeroed(1u64 << order, cost);
         }
-    }
-
-    /// Drop RMP assignments of a block being freed; the VM that owned them, if any.
-    pub(crate) fn rmp_release(&mut self, pfn: u32, order: u32) -> Option<usize> {
-        if self.rmp.is_empty() {
-            return None;
-        }
-        let mut owner = None;
-        for p in pfn..pfn + (1u32 << order) {
-            if let Some((v, _)) = self.rmp.remove(&p) {
-                owner = Some(v);
-            }
-        }
-        owner
     }
 }
 
@@ -167,6 +263,138 @@ fn move_content(
     src.clear_range(s0, s0 + n);
     for (k, v) in moved {
         dst.set(d0 + (k - s0), v);
+    }
+}
+
+/// Property tests of [`HostFrames`] on its own, against a plain model: which blocks are
+/// allocated, what each frame holds, whose stale data is where, and the RMP.
+#[cfg(test)]
+mod prop {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::{HostFrames, block};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Alloc(u32),
+        /// Free the `i`-th live block (mod their number), its data tagged with `leak`.
+        Free(usize, Option<u16>),
+        /// Write `v` to frame `j` of the `i`-th live block.
+        Write(usize, u64, u64),
+        Clear(usize),
+        /// Assign the `i`-th live block's first frame to VM `vm` in the RMP.
+        Assign(usize, usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u32..4).prop_map(Op::Alloc),
+            (any::<usize>(), proptest::option::of(1u16..4)).prop_map(|(i, l)| Op::Free(i, l)),
+            (any::<usize>(), any::<u64>(), 1u64..100).prop_map(|(i, j, v)| Op::Write(i, j, v)),
+            any::<usize>().prop_map(Op::Clear),
+            (any::<usize>(), 0usize..3).prop_map(|(i, vm)| Op::Assign(i, vm)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn frames_follow_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+            const PAGES: u64 = 64;
+            let mut f = HostFrames::new(PAGES);
+            // Live blocks: pfn -> order; content and stale tags per frame; RMP per frame.
+            let mut live: BTreeMap<u32, u32> = BTreeMap::new();
+            let mut content: BTreeMap<u64, u64> = BTreeMap::new();
+            let mut stale: BTreeMap<u64, u16> = BTreeMap::new();
+            let mut rmp: BTreeMap<u32, usize> = BTreeMap::new();
+            let nth = |live: &BTreeMap<u32, u32>, i: usize| {
+                live.iter().nth(i % live.len()).map(|(&p, &o)| (p, o))
+            };
+            for op in ops {
+                match op {
+                    Op::Alloc(order) => {
+                        let free = f.alloc.free_pages();
+                        if let Ok(pfn) = f.alloc.alloc(order) {
+                            // Aligned, and overlapping no live block.
+                            prop_assert_eq!(pfn % (1 << order), 0);
+                            prop_assert!(live.range(..pfn + (1 << order)).next_back()
+                                .is_none_or(|(&p, &o)| p + (1 << o) <= pfn));
+                            live.insert(pfn, order);
+                        } else {
+                            prop_assert_eq!(f.alloc.free_pages(), free);
+                        }
+                    }
+                    Op::Free(i, leak) if !live.is_empty() => {
+                        let (pfn, order) = nth(&live, i).unwrap();
+                        live.remove(&pfn);
+                        let (a, b) = block(pfn, order);
+                        let owner = rmp.range(pfn..pfn + (1 << order)).map(|(_, &v)| v).next_back();
+                        prop_assert_eq!(f.free(pfn, order, leak), owner);
+                        rmp.retain(|&p, _| u64::from(p) < a || u64::from(p) >= b);
+                        match leak {
+                            Some(tag) => {
+                                for p in a..b {
+                                    if content.contains_key(&p) {
+                                        stale.insert(p, tag);
+                                    }
+                                }
+                            }
+                            None => content.retain(|&p, _| p < a || p >= b),
+                        }
+                    }
+                    Op::Write(i, j, v) if !live.is_empty() => {
+                        let (pfn, order) = nth(&live, i).unwrap();
+                        let p = u64::from(pfn) + j % (1 << order);
+                        f.content.set(p, v);
+                        content.insert(p, v);
+                    }
+                    Op::Clear(i) if !live.is_empty() => {
+                        let (pfn, order) = nth(&live, i).unwrap();
+                        f.clear(pfn, order);
+                        let (a, b) = block(pfn, order);
+                        content.retain(|&p, _| p < a || p >= b);
+                        stale.retain(|&p, _| p < a || p >= b);
+                    }
+                    Op::Assign(i, vm) if !live.is_empty() => {
+                        let (pfn, _) = nth(&live, i).unwrap();
+                        f.rmp.insert(pfn, (vm, 0));
+                        rmp.insert(pfn, vm);
+                    }
+                    _ => {}
+                }
+                prop_assert_eq!(f.check(), Ok(()));
+                let used: u64 = live.values().map(|&o| 1u64 << o).sum();
+                prop_assert_eq!(f.alloc.free_pages() + used, PAGES);
+                prop_assert_eq!(f.content.entries(0, PAGES), content.iter().map(|(&p, &v)| (p, v)).collect::<Vec<_>>());
+                let tags: BTreeMap<u64, u16> = f.stale.iter().map(|(&p, &t)| (u64::from(p), t)).collect();
+                prop_assert_eq!(&tags, &stale);
+                let assigned: BTreeMap<u32, usize> = f.rmp.iter().map(|(&p, &(v, _))| (p, v)).collect();
+                prop_assert_eq!(&assigned, &rmp);
+            }
+        }
+    }
+
+    /// `check()` refuses an RMP entry on a free frame and content beyond the host.
+    #[test]
+    fn check_finds_broken_frames() {
+        let mut f = HostFrames::new(16);
+        let pfn = f.alloc.alloc(0).unwrap();
+        f.rmp.insert(pfn, (0, 0));
+        assert_eq!(f.check(), Ok(()));
+        let mut freed = f.clone();
+        freed.alloc.free(pfn, 0);
+        assert!(
+            freed
+                .check()
+                .unwrap_err()
+                .contains("RMP entry for free frame")
+        );
+        let mut beyond = f.clone();
+        beyond.content.set(16, 1);
+        assert!(beyond.check().unwrap_err().contains("beyond the host"));
     }
 }
 
@@ -214,7 +442,7 @@ pub(crate) mod tests {
         let (mut h, vm, f) = sample(ZeroPolicy::Never);
         let pfn = h.file(f).page(1).unwrap().pfn;
         assert_eq!(h.files[f].content.get(1), 7);
-        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        assert_eq!(h.frames.content.get(u64::from(pfn)), 0);
         h.check().unwrap();
         // Punched, the frame leaves the page cache with its data (nothing clears it under
         // ZeroPolicy::Never): the data goes back to the frame.
@@ -226,15 +454,15 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(h.files[f].content.get(1), 0);
-        assert_eq!(h.content.get(u64::from(pfn)), 7);
-        assert_eq!(h.stale.get(&pfn), Some(&(vm as u16 + 1)));
+        assert_eq!(h.frames.content.get(u64::from(pfn)), 7);
+        assert_eq!(h.frames.stale.get(&pfn), Some(&(vm as u16 + 1)));
         h.check().unwrap();
         // The next allocation reuses the frame: its data enters the file with it, and the
         // guest, never zeroing, reads it back at another page.
         assert_eq!(h.guest_access(vm, 0x2000, true, None).unwrap(), 7);
         assert_eq!(h.file(f).page(2).unwrap().pfn, pfn);
         assert_eq!(h.files[f].content.get(2), 7);
-        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        assert_eq!(h.frames.content.get(u64::from(pfn)), 0);
         h.check().unwrap();
     }
 
@@ -249,7 +477,7 @@ pub(crate) mod tests {
             0x1000,
         )
         .unwrap();
-        assert_eq!(h.content.get(u64::from(pfn)), 0);
+        assert_eq!(h.frames.content.get(u64::from(pfn)), 0);
         assert_eq!(h.guest_access(vm, 0x1000, true, None).unwrap(), 0);
         h.check().unwrap();
     }
@@ -260,7 +488,7 @@ pub(crate) mod tests {
         let pfn = h.file(f).page(1).unwrap().pfn;
         // The frame's own store holds content while the frame is in the page cache.
         let mut both = h.clone();
-        both.content.set(u64::from(pfn), 9);
+        both.frames.content.set(u64::from(pfn), 9);
         assert!(both.check().is_err());
         // Content at a file page the page cache does not hold.
         let mut absent = h.clone();
@@ -268,7 +496,7 @@ pub(crate) mod tests {
         assert!(absent.check().is_err());
         // A miscounted guest_memfd mmap.
         let mut counted = h;
-        counted.gmem_mmaps = 1;
+        counted.space.gmem_mmaps = 1;
         assert!(counted.check().is_err());
     }
 

@@ -522,7 +522,7 @@ impl Host {
         let vm = self.files[file].vm;
         for i in 0..self.files[file].mappings.len() {
             let mid = self.files[file].mappings[i];
-            if let MapKind::Gmem { pgoff, present, .. } = &mut self.maps[mid].kind {
+            if let MapKind::Gmem { pgoff, present, .. } = &mut self.space.maps[mid].kind {
                 if present.is_empty() || end <= *pgoff {
                     continue;
                 }
@@ -593,9 +593,12 @@ impl Host {
     /// Remove the host mappings of the pages of `[start, end)` of `file` that the host may
     /// no longer fault (`host_may_access`).
     pub(crate) fn unmap_unreachable(&mut self, file: usize, start: u64, end: u64) {
+        if !self.vms[self.files[file].vm].strategy.reach_by_binding() {
+            return;
+        }
         let mut gone = Vec::new();
         for &mid in &self.files[file].mappings {
-            if let MapKind::Gmem { pgoff, present, .. } = &self.maps[mid].kind {
+            if let MapKind::Gmem { pgoff, present, .. } = &self.space.maps[mid].kind {
                 let lo = start.saturating_sub(*pgoff);
                 let hi = end.saturating_sub(*pgoff);
                 gone.extend(
@@ -777,13 +780,12 @@ impl Host {
             let r = self.files[f].page(off).expect("just allocated");
             self.files[f].mark_uptodate(off, r);
             self.set_content_at(Loc::File(f, off), value);
-            if !self.stale.is_empty() {
-                self.stale.remove(&r.pfn);
+            if !self.frames.stale.is_empty() {
+                self.frames.stale.remove(&r.pfn);
             }
             let vt = self.vms[vm].vm_type;
             vt.populate(self, vm, gfn, f, off, r.pfn);
         }
-        self.strict_check(vm)?;
         Ok(done)
     }
 }

@@ -5,17 +5,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rustc_hash::FxHashMap;
-
-use crate::alloc::{BuddyAllocator, MAX_PAGES};
+use crate::alloc::MAX_PAGES;
 use crate::cost::CostModel;
 use crate::error::{Result, einval};
+use crate::frames::HostFrames;
 use crate::guest_memfd::Gmem;
-use crate::mapping::VA_BASE;
-use crate::mapping::{MapKind, Mapping};
+use crate::mapping::{AddressSpace, MapKind, Mapping};
 use crate::metrics::Stats;
 use crate::platform::VmType;
-use crate::sparse::{Dense, SparseVec};
 use crate::strategy::StrategyKind;
 use crate::vm::Vm;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -64,34 +61,19 @@ pub struct MemRegion {
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Host {
-    pub(crate) alloc: BuddyAllocator,
-    /// Content value per frame (what a read of the page returns), for frames in no
-    /// guest_memfd page cache; a frame in one keeps its content in the file
-    /// ([`Gmem::content`]) until it leaves the page cache. Each frame's content is in exactly
-    /// one of the two places (`check()` verifies it).
-    pub(crate) content: SparseVec<u64, Dense<u64>>,
-    /// Frames freed with data still in them: frame -> owner tag of that data (`vm + 1`,
-    /// or `HOST_WRITER` for VMM memory). Empty unless zeroing is skipped; a guest that
-    /// reads such data of another owner is an isolation violation.
-    pub(crate) stale: FxHashMap<u32, u16>,
-    /// Live mmaps of guest_memfd files: while there are none, a shared stage-2 page of a
-    /// userspace-backed memslot is ordinary memory, whose content is at its frame.
-    pub(crate) gmem_mmaps: u32,
+    /// Physical memory: allocator, frame contents, stale-data tags, RMP.
+    pub(crate) frames: HostFrames,
     pub(crate) costs: CostModel,
     pub(crate) vms: Vec<Vm>,
     pub(crate) files: Vec<Gmem>,
-    pub(crate) maps: Vec<Mapping>,
-    /// Live mappings by start address.
-    pub(crate) va: BTreeMap<u64, usize>,
-    pub(crate) next_va: u64,
+    /// The VMM's mappings and the addresses they take.
+    pub(crate) space: AddressSpace,
     pub(crate) fds: BTreeMap<i32, Fd>,
     /// Every number below `next_fd` is open (in `fds`) or free (here): a new fd is the
     /// lowest free number, as `get_unused_fd_flags()` gives.
     pub(crate) free_fds: BTreeSet<i32>,
     pub(crate) next_fd: i32,
     pub(crate) next_inode: u64,
-    /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
-    pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
     /// The last memory-fault exit the VMM answered by converting (fault policy
     /// `Convert`): `(gpa, flags)`, reported in event details.
     #[serde(skip)]
@@ -115,21 +97,15 @@ impl Host {
             )));
         }
         let mut h = Self {
-            alloc: BuddyAllocator::new(pages),
-            content: SparseVec::new(),
-            stale: FxHashMap::default(),
-            gmem_mmaps: 0,
+            frames: HostFrames::new(pages),
             costs: CostModel::default(),
             vms: Vec::new(),
             files: Vec::new(),
-            maps: Vec::new(),
-            va: BTreeMap::new(),
-            next_va: VA_BASE,
+            space: AddressSpace::new(),
             fds: BTreeMap::new(),
             free_fds: BTreeSet::new(),
             next_fd: 3,
             next_inode: 1,
-            rmp: FxHashMap::default(),
             implicit: None,
             strict: false,
         };
@@ -153,11 +129,11 @@ impl Host {
     }
 
     pub fn total_pages(&self) -> u64 {
-        self.alloc.total_pages()
+        self.frames.alloc.total_pages()
     }
 
     pub fn free_pages(&self) -> u64 {
-        self.alloc.free_pages()
+        self.frames.alloc.free_pages()
     }
 
     pub fn costs(&self) -> &CostModel {
@@ -177,7 +153,7 @@ impl Host {
     }
 
     pub fn nr_mappings(&self) -> usize {
-        self.maps.len()
+        self.space.maps.len()
     }
 
     pub fn vm(&self, id: usize) -> &Vm {
@@ -193,16 +169,16 @@ impl Host {
     }
 
     pub fn mapping(&self, id: usize) -> &Mapping {
-        &self.maps[id]
+        &self.space.maps[id]
     }
 
     /// Heap bytes held by the model's per-page structures (for footprint benchmarks).
     pub fn heap_bytes(&self) -> usize {
-        let mut b = self.content.heap_bytes() + self.stale.len() * 16 + self.alloc.heap_bytes();
+        let mut b = self.frames.heap_bytes();
         for f in &self.files {
             b += f.pages.heap_bytes() + f.content.heap_bytes() + f.folios.len() * 48;
         }
-        for m in &self.maps {
+        for m in &self.space.maps {
             if let MapKind::Anon { pages, .. } = &m.kind {
                 b += pages.heap_bytes();
             }

@@ -19,9 +19,9 @@
 //! | [`strategy`] | one file per conversion design (`dual`, `inplace`, `realloc`, `two_offsets`, `attr_hook`) |
 //! | [`platform`] | one file per platform (`sw_protected`, `pkvm`, `tdx`, `snp`) behind arch hooks |
 //! | [`access`] | guest accesses through stage-2, host accesses through mappings |
-//! | [`mapping`] | the VMM's mappings and the host address space |
+//! | [`mapping`] | the VMM's mappings and the host address space (`AddressSpace`: mappings, addresses, pins) |
 //! | [`vm`] | a VM: memslots, attributes, stage-2, counters; the stage-2 zap |
-//! | [`frames`] | host frames: allocation, content, stale-data tags, RMP release |
+//! | [`frames`] | host frames (`HostFrames`: allocator, content, stale-data tags, RMP) and what VMs are charged for them |
 //! | [`footprint`] | pages backing each VM, and double backing |
 //! | [`events`] | the batch runner (`Host::apply`) behind the event arrays |
 //! | [`check`] | the invariants (`Host::check`) |

@@ -1,5 +1,7 @@
 //! Host (VMM) mappings: anonymous memory, or an mmap of a guest_memfd; and the host
-//! address space that places them (`Host::va`, `Host::next_va`).
+//! address space that places them (`AddressSpace`).
+
+use std::collections::BTreeMap;
 
 use roaring::RoaringTreemap;
 use rustc_hash::FxHashMap;
@@ -60,13 +62,37 @@ impl Mapping {
 
 // ---------------------------------------------------------------- the host address space
 
-impl Host {
-    pub(crate) fn add_mapping(&mut self, pages: u64, kind: MapKind) -> usize {
+/// The VMM's address space: every mapping it made (live, or unmapped and kept while
+/// pinned pages remain), the live ones by start address, the next free address, and how
+/// many live mappings are of guest_memfd files.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct AddressSpace {
+    pub(crate) maps: Vec<Mapping>,
+    /// Live mappings by start address.
+    pub(crate) va: BTreeMap<u64, usize>,
+    pub(crate) next_va: u64,
+    /// Live mmaps of guest_memfd files: while there are none, a shared stage-2 page of a
+    /// userspace-backed memslot is ordinary memory, whose content is at its frame.
+    pub(crate) gmem_mmaps: u32,
+}
+
+impl AddressSpace {
+    pub(crate) fn new() -> Self {
+        Self {
+            maps: Vec::new(),
+            va: BTreeMap::new(),
+            next_va: VA_BASE,
+            gmem_mmaps: 0,
+        }
+    }
+
+    /// Place a mapping of `pages` pages at the next free 2 MiB-aligned address, with a
+    /// guard page before the next one.
+    pub(crate) fn place(&mut self, pages: u64, kind: MapKind) -> usize {
         let id = self.maps.len();
         let addr = self.next_va;
         self.next_va = (addr + (pages << PAGE_SHIFT) + PAGE_SIZE).div_ceil(VA_ALIGN) * VA_ALIGN;
-        if let MapKind::Gmem { file, .. } = &kind {
-            self.files[*file].mappings.push(id);
+        if matches!(kind, MapKind::Gmem { .. }) {
             self.gmem_mmaps += 1;
         }
         self.maps.push(Mapping {
@@ -76,6 +102,47 @@ impl Host {
             unmapped: false,
         });
         self.va.insert(addr, id);
+        id
+    }
+
+    /// The live mapping containing `addr` and the page index in it.
+    pub(crate) fn at(&self, addr: u64) -> Option<(usize, u64)> {
+        let (_, &id) = self.va.range(..=addr).next_back()?;
+        let m = &self.maps[id];
+        (addr < m.end()).then(|| (id, (addr - m.addr) >> PAGE_SHIFT))
+    }
+
+    /// The live mappings overlapping `[a0, a1)`, with the page indices of the overlap in
+    /// each: `(mapping, i0, i1)`. Mappings never overlap and are keyed by start: walks down
+    /// from the last one starting below `a1` until one ends at or below `a0`.
+    pub(crate) fn overlapping(
+        &self,
+        a0: u64,
+        a1: u64,
+    ) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+        self.va
+            .range(..a1)
+            .rev()
+            .map(|(_, &m)| (m, &self.maps[m]))
+            .take_while(move |(_, map)| map.end() > a0)
+            .map(move |(m, map)| {
+                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
+                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
+                (m, i0, i1)
+            })
+    }
+}
+
+impl Host {
+    pub(crate) fn add_mapping(&mut self, pages: u64, kind: MapKind) -> usize {
+        let file = match &kind {
+            MapKind::Gmem { file, .. } => Some(*file),
+            MapKind::Anon { .. } => None,
+        };
+        let id = self.space.place(pages, kind);
+        if let Some(f) = file {
+            self.files[f].mappings.push(id);
+        }
         id
     }
 
@@ -93,26 +160,14 @@ impl Host {
     }
 
     /// The live mapping containing `addr` and the page index in it.
+    #[inline]
     pub(crate) fn mapping_at(&self, addr: u64) -> Option<(usize, u64)> {
-        let (_, &id) = self.va.range(..=addr).next_back()?;
-        let m = &self.maps[id];
-        (addr < m.end()).then(|| (id, (addr - m.addr) >> PAGE_SHIFT))
+        self.space.at(addr)
     }
 
-    /// The VMM's mappings overlapping `[a0, a1)`, with the page indices of the overlap in
-    /// each: `(mapping, i0, i1)`. Mappings never overlap and are keyed by start: walks down
-    /// from the last one starting below `a1` until one ends at or below `a0`.
+    /// The VMM's mappings overlapping `[a0, a1)` (see [`AddressSpace::overlapping`]).
     pub(crate) fn maps_in(&self, a0: u64, a1: u64) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
-        self.va
-            .range(..a1)
-            .rev()
-            .map(|(_, &m)| (m, &self.maps[m]))
-            .take_while(move |(_, map)| map.end() > a0)
-            .map(move |(m, map)| {
-                let i0 = (a0.max(map.addr) - map.addr) >> PAGE_SHIFT;
-                let i1 = (a1.min(map.end()) - map.addr) >> PAGE_SHIFT;
-                (m, i0, i1)
-            })
+        self.space.overlapping(a0, a1)
     }
 }
 
@@ -128,5 +183,53 @@ pub(crate) fn mmap_length(length: u64) -> Result<u64> {
             errno::ENOMEM,
             format!("mmap length {length:#x} exceeds the user address space"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roaring::RoaringTreemap;
+
+    use super::{AddressSpace, MapKind, VA_ALIGN, VA_BASE};
+    use crate::PAGE_SHIFT;
+
+    fn gmem(file: usize) -> MapKind {
+        MapKind::Gmem {
+            file,
+            pgoff: 0,
+            present: RoaringTreemap::new(),
+        }
+    }
+
+    /// Mappings are placed 2 MiB-aligned, upward, never touching (a guard page at least);
+    /// lookups and overlap walks find exactly the live ones.
+    #[test]
+    fn placement_and_lookup() {
+        let mut s = AddressSpace::new();
+        let sizes = [1u64, 512, 513, 3];
+        let ids: Vec<usize> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| s.place(n, gmem(i)))
+            .collect();
+        assert_eq!(s.gmem_mmaps, 4);
+        assert_eq!(s.maps[ids[0]].addr, VA_BASE);
+        for w in ids.windows(2) {
+            let (a, b) = (&s.maps[w[0]], &s.maps[w[1]]);
+            assert_eq!(b.addr % VA_ALIGN, 0);
+            assert!(b.addr > a.end(), "a guard page between mappings");
+        }
+        let m2 = &s.maps[ids[2]];
+        assert_eq!(s.at(m2.addr + (7 << PAGE_SHIFT) + 5), Some((ids[2], 7)));
+        assert_eq!(s.at(m2.end()), None);
+        assert_eq!(s.at(VA_BASE - 1), None);
+        let (lo, hi) = (s.maps[ids[1]].addr + 4096, s.maps[ids[3]].addr + 4096);
+        let mut got: Vec<_> = s.overlapping(lo, hi).collect();
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            vec![(ids[1], 1, 512), (ids[2], 0, 513), (ids[3], 0, 1)]
+        );
+        assert_eq!(s.overlapping(VA_BASE + 4096, VA_BASE + 8192).count(), 0);
     }
 }

@@ -131,6 +131,28 @@ impl Stats {
         self.modelled_ns += ns;
     }
 
+    /// One conversion that changed `pages` pages.
+    #[inline]
+    pub(crate) fn converted(&mut self, pages: u64, ns: u64) {
+        self.conversions += 1;
+        self.converted_pages += pages;
+        self.charge(ns);
+    }
+
+    /// `n` SEV-SNP RMP entries updated.
+    #[inline]
+    pub(crate) fn rmp_updated(&mut self, n: u64, ns: u64) {
+        self.rmpupdates += n;
+        self.charge(ns);
+    }
+
+    /// `n` private S-EPT leaves removed (TDH.MEM.PAGE.REMOVE).
+    #[inline]
+    pub(crate) fn tdx_pages_removed(&mut self, n: u64, ns: u64) {
+        self.tdx_page_removes += n;
+        self.charge(ns);
+    }
+
     /// A huge folio split.
     #[inline]
     pub(crate) fn split(&mut self, ns: u64) {

@@ -15,7 +15,7 @@ use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
 /// Bumped whenever the encoded layout changes.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 impl Host {
@@ -71,7 +71,7 @@ impl Host {
     /// Index bounds that `check()` relies on before it can run.
     fn validate_shape(&self) -> Result<()> {
         let bad = |what: &str| einval(format!("snapshot inconsistent: {what}"));
-        let (nv, nf, nm) = (self.vms.len(), self.files.len(), self.maps.len());
+        let (nv, nf, nm) = (self.vms.len(), self.files.len(), self.space.maps.len());
         for f in &self.files {
             if ![0, 9, 18].contains(&f.order) {
                 return Err(bad("guest_memfd folio order"));
@@ -99,7 +99,7 @@ impl Host {
                 return Err(bad("gfn index refers to a missing memslot"));
             }
         }
-        for m in &self.maps {
+        for m in &self.space.maps {
             if m.pages > u64::MAX >> crate::PAGE_SHIFT
                 || m.addr.checked_add(m.pages << crate::PAGE_SHIFT).is_none()
             {
@@ -111,14 +111,15 @@ impl Host {
                 return Err(bad("mapping refers to a missing guest_memfd"));
             }
         }
-        if !self.content.shape_ok() || self.files.iter().any(|f| !f.content.shape_ok()) {
+        if !self.frames.content.shape_ok() || self.files.iter().any(|f| !f.content.shape_ok()) {
             return Err(bad("frame content store misshapen"));
         }
         if self
+            .space
             .va
             .iter()
-            .any(|(&a, &m)| m >= nm || self.maps[m].addr != a)
-            || self.rmp.values().any(|&(v, _)| v >= nv)
+            .any(|(&a, &m)| m >= nm || self.space.maps[m].addr != a)
+            || self.frames.rmp.values().any(|&(v, _)| v >= nv)
         {
             return Err(bad("address space or RMP refers to a missing object"));
         }

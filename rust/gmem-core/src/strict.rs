@@ -16,10 +16,10 @@ impl Drop for Suspended<'_> {
 
 impl Host {
     /// Run `op`, one call of the public API. In strict mode, once `op` succeeds, every
-    /// invariant of the host is checked (`check`), once: the checks of its own VM that
-    /// some operations make on their way out (`strict_check`) are suspended while it
-    /// runs, since the full check covers them. A failed `op` is not checked, as it
-    /// changed nothing.
+    /// invariant of the host is checked (`check`), once. Operations make no checks of
+    /// their own: strict mode lives here, at the boundary, and in `call_apply`. While `op`
+    /// runs, strict mode is off, so that a batch it runs makes no per-event checks that
+    /// the one check after it covers. A failed `op` is not checked, as it changed nothing.
     #[inline]
     pub fn call<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if self.strict {
@@ -72,7 +72,7 @@ mod tests {
     fn broken(strict: bool) -> Host {
         let mut h = Host::new(4 * MIB).unwrap();
         h.create_vm(VmType::SwProtected, StrategyKind::Dual);
-        h.gmem_mmaps += 1;
+        h.space.gmem_mmaps += 1;
         h.strict = strict;
         h
     }

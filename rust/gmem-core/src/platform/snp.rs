@@ -21,7 +21,7 @@ impl Platform for Snp {
         let mut fresh = false;
         for i in 0..n {
             let p = p0 + i as u32;
-            match h.rmp.insert(p, (vm, g0 + i)) {
+            match h.frames.rmp.insert(p, (vm, g0 + i)) {
                 None => fresh = true,
                 Some(prev) if prev != (vm, g0 + i) => h.vms[vm].stats.violations += 1,
                 Some(_) => {}
@@ -38,26 +38,24 @@ impl Platform for Snp {
     }
 
     fn convert_in_place(h: &mut Host, vm: usize, f: usize, o0: u64, o1: u64, private: bool) {
-        if private || h.rmp.is_empty() {
+        if private || h.frames.rmp.is_empty() {
             return;
         }
         // To shared: the frames return to the hypervisor.
         let mut n = 0;
         for off in h.present_offsets(f, o0, o1) {
             if let Some(r) = h.files[f].page(off) {
-                n += u64::from(h.rmp.remove(&r.pfn).is_some());
+                n += u64::from(h.frames.rmp.remove(&r.pfn).is_some());
             }
         }
         let c = h.costs.rmpupdate * n;
-        let s = &mut h.vms[vm].stats;
-        s.rmpupdates += n;
-        s.modelled_ns += c;
+        h.vms[vm].stats.rmp_updated(n, c);
     }
 
     fn populate_refused(h: &Host, _vm: usize, gfn: u64, f: usize, off: u64) -> Result<()> {
         // `sev_gmem_post_populate()`: the page is already assigned in the RMP.
         if let Some(r) = h.files[f].page(off)
-            && h.rmp.contains_key(&r.pfn)
+            && h.frames.rmp.contains_key(&r.pfn)
         {
             return Err(einval(format!(
                 "populate: gfn {gfn:#x}: its page is already assigned in the RMP"
@@ -67,15 +65,14 @@ impl Platform for Snp {
     }
 
     fn populate(h: &mut Host, vm: usize, gfn: u64, _f: usize, _off: u64, pfn: u32) {
-        if h.rmp.insert(pfn, (vm, gfn)).is_none() {
-            h.vms[vm].stats.rmpupdates += 1;
+        if h.frames.rmp.insert(pfn, (vm, gfn)).is_none() {
             let c = h.costs.rmpupdate;
-            h.charge(vm, c);
+            h.vms[vm].stats.rmp_updated(1, c);
         }
     }
 
     fn check_private(h: &Host, vm: usize, gfn: u64, pfn: u32) -> Result<()> {
-        if h.rmp.get(&pfn) != Some(&(vm, gfn)) {
+        if h.frames.rmp.get(&pfn) != Some(&(vm, gfn)) {
             return Err(Error::Invariant(format!(
                 "SNP RMP: private pfn {pfn:#x} not assigned to gfn {gfn:#x} alone"
             )));

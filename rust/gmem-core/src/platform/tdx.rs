@@ -36,8 +36,8 @@ impl Platform for Tdx {
     fn zap_private(v: &mut Vm, costs: &CostModel, leaves: u64) {
         // Private S-EPT leaves leave through TDH.MEM.PAGE.REMOVE (upper bound: the zap may
         // also have taken shared leaves when unfiltered).
-        v.stats.tdx_page_removes += leaves;
-        v.stats.modelled_ns += costs.tdx_page_remove * leaves;
+        v.stats
+            .tdx_pages_removed(leaves, costs.tdx_page_remove * leaves);
     }
 
     fn populate_refused(h: &Host, vm: usize, gfn: u64, _f: usize, _off: u64) -> Result<()> {

@@ -14,6 +14,7 @@ pub struct AttrHook;
 
 impl Strategy for AttrHook {
     const NAME: &'static str = "attr_hook";
+    const REACH_BY_BINDING: bool = true;
     const SHARED_SIDE: SharedSide = SharedSide::SameFile;
     const FILE_ATTRS: bool = true;
 

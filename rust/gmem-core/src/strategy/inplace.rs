@@ -55,10 +55,7 @@ impl Host {
     /// The gate: unmap the range from host page tables, then refuse with `EAGAIN` if a
     /// page is still referenced (pinned) — before any attribute changes.
     fn refuse_if_pinned(&mut self, vm: usize, start: u64, end: u64) -> Result<()> {
-        let parts = self.bound_parts(vm, start, end);
-        for p in &parts {
-            self.unmap_file_range(p.file, p.o0, p.o1());
-        }
+        let parts = self.unmap_bound_parts(vm, start, end);
         for p in &parts {
             if let Some(first) = self.first_pinned(p.file, p.o0, p.o1()) {
                 return Err(self.busy(vm, p.g0 + (first - p.o0)));
@@ -147,11 +144,8 @@ impl Host {
         self.gmem_invalidate(file, o0, o1, Zap::Only(Some(!private)));
         self.same_page_work(vm, file, o0, o1, private);
         let c = self.costs.attr_range;
-        let s = &mut self.vms[vm].stats;
-        s.conversions += 1;
-        s.converted_pages += changed;
-        s.modelled_ns += c;
-        self.strict_check(vm)
+        self.vms[vm].stats.converted(changed, c);
+        Ok(())
     }
 
     /// `KVM_GET_MEMORY_ATTRIBUTES2`: the attribute at `offset` of a guest_memfd that keeps

@@ -90,7 +90,7 @@ impl Host {
         let (a0, a1) = (slot.hva_of(g0), slot.hva_of(g1));
         let mut out = Vec::new();
         for (m, i0, i1) in self.maps_in(a0, a1) {
-            let map = &self.maps[m];
+            let map = &self.space.maps[m];
             if let MapKind::Anon { pages, .. } = &map.kind {
                 for (idx, _) in pages.entries(i0, i1) {
                     let hva = map.addr + (idx << PAGE_SHIFT);
@@ -110,7 +110,7 @@ impl Host {
             Some(fp)
         } else {
             let (m, idx) = self.mapping_at(slot.hva_of(gfn))?;
-            return self.maps[m].anon_pfn(idx).map(Loc::Frame);
+            return self.space.maps[m].anon_pfn(idx).map(Loc::Frame);
         };
         let FilePage { file: f, off, live } = fp?;
         if !live {

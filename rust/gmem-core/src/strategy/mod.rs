@@ -199,6 +199,11 @@ impl StrategyKind {
     pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
         with_design!(self, D => D::host_may_map(h, file, off))
     }
+
+    /// [`Strategy::REACH_BY_BINDING`] of the design.
+    pub(crate) fn reach_by_binding(self) -> bool {
+        with_design!(self, D => D::REACH_BY_BINDING)
+    }
 }
 
 /// One conversion design. Implemented by a unit type per design and called through
@@ -243,6 +248,10 @@ pub(crate) trait Strategy {
     /// The design's backing work once attributes are stored and stale stage-2 entries are
     /// zapped.
     fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool);
+
+    /// Whether [`Strategy::host_may_map`] depends on the memslots bound to the file, so
+    /// that deleting one can take pages out of the host's reach.
+    const REACH_BY_BINDING: bool = false;
 
     /// Whether the host may map page `off` of `file` (a guest_memfd of a VM of this
     /// design). Mainline: user faults are allowed only on INIT_SHARED files.

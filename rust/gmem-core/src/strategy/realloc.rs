@@ -10,6 +10,7 @@ pub struct Realloc;
 
 impl Strategy for Realloc {
     const NAME: &'static str = "realloc";
+    const REACH_BY_BINDING: bool = true;
     const SHARED_SIDE: SharedSide = SharedSide::SameFile;
 
     #[inline]

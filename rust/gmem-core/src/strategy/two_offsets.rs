@@ -15,6 +15,7 @@ pub struct TwoOffsets;
 
 impl Strategy for TwoOffsets {
     const NAME: &'static str = "two_offsets";
+    const REACH_BY_BINDING: bool = true;
     const SHARED_SIDE: SharedSide = SharedSide::SecondRange;
 
     #[inline]
@@ -23,9 +24,7 @@ impl Strategy for TwoOffsets {
         h.huge_private_side(vm, start, end, private);
         if private {
             // The private range's pages leave the host's reach with their gfns.
-            for p in h.bound_parts(vm, start, end) {
-                h.unmap_file_range(p.file, p.o0, p.o1());
-            }
+            h.unmap_bound_parts(vm, start, end);
         }
     }
 
