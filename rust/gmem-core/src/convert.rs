@@ -45,6 +45,15 @@ impl Host {
             .collect()
     }
 
+    /// Whether `gfn` is private, as an attribute value.
+    pub fn get_memory_attributes(&self, vm: usize, gfn: u64) -> u64 {
+        if self.gfn_private(vm, gfn) {
+            uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
+        } else {
+            0
+        }
+    }
+
     /// Remove from the host's page tables every file page that gfns `[start, end)` are
     /// bound to (the private side of their memslots); returns those parts.
     pub(crate) fn unmap_bound_parts(

@@ -6,7 +6,7 @@ use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
 use crate::stage2::Leaf;
 use crate::vm::Vm;
-use crate::{PAGE_SHIFT, uapi};
+use crate::PAGE_SHIFT;
 
 /// Event operations (`gmem.Op`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -462,14 +462,5 @@ impl Host {
             }
         }
         Ok(last)
-    }
-
-    /// Whether `gfn` is private, as an attribute value.
-    pub fn get_memory_attributes(&self, vm: usize, gfn: u64) -> u64 {
-        if self.gfn_private(vm, gfn) {
-            uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
-        } else {
-            0
-        }
     }
 }

@@ -153,6 +153,13 @@ impl Stats {
         self.charge(ns);
     }
 
+    /// A page added to a TD before it runs (TDH.MEM.PAGE.ADD).
+    #[inline]
+    pub(crate) fn tdx_page_added(&mut self, ns: u64) {
+        self.tdx_page_adds += 1;
+        self.charge(ns);
+    }
+
     /// A huge folio split.
     #[inline]
     pub(crate) fn split(&mut self, ns: u64) {

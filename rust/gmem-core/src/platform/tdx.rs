@@ -60,8 +60,7 @@ impl Platform for Tdx {
         let file = u32::try_from(f).expect("fewer than 2^32 files");
         h.vms[vm].s2.map_file(gfn, pfn, file, off, &h.files);
         h.vms[vm].refresh_stage2_counts();
-        h.vms[vm].stats.tdx_page_adds += 1;
         let c = h.costs.tdx_page_add;
-        h.charge(vm, c);
+        h.vms[vm].stats.tdx_page_added(c);
     }
 }
