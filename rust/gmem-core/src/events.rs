@@ -1,12 +1,12 @@
 //! Event batches: the fast path that benchmarks and embedding simulators drive.
 
+use crate::PAGE_SHIFT;
 use crate::access::HostOp;
 use crate::error::{Error, Result, einval};
 use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
 use crate::stage2::Leaf;
 use crate::vm::Vm;
-use crate::PAGE_SHIFT;
 
 /// Event operations (`gmem.Op`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
