@@ -9,6 +9,10 @@
 //! mapped (populated in order, so frames come in runs, or in random order), fragmented to
 //! ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of mapped
 //! private pages (remapped, untimed, between rounds) and private reads of them.
+//!
+//! `... --example drive -- boot [strategy] [log2 pages]` runs the `boot` workload's events
+//! on a TDX guest: the whole guest made private, every 2 MiB unit accepted by a guest
+//! access in address order (one in ten a read), then a SWIOTLB-sized pool made shared.
 
 use std::time::Instant;
 
@@ -22,9 +26,13 @@ use gmem_core::{GmemArg, Host, MemRegion, StrategyKind, VmType, uapi};
 /// `gmem.setup.build_vm` does (`GUEST_MEMFD_FLAG_MMAP` on the private file only where the
 /// shared view is that same file, and on `two_offsets`' shared file).
 fn guest(strategy: StrategyKind, pages: u64) -> (Host, usize) {
+    guest_on(VmType::SwProtected, strategy, pages)
+}
+
+fn guest_on(vm_type: VmType, strategy: StrategyKind, pages: u64) -> (Host, usize) {
     let bytes = pages << 12;
     let mut h = Host::new(bytes + (1 << 30)).expect("host");
-    let vm = h.create_vm(VmType::SwProtected, strategy);
+    let vm = h.create_vm(vm_type, strategy);
     let mmap = h.supported_gmem_flags(vm) & uapi::GUEST_MEMFD_FLAG_MMAP;
     let same_file = matches!(
         strategy,
@@ -201,8 +209,58 @@ fn goal(log2: u32, events: usize, rounds: usize, scattered: bool) {
     );
 }
 
+#[inline(never)]
+fn timed_boot(h: &mut Host, vm: usize, o: &[u8], g: &[u64], n: &[u64], v: &[u64]) -> Vec<i32> {
+    h.apply(vm, o, g, n, v, None).expect("apply")
+}
+
+/// The `boot` workload (`gmem.workloads.boot`) on a TDX guest of `2^log2` pages.
+fn boot(strategy: StrategyKind, log2: u32) {
+    const UNIT: u64 = 512;
+    let pages = 1u64 << log2;
+    let (mut h, vm) = guest_on(VmType::Tdx, strategy, pages);
+    let pool = (pages * 6 / 100)
+        .clamp(16_384, 262_144)
+        .min(pages / 4)
+        .max(1);
+    let (mut o, mut g, mut n, mut v) = (vec![0u8], vec![0u64], vec![pages], vec![0u64]);
+    let mut next = rng(0x9E37_79B9_7F4A_7C15);
+    for gfn in (0..pages).step_by(UNIT as usize) {
+        o.push(if next().is_multiple_of(10) { 2 } else { 4 });
+        g.push(gfn);
+        n.push(UNIT.min(pages - gfn));
+        v.push(gfn + 1);
+    }
+    o.push(1);
+    g.push(pages / 2);
+    n.push(pool);
+    v.push(0);
+    let t = Instant::now();
+    let st = timed_boot(&mut h, vm, &o, &g, &n, &v);
+    let dt = t.elapsed();
+    let s = h.stats(vm);
+    println!(
+        "{} boot at 2^{log2} pages (TDX): {:.3} s, {:.1} ns/page; {} of {} events ok; pages_allocated {}, stage2_faults {}, tdx_accepts {}",
+        strategy.name(),
+        dt.as_secs_f64(),
+        dt.as_nanos() as f64 / pages as f64,
+        st.iter().filter(|&&x| x == 0).count(),
+        st.len(),
+        s.pages_allocated,
+        s.stage2_faults,
+        s.tdx_accepts
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("boot") {
+        let strategy =
+            StrategyKind::parse(args.get(2).map_or("dual", String::as_str)).expect("strategy");
+        let log2: u32 = args.get(3).map_or(24, |s| s.parse().expect("log2 pages"));
+        boot(strategy, log2);
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("goal") {
         let log2: u32 = args.get(2).map_or(24, |s| s.parse().expect("log2 pages"));
         let events = args.get(3).map_or(100_000, |s| s.parse().expect("events"));

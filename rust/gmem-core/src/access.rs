@@ -254,6 +254,67 @@ impl Host {
         Ok(pfn)
     }
 
+    /// Guest accesses, in order, to the private gfns `g0..g1` (cut at the memslot's end)
+    /// when every one of them faults in a fresh page: what [`Host::guest_access`] on each
+    /// does, done per run of frames rather than per page. The conditions: the gfns are
+    /// private and bound live to an order-0 guest_memfd, none is mapped in stage 2, none
+    /// of their file pages is present, and no frame carries another owner's data tag.
+    /// Returns the gfn it stopped at and the last access's value, or `None`, with nothing
+    /// changed, when a condition fails (the caller goes page by page).
+    pub(crate) fn fault_private_run(
+        &mut self,
+        vm: usize,
+        g0: u64,
+        g1: u64,
+        write: Option<u64>,
+    ) -> Option<(u64, u64)> {
+        if !self.frames.stale.is_empty() {
+            return None;
+        }
+        let v = &self.vms[vm];
+        let slot = v.slot_at(g0)?;
+        let Some(FilePage {
+            file: f,
+            off: o0,
+            live: true,
+        }) = slot.offset_of(g0)
+        else {
+            return None;
+        };
+        let g1 = g1.min(slot.end_gfn());
+        let n = g1 - g0;
+        if n < 2
+            || self.files[f].order != 0
+            || v.s2.mapped_in(g0, g1)
+            || !self.files[f].pages.is_default_in(o0, o0 + n)
+            || !self.range_uniform_private(vm, f, g0, o0, n)
+        {
+            return None;
+        }
+        let runs = self.gmem_get_pfn_run(vm, f, o0, n)?;
+        let file = u32::try_from(f).expect("fewer than 2^32 files");
+        self.vms[vm].s2.map_file_run(g0, n, file, o0, &self.files);
+        self.vms[vm].refresh_stage2_counts();
+        // The platform's work per page, as each fault does it.
+        let vt = self.vms[vm].vm_type;
+        let mut ns = self.costs.stage2_map * n;
+        for (o, pfn, len) in runs {
+            for i in 0..len {
+                ns += vt.map_private(self, vm, g0 + (o - o0) + i, 1, pfn + i as u32);
+            }
+        }
+        self.vms[vm].stats.stage2_faulted(n, ns);
+        let c = &mut self.files[f].content;
+        let last = match write {
+            Some(x) => {
+                c.fill_with(o0, o0 + n, |_| x);
+                x
+            }
+            None => c.get(o0 + n - 1),
+        };
+        Some((g1, last))
+    }
+
     /// `KVM_PRE_FAULT_MEMORY` (6.11, api.rst 4.143): map `[gpa, gpa + size)` into stage-2
     /// ahead of the guest, each page as its current attribute says; returns the bytes
     /// processed. A page already mapped costs nothing; a huge leaf covers the pages after

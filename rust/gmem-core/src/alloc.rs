@@ -70,6 +70,52 @@ impl BuddyAllocator {
         Ok(pfn)
     }
 
+    /// `n` single pages, exactly those `n` calls of `alloc(0)` in a row would return, in
+    /// that order, leaving the same free blocks; returned as runs `(first pfn, pages)` in
+    /// O(blocks taken) rather than O(n). All or nothing: `ENOMEM`, taking nothing, when
+    /// fewer than `n` pages are free.
+    ///
+    /// Why it is the same: `alloc(0)` splits a block of order `o` only when every smaller
+    /// order is empty, and then takes the split block's pages in ascending order (each
+    /// split leaves the upper halves free, the smallest of them taken next); so `n`
+    /// allocations take whole blocks, smallest order and lowest pfn first, and the first
+    /// pages of the last one, whose remainder is left in its aligned decomposition.
+    pub fn alloc_pages(&mut self, n: u64) -> Result<Vec<(u32, u64)>> {
+        if n > self.free_pages {
+            return Err(err(
+                errno::ENOMEM,
+                format!(
+                    "host memory exhausted: {n} pages asked, {} free",
+                    self.free_pages
+                ),
+            ));
+        }
+        let mut runs: Vec<(u32, u64)> = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            let o = (0..=MAX_ORDER)
+                .find(|&o| !self.free[o as usize].is_empty())
+                .expect("enough pages are free");
+            let pfn = self.free[o as usize].min().expect("non-empty");
+            self.free[o as usize].remove(pfn);
+            let take = left.min(1 << o);
+            // The untaken tail of the block, in aligned blocks.
+            let (mut x, end) = (u64::from(pfn) + take, u64::from(pfn) + (1u64 << o));
+            while x < end {
+                let k = x.trailing_zeros().min((end - x).ilog2());
+                self.free[k as usize].insert(x as u32);
+                x += 1 << k;
+            }
+            match runs.last_mut() {
+                Some((p, len)) if u64::from(*p) + *len == u64::from(pfn) => *len += take,
+                _ => runs.push((pfn, take)),
+            }
+            left -= take;
+        }
+        self.free_pages -= n;
+        Ok(runs)
+    }
+
     /// Return a block allocated with [`alloc`](Self::alloc) (or a piece of one: any
     /// naturally aligned sub-block may be freed on its own).
     pub fn free(&mut self, pfn: u32, order: u32) {

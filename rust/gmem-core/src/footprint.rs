@@ -100,8 +100,44 @@ impl Host {
                 .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
     }
 
+    /// Shared pages distinct from the private ones allocated for the gfns `[g0, g1)` of
+    /// `slot` (what [`Host::shared_page_present`] says of each), counted per mapping or
+    /// file range: O(chunks), not O(pages).
+    pub(crate) fn shared_pages_present_in(
+        &self,
+        vm: usize,
+        slot: &Memslot,
+        g0: u64,
+        g1: u64,
+    ) -> u64 {
+        if self.slot_shared_in_userspace(vm, slot) {
+            return self
+                .maps_in(slot.hva_of(g0), slot.hva_of(g1))
+                .map(|(m, i0, i1)| match &self.space.maps[m].kind {
+                    MapKind::Anon { pages, .. } => pages.count_in(i0, i1),
+                    MapKind::Gmem { .. } => 0,
+                })
+                .sum();
+        }
+        if !self.vms[vm].strategy.binds_second_range() {
+            return 0;
+        }
+        match slot.shared_offset_of(g0) {
+            Some(p) if p.live => self.files[p.file].present_count(p.off, p.off + (g1 - g0)),
+            _ => 0,
+        }
+    }
+
+    /// Private pages allocated for the gfns `[g0, g1)` of `slot`.
+    fn private_pages_present_in(&self, slot: &Memslot, g0: u64, g1: u64) -> u64 {
+        match slot.offset_of(g0) {
+            Some(p) if p.live => self.files[p.file].present_count(p.off, p.off + (g1 - g0)),
+            _ => 0,
+        }
+    }
+
     /// After allocating (or before freeing) file pages `[start, end)`, adjust the VMs'
-    /// double-backing counts for the gfns bound there.
+    /// double-backing counts for the gfns bound there: per run of present pages.
     pub(crate) fn double_update_file(&mut self, file: usize, start: u64, end: u64, alloc: bool) {
         for (bs, b) in self.files[file].bindings_in(start, end) {
             let vm = b.vm;
@@ -111,15 +147,26 @@ impl Host {
             let slot = self.vms[vm].slots[&b.slot].clone();
             let (o0, o1) = (start.max(bs), end.min(b.end));
             let mut n = 0u64;
-            for off in self.present_offsets(file, o0, o1) {
-                let gfn = slot.base_gfn + (off - bs);
-                let other = if b.shared_side {
-                    slot.offset_of(gfn)
-                        .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
-                } else {
-                    self.shared_page_present(vm, &slot, gfn)
-                };
-                n += u64::from(other);
+            if o1 - o0 == 1 {
+                // One page (a single-page conversion): a lookup per side, no run walk.
+                if self.files[file].page(o0).is_some() {
+                    let gfn = slot.base_gfn + (o0 - bs);
+                    n = u64::from(if b.shared_side {
+                        slot.offset_of(gfn)
+                            .is_some_and(|p| p.live && self.files[p.file].page(p.off).is_some())
+                    } else {
+                        self.shared_page_present(vm, &slot, gfn)
+                    });
+                }
+            } else {
+                for (r0, r1) in self.files[file].present_runs(o0, o1) {
+                    let (g0, g1) = (slot.base_gfn + (r0 - bs), slot.base_gfn + (r1 - bs));
+                    n += if b.shared_side {
+                        self.private_pages_present_in(&slot, g0, g1)
+                    } else {
+                        self.shared_pages_present_in(vm, &slot, g0, g1)
+                    };
+                }
             }
             let s = &mut self.vms[vm].stats;
             if alloc {

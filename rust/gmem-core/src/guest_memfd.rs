@@ -250,6 +250,32 @@ impl Gmem {
             .collect()
     }
 
+    /// Runs `[a, b)` of pages present in `[start, end)`, in order: O(chunks + folios).
+    pub fn present_runs(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut runs = self.pages.runs_in(start, end);
+        if !self.folios.is_empty() {
+            let n = self.folio_pages();
+            runs.extend(
+                self.folios_in(start, end)
+                    .into_iter()
+                    .map(|(h, _)| (h.max(start), (h + n).min(end))),
+            );
+            runs.sort_unstable();
+        }
+        runs
+    }
+
+    /// Pages present in `[start, end)`: O(chunks + folios).
+    pub fn present_count(&self, start: u64, end: u64) -> u64 {
+        let n = self.folio_pages();
+        self.pages.count_in(start, end)
+            + self
+                .folios_in(start, end)
+                .into_iter()
+                .map(|(h, _)| (h + n).min(end) - h.max(start))
+                .sum::<u64>()
+    }
+
     /// Intact folios intersecting `[start, end)` as `(head, pfn)`.
     pub fn folios_in(&self, start: u64, end: u64) -> Vec<(u64, u32)> {
         if self.folios.is_empty() || start >= end {
@@ -705,6 +731,50 @@ impl Host {
             self.files[f].mark_uptodate(off, r);
         }
         Ok(r.pfn)
+    }
+
+    /// `kvm_gmem_get_pfn()` on each of the `n` pages `off..off + n` of order-0 file `f`,
+    /// none of them present, in one step: the frames that `n` single allocations would take
+    /// (as runs), their content admitted and (under [`ZeroPolicy::OnUse`]) cleared per run,
+    /// the page cache and the double-backing counts updated once. Returns the frame runs
+    /// `(file page, first frame, pages)`, or `None`, with nothing changed, when the host
+    /// cannot supply all `n` frames (the caller then goes page by page, to fail where the
+    /// kernel would).
+    pub(crate) fn gmem_get_pfn_run(
+        &mut self,
+        vm: usize,
+        f: usize,
+        off: u64,
+        n: u64,
+    ) -> Option<Vec<(u64, u32, u64)>> {
+        // No frame carries another owner's data tag: nothing to forget when zeroing.
+        debug_assert!(self.frames.stale.is_empty());
+        debug_assert!(self.files[f].order == 0 && self.files[f].pages.is_default_in(off, off + n));
+        let owner = self.files[f].vm;
+        let blocks = self.frames.alloc.alloc_pages(n).ok()?;
+        let cost = self.costs.alloc(0) * n;
+        self.vms[owner].stats.allocated(n, cost);
+        let zero = self.vms[vm].opts.zero == ZeroPolicy::OnUse;
+        let mut runs = Vec::with_capacity(blocks.len());
+        let mut o = off;
+        for (pfn, len) in blocks {
+            self.files[f]
+                .pages
+                .fill_with(o, o + len, |i| (pfn + (i - o) as u32 + 1) | UPTODATE);
+            self.admit_content(f, o, pfn, len);
+            if zero {
+                self.files[f].content.clear_range(o, o + len);
+            }
+            runs.push((o, pfn, len));
+            o += len;
+        }
+        self.files[f].nr_pages += n;
+        self.double_update_file(f, off, off + n, true);
+        if zero {
+            let cost = self.costs.zero(0) * n;
+            self.vms[owner].stats.zeroed(n, cost);
+        }
+        Some(runs)
     }
 
     /// `kvm_gmem_populate()` as SNP `LAUNCH_UPDATE` / TDX `INIT_MEM_REGION` use it: load the

@@ -124,6 +124,13 @@ impl Stats {
         self.modelled_ns += ns;
     }
 
+    /// `n` stage-2 faults, each mapping one page, costing `ns` together.
+    #[inline]
+    pub(crate) fn stage2_faulted(&mut self, n: u64, ns: u64) {
+        self.stage2_faults += n;
+        self.modelled_ns += ns;
+    }
+
     /// An emulated-MMIO exit to the VMM.
     #[inline]
     pub(crate) fn mmio_exit(&mut self, ns: u64) {

@@ -357,6 +357,95 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         old
     }
 
+    /// Store `f(i)` at every `i` of `[start, end)`: one chunk lookup per chunk, not per
+    /// entry.
+    pub fn fill_with(&mut self, start: u64, end: u64, mut f: impl FnMut(u64) -> T) {
+        let zero = T::default();
+        let mut idx = start;
+        while idx < end {
+            let key = idx / CHUNK;
+            let base = key * CHUNK;
+            let hi = end.min(base + CHUNK);
+            let c = self.chunks.get_or_insert(key);
+            let (mut gained, mut lost) = (0u32, 0u32);
+            for i in idx..hi {
+                let slot = &mut c.data[(i - base) as usize];
+                let v = f(i);
+                match (*slot == zero, v == zero) {
+                    (true, false) => gained += 1,
+                    (false, true) => lost += 1,
+                    _ => {}
+                }
+                *slot = v;
+            }
+            *c.live = *c.live + gained - lost;
+            let empty = *c.live == 0;
+            self.live = self.live + u64::from(gained) - u64::from(lost);
+            if empty {
+                self.chunks.remove(key);
+            }
+            idx = hi;
+        }
+    }
+
+    /// Whether every entry of `[start, end)` is the default: O(chunks in the range).
+    pub fn is_default_in(&self, start: u64, end: u64) -> bool {
+        let zero = T::default();
+        self.chunk_keys(start, end).into_iter().all(|key| {
+            let c = self.chunks.get(key).expect("key from chunk_keys");
+            let base = key * CHUNK;
+            let (lo, hi) = (
+                start.max(base) - base,
+                end.min(base.saturating_add(CHUNK)) - base,
+            );
+            c[lo as usize..hi as usize].iter().all(|v| *v == zero)
+        })
+    }
+
+    /// The runs `[a, b)` of consecutive non-default entries in `[start, end)`, in order:
+    /// O(chunks in the range × chunk length), one output entry per run, not per index.
+    pub fn runs_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let zero = T::default();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for key in self.chunk_keys(start, end) {
+            let c = self.chunks.get(key).expect("key from chunk_keys");
+            let base = key * CHUNK;
+            let lo = start.max(base) - base;
+            let hi = end.min(base.saturating_add(CHUNK)) - base;
+            let mut i = lo;
+            while i < hi {
+                if c[i as usize] == zero {
+                    i += 1;
+                    continue;
+                }
+                let a = i;
+                while i < hi && c[i as usize] != zero {
+                    i += 1;
+                }
+                match out.last_mut() {
+                    Some(r) if r.1 == base + a => r.1 = base + i,
+                    _ => out.push((base + a, base + i)),
+                }
+            }
+        }
+        out
+    }
+
+    /// Number of non-default entries in `[start, end)`: O(chunks in the range).
+    pub fn count_in(&self, start: u64, end: u64) -> u64 {
+        let zero = T::default();
+        self.chunk_keys(start, end)
+            .into_iter()
+            .map(|key| {
+                let c = self.chunks.get(key).expect("key from chunk_keys");
+                let base = key * CHUNK;
+                let lo = (start.max(base) - base) as usize;
+                let hi = (end.min(base.saturating_add(CHUNK)) - base) as usize;
+                c[lo..hi].iter().filter(|v| **v != zero).count() as u64
+            })
+            .sum()
+    }
+
     /// Number of non-default entries.
     pub fn len(&self) -> u64 {
         self.live
@@ -432,6 +521,45 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_and_counts() {
+        let mut v: SparseVec<u32> = SparseVec::new();
+        for i in [3, 4, 5, 9, 510, 511, 512, 513, 2000] {
+            v.set(i, 1);
+        }
+        assert_eq!(
+            v.runs_in(0, 5000),
+            vec![(3, 6), (9, 10), (510, 514), (2000, 2001)]
+        );
+        assert_eq!(v.runs_in(4, 511), vec![(4, 6), (9, 10), (510, 511)]);
+        assert!(v.runs_in(6, 9).is_empty());
+        assert_eq!(v.count_in(0, 5000), 9);
+        assert_eq!(v.count_in(4, 512), 5);
+        assert_eq!(v.count_in(514, 2000), 0);
+    }
+
+    #[test]
+    fn fill_with_and_is_default_in() {
+        let mut v: SparseVec<u32> = SparseVec::new();
+        v.set(700, 5);
+        v.fill_with(500, 1100, |i| i as u32 + 1);
+        assert_eq!(v.len(), 600);
+        assert_eq!(v.get(499), 0);
+        assert_eq!(v.get(500), 501);
+        assert_eq!(v.get(1099), 1100);
+        assert!(v.is_default_in(0, 500) && v.is_default_in(1100, 5000));
+        assert!(!v.is_default_in(0, 501));
+        // Storing defaults releases what they empty.
+        v.fill_with(500, 1100, |_| 0);
+        assert!(v.is_empty());
+        assert_eq!(v.heap_bytes(), 0);
+        let mut d: SparseVec<u64, Dense<u64>> = SparseVec::new();
+        d.fill_with(3, 2000, |_| 9);
+        assert_eq!(d.entries(0, u64::MAX).len(), 1997);
+        d.clear_range(0, 2000);
+        assert!(d.is_empty());
+    }
 
     #[test]
     fn sparse_set_get_release() {

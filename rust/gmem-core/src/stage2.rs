@@ -151,6 +151,32 @@ fn clear_word(word: &mut [u64; 2], mask: u64, filter: Option<bool>) -> u64 {
     u64::from(hit.count_ones())
 }
 
+/// The leaf indices `[i0, i1)` of 2 MiB slot `k` that `[g0, g1)` covers.
+#[inline]
+fn slot_span(k: u64, g0: u64, g1: u64) -> (usize, usize) {
+    let base = k << 9;
+    (
+        (g0.max(base) - base) as usize,
+        (g1.min(base + 512) - base) as usize,
+    )
+}
+
+/// The bits of bitmap word `w` (leaves `64 w .. 64 w + 64`) that lie in `[i0, i1)`.
+#[inline]
+fn word_mask(w: usize, i0: usize, i1: usize) -> u64 {
+    let (lo, hi) = (i0.clamp(64 * w, 64 * w + 64), i1.clamp(64 * w, 64 * w + 64));
+    if lo >= hi {
+        return 0;
+    }
+    let len = hi - lo;
+    let ones = if len == 64 {
+        u64::MAX
+    } else {
+        (1u64 << len) - 1
+    };
+    ones << (lo - 64 * w)
+}
+
 /// 2 MiB slots per 1 GiB region.
 const SLOTS: usize = 512;
 
@@ -493,6 +519,84 @@ impl Stage2 {
         }
         self.counts[Level::L4K as usize] += 1;
         replaced
+    }
+
+    /// Whether any leaf maps a gfn of `[g0, g1)`: O(2 MiB slots in the range).
+    pub fn mapped_in(&self, g0: u64, g1: u64) -> bool {
+        if g0 >= g1 {
+            return false;
+        }
+        if self.l1g.range(g0 >> 18..=(g1 - 1) >> 18).next().is_some() {
+            return true;
+        }
+        (g0 >> 9..=(g1 - 1) >> 9).any(|k| {
+            self.index(k).is_some_and(|s| match self.slots[s] {
+                Slot::Leaf(_) => true,
+                Slot::Vacant => false,
+                _ => {
+                    let (i0, i1) = slot_span(k, g0, g1);
+                    self.bits[s]
+                        .0
+                        .iter()
+                        .enumerate()
+                        .any(|(w, word)| word[0] & word_mask(w, i0, i1) != 0)
+                }
+            })
+        })
+    }
+
+    /// Install private 4 KiB leaves at `g0..g0 + n` backed by pages `off0..off0 + n` of
+    /// guest_memfd `file`, none of them mapped now (the caller checked
+    /// [`Stage2::mapped_in`]): what [`Stage2::map_file`] on each gfn in turn installs, in
+    /// O(2 MiB slots) plus, in slots that already hold frames in a table, O(pages).
+    pub fn map_file_run(&mut self, g0: u64, n: u64, file: u32, off0: u64, frames: &impl Frames) {
+        debug_assert!(!self.mapped_in(g0, g0 + n));
+        if n == 0 {
+            return;
+        }
+        self.generation += 1;
+        let g1 = g0 + n;
+        for k in g0 >> 9..=(g1 - 1) >> 9 {
+            let (i0, i1) = slot_span(k, g0, g1);
+            let first = (k << 9) + i0 as u64;
+            let src = FileSrc {
+                file,
+                off0: off0.wrapping_add(first - g0).wrapping_sub(i0 as u64),
+            };
+            let s = self.slot_or_insert(k, |_| Slot::File { count: 0 });
+            match self.slots[s] {
+                Slot::File { count: 0 } => self.src[s] = src,
+                Slot::File { .. } if self.src[s] != src => self.file_to_table(s, frames),
+                Slot::Run { base, .. }
+                    if (i0..i1).any(|i| {
+                        base.checked_add(i as u32)
+                            != Some(frames.frame(file, src.off0.wrapping_add(i as u64)))
+                    }) =>
+                {
+                    self.materialize(s);
+                }
+                _ => {}
+            }
+            for (w, word) in self.bits[s].0.iter_mut().enumerate() {
+                let m = word_mask(w, i0, i1);
+                word[0] |= m;
+                word[1] |= m;
+            }
+            let added = (i1 - i0) as u16;
+            match &mut self.slots[s] {
+                Slot::Table { count, t } => {
+                    *count += added;
+                    let t = *t;
+                    for i in i0..i1 {
+                        let off = src.off0.wrapping_add(i as u64);
+                        self.frames.block_mut(t)[i] = pack(frames.frame(file, off), true);
+                    }
+                }
+                Slot::Run { count, .. } | Slot::File { count } => *count += added,
+                _ => unreachable!("nothing was mapped in the run"),
+            }
+        }
+        self.counts[Level::L4K as usize] += n;
     }
 
     /// Turn file slot `s` (if it is one) into a table holding the frames `frames` gives.

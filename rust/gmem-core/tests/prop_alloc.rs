@@ -255,3 +255,48 @@ fn from_blocks_rejects_bad_blocks() {
         "order"
     );
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// `alloc_pages(n)` gives exactly the pages, in the order, that `n` calls of
+    /// `alloc(0)` give, and leaves the same free blocks, from any fragmented state; asking
+    /// for more than is free is `ENOMEM` and changes nothing.
+    #[test]
+    fn alloc_pages_is_n_single_allocations(
+        total in prop_oneof![1u64..=64, 1u64..=4096, Just(3000u64)],
+        setup in prop::collection::vec((0u32..6, any::<bool>()), 0..60),
+        n in 0u64..1200,
+    ) {
+        // Fragment: allocate blocks, then free every other one.
+        let mut a = BuddyAllocator::new(total);
+        let mut held = Vec::new();
+        for (order, keep) in setup {
+            if let Ok(p) = a.alloc(order) {
+                if keep { held.push((p, order)); } else { a.free(p, order); }
+            }
+        }
+        for (i, &(p, o)) in held.iter().enumerate() {
+            if i % 2 == 0 {
+                a.free(p, o);
+            }
+        }
+        let mut singles = a.clone();
+        let bulk = a.alloc_pages(n);
+        if n > singles.free_pages() {
+            prop_assert_eq!(bulk.unwrap_err().errno(), errno::ENOMEM);
+            prop_assert_eq!(a.blocks().collect::<Vec<_>>(), singles.blocks().collect::<Vec<_>>());
+            return Ok(());
+        }
+        let pages: Vec<u32> = bulk
+            .unwrap()
+            .into_iter()
+            .flat_map(|(p, len)| (0..len as u32).map(move |i| p + i))
+            .collect();
+        let one_by_one: Vec<u32> = (0..n).map(|_| singles.alloc(0).unwrap()).collect();
+        prop_assert_eq!(pages, one_by_one);
+        prop_assert_eq!(a.free_pages(), singles.free_pages());
+        prop_assert_eq!(a.blocks().collect::<Vec<_>>(), singles.blocks().collect::<Vec<_>>());
+        a.check().unwrap();
+    }
+}

@@ -109,6 +109,14 @@ enum Op {
     },
     /// A private 4 KiB leaf from page `gfn + delta` (wrapping) of guest_memfd `file`.
     MapFile { gfn: u64, file: u32, delta: u64 },
+    /// `n` private 4 KiB leaves at once from pages `gfn + delta ..` of `file`, over a range
+    /// zapped first (`map_file_run` requires nothing mapped there).
+    MapFileRun {
+        gfn: u64,
+        n: u64,
+        file: u32,
+        delta: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -131,6 +139,8 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         3 => (gfn(), 0u32..2, prop_oneof![Just(0u64), Just(7), Just(u64::MAX - 2)])
             .prop_map(|(gfn, file, delta)| Op::MapFile { gfn, file, delta }),
+        1 => (gfn(), prop_oneof![3 => 1u64..40, 1 => 500u64..1100], 0u32..2, prop_oneof![Just(0u64), Just(7), Just(u64::MAX - 2)])
+            .prop_map(|(gfn, n, file, delta)| Op::MapFileRun { gfn, n, file, delta }),
         // Rarely, an inverted or huge range.
         1 => (gfn(), gfn(), any::<Option<bool>>())
             .prop_map(|(start, end, filter)| Op::Zap { start, end, filter }),
@@ -182,6 +192,19 @@ proptest! {
                     let got = s.map_file(gfn, pfn, file, off, &Caches);
                     prop_assert_eq!(got, model.map(leaf), "map_file {:?}", leaf);
                     prop_assert_eq!(s.lookup(gfn, &Caches), Some(leaf));
+                }
+                Op::MapFileRun { gfn, n, file, delta } => {
+                    let end = gfn + n;
+                    let mapped = model.leaves.iter().any(|l| l.gfn < end && end_of(l) > gfn);
+                    prop_assert_eq!(s.mapped_in(gfn, end), mapped, "mapped_in({:#x}, {:#x})", gfn, end);
+                    prop_assert_eq!(s.zap(gfn, end, None), model.remove(gfn, end, None));
+                    prop_assert!(!s.mapped_in(gfn, end));
+                    s.map_file_run(gfn, n, file, gfn.wrapping_add(delta), &Caches);
+                    for g in gfn..end {
+                        let pfn = Caches.frame(file, g.wrapping_add(delta));
+                        model.leaves.push(Leaf { gfn: g, level: Level::L4K, pfn, private: true });
+                    }
+                    prop_assert!(s.mapped_in(gfn, end));
                 }
                 Op::Zap { start, end, filter } => {
                     let got = s.zap(start, end, filter);

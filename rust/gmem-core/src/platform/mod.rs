@@ -231,16 +231,33 @@ impl Host {
         if self.vms[vm].vm_type.keeps_content() {
             return;
         }
-        let offs = self.present_offsets(f, o0, o1);
-        for off in offs {
-            let a = self.files[f].attrs.as_ref().expect("file attrs");
-            if a.get(off) == value {
-                continue;
+        // Per run of pages to clear: one content clear and one count for the run.
+        let mut zeroed = 0;
+        for (r0, r1) in self.files[f].present_runs(o0, o1) {
+            let mut off = r0;
+            while off < r1 {
+                let file = &self.files[f];
+                let a = file.attrs.as_ref().expect("file attrs");
+                let changes = |o: u64| a.get(o) != value && file.page(o).expect("present").uptodate;
+                if !changes(off) {
+                    off += 1;
+                    continue;
+                }
+                let end = (off + 1..r1).find(|&o| !changes(o)).unwrap_or(r1);
+                if !self.frames.stale.is_empty() {
+                    for o in off..end {
+                        let pfn = self.files[f].page(o).expect("present").pfn;
+                        self.frames.forget_stale(pfn, 0);
+                    }
+                }
+                self.files[f].content.clear_range(off, end);
+                zeroed += end - off;
+                off = end;
             }
-            let r = self.files[f].page(off).expect("present");
-            if r.uptodate {
-                self.zero_file_pages(Some(vm), f, off, r.pfn, 0);
-            }
+        }
+        if zeroed > 0 {
+            let c = self.costs.zero(0) * zeroed;
+            self.vms[vm].stats.zeroed(zeroed, c);
         }
     }
 }
