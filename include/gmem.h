@@ -41,6 +41,9 @@
 
 #define GMEM_GUEST_MEMFD_FLAG_INIT_SHARED (1 << 1)
 
+// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`: posted series v12, not merged.
+#define GMEM_GUEST_MEMFD_FLAG_NO_DIRECT_MAP (1 << 2)
+
 #define GMEM_GUEST_MEMFD_FLAG_HUGETLB (1 << 4)
 
 #define GMEM_FALLOC_FL_KEEP_SIZE 1
@@ -182,8 +185,8 @@ int32_t gmem_host_guest_memfd(struct gmem_host *host, size_t index, struct gmem_
 // A new handle for the host's mapping number `index` (unmapped ones included).
 int32_t gmem_host_mapping(struct gmem_host *host, size_t index, struct gmem_mapping **out);
 
-// Create a VM of `vm_type` ("sw_protected", "pkvm", "tdx", "snp"; NULL for
-// "sw_protected") converting with the design `strategy` ("dual", "inplace", "realloc",
+// Create a VM of `vm_type` ("sw_protected", "pkvm", "tdx", "snp", or "default" for a VM
+// without private memory, `KVM_X86_DEFAULT_VM`; NULL for "sw_protected") converting with the design `strategy` ("dual", "inplace", "realloc",
 // "two_offsets", "attr_hook"; NULL for "dual"). `-EINVAL` for an unknown name.
 int32_t gmem_host_create_vm(struct gmem_host *host,
                             const char *vm_type,

@@ -27,12 +27,14 @@ from gmem._gmem import (
     load,
 )
 from gmem.constants import (
+    ALL_VM_TYPES,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FILE_ATTRIBUTE_STRATEGIES,
     GUEST_MEMFD_FLAG_HUGETLB,
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     HUGE_ORDERS,
     KVM_CAP_GUEST_MEMFD,
     KVM_CAP_GUEST_MEMFD_FLAGS,
@@ -58,6 +60,7 @@ from gmem.constants import (
     STRATEGIES,
     TWO_SIDED_STRATEGIES,
     VM_TYPES,
+    VM_TYPES_WITHOUT_PRIVATE_MEM,
 )
 
 # The compiled `Vm._apply` reads one layout; `Vm.apply` converts the caller's events to it.
@@ -76,6 +79,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ALL_VM_TYPES",
     "DETAIL_DTYPE",
     "DETAIL_IMPLICIT_CONVERSION",
     "EVENT_DTYPE",
@@ -85,6 +89,7 @@ __all__ = [
     "GUEST_MEMFD_FLAG_HUGETLB",
     "GUEST_MEMFD_FLAG_INIT_SHARED",
     "GUEST_MEMFD_FLAG_MMAP",
+    "GUEST_MEMFD_FLAG_NO_DIRECT_MAP",
     "HUGE_ORDERS",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_GUEST_MEMFD_FLAGS",
@@ -110,6 +115,7 @@ __all__ = [
     "STRATEGIES",
     "TWO_SIDED_STRATEGIES",
     "VM_TYPES",
+    "VM_TYPES_WITHOUT_PRIVATE_MEM",
     "ConversionBusy",
     "GmemError",
     "GuestMemfd",

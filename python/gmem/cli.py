@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gmem.config import DEFAULT_PAGES, KNOB_CHOICES, RunConfig, UsageError, default_jobs
-from gmem.constants import STRATEGIES
+from gmem.constants import ALL_VM_TYPES, STRATEGIES, VM_TYPES_WITHOUT_PRIVATE_MEM
 from gmem.sweep import DEFAULT_OUT as SWEEP_OUT
 
 DEFAULT_WORKLOAD = RunConfig.workload
@@ -116,7 +116,15 @@ def _add_common(p: argparse.ArgumentParser, *, workload: bool = True) -> None:
         default=None,
         help=f"guest size in 4 KiB pages (default {DEFAULT_PAGES:,}; a trace's own extent)",
     )
-    p.add_argument("--vm-type", "-t", choices=KNOB_CHOICES["vm_type"], default=RunConfig.vm_type)
+    p.add_argument(
+        "--vm-type",
+        "-t",
+        choices=ALL_VM_TYPES,
+        default=RunConfig.vm_type,
+        action=_GivenVmType,
+        help="VM type (if not given: sw_protected, or default for a workload that "
+        "converts nothing)",
+    )
     p.add_argument(
         "--huge-order",
         type=int,
@@ -245,15 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _GivenVmType(argparse.Action):
+    """Stores ``--vm-type`` and notes that it was given (else the workload picks)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.vm_type_given = True
+
+
 def _config(args, workload: str, params: dict[str, Any]) -> RunConfig:
     """The run the arguments describe; a bad knob raises `ConfigError`, a usage error."""
+    from gmem.workloads import workload_vm_type
+
+    vm_type = args.vm_type
+    if not getattr(args, "vm_type_given", False) and not workload.startswith("trace:"):
+        vm_type = workload_vm_type(workload)
     return RunConfig(
         workload=workload,
         params=params,
         pages=args.pages,
         seed=getattr(args, "seed", RunConfig.seed),
         chunk=args.chunk,
-        vm_type=args.vm_type,
+        vm_type=vm_type,
         huge_order=args.huge_order,
         costs=args.costs,
         discard=args.discard,
@@ -298,9 +319,9 @@ def _write_outputs(args, results, title: str) -> list[Path]:
     return paths
 
 
-def _title(args, stream) -> str:
+def _title(config: RunConfig, stream) -> str:
     gib = stream.pages * 4096 / (1 << 30)
-    return f"{stream.name} on a {gib:g} GiB {args.vm_type} guest"
+    return f"{stream.name} on a {gib:g} GiB {config.vm_type} guest"
 
 
 def _compare_and_write(args, config: RunConfig, meta=None) -> int:
@@ -308,8 +329,14 @@ def _compare_and_write(args, config: RunConfig, meta=None) -> int:
     from gmem import reports
 
     stream, results = _run(args, config, args.strategies, meta)
-    title = _title(args, stream)
+    title = _title(config, stream)
     reports.print_comparison(results, title=title)
+    if config.vm_type in VM_TYPES_WITHOUT_PRIVATE_MEM:
+        print(
+            f"note: a {config.vm_type!r} VM has no private memory, so no conversion design "
+            "applies: every design runs mainline's paths (no conversion, no attributes), "
+            "and the rows differ only by noise in the wall-clock columns"
+        )
     paths = _write_outputs(args, results, title)
     print(f"wrote {', '.join(str(p) for p in paths)}")
     return 0
@@ -324,7 +351,7 @@ def cmd_run(args) -> int:
 
     config = _config(args, args.workload, dict(args.param))
     stream, (result,) = _run(args, config, [args.strategy])
-    reports.print_comparison([result], title=_title(args, stream))
+    reports.print_comparison([result], title=_title(config, stream))
     paths = result.write(args.out)
     if not args.no_plots:
         paths.append(reports.plot_memory([result], Path(args.out) / "memory.png"))
@@ -381,13 +408,15 @@ def cmd_workloads(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gmem.workloads import WORKLOADS
+    from gmem.workloads import DEFAULT_VM_WORKLOADS, WORKLOADS
 
     table = Table(header_style="bold")
     table.add_column("workload")
     table.add_column("description")
     for name, spec in WORKLOADS.items():
         table.add_row(name, spec.description)
+    for name, spec in DEFAULT_VM_WORKLOADS.items():
+        table.add_row(name, f"{spec.description} [vm_type default]")
     table.add_row("trace:PATH", "replay a trace file (gmem JSONL/CSV or ftrace kvm_hypercall text)")
     Console().print(table)
     return 0

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from gmem.constants import HUGE_ORDERS, VM_TYPES
+from gmem.constants import HUGE_ORDERS, VM_TYPES, VM_TYPES_WITHOUT_PRIVATE_MEM
 from gmem.costs import validate_costs
 from gmem.streams import DEFAULT_CHUNK
-from gmem.workloads import get_workload, workload_parameters
+from gmem.workloads import get_workload, workload_converts, workload_parameters, workload_vm_type
 
 __all__ = [
     "DEFAULT_PAGES",
@@ -40,6 +40,7 @@ __all__ = [
     "UsageError",
     "check_knob",
     "check_params",
+    "check_vm_type",
     "default_jobs",
 ]
 
@@ -54,7 +55,9 @@ FAULT_MODES = ("convert", "exit")
 #: ``vm.merge_pass()``). Not to be confused with the core's merge policy names.
 MERGE_SCHEDULES = ("eager", "periodic")
 
-#: The knobs that take one of a few values.
+#: The knobs that take one of a few values. ``vm_type`` also takes the VM types without
+#: private memory (`gmem.constants.VM_TYPES_WITHOUT_PRIVATE_MEM`, ``"default"``), for the
+#: workloads that convert nothing (`gmem.workloads.DEFAULT_VM_WORKLOADS`).
 KNOB_CHOICES: dict[str, tuple[Any, ...]] = {
     "vm_type": VM_TYPES,
     "huge_order": HUGE_ORDERS,
@@ -78,6 +81,24 @@ KNOB_MINIMUM: dict[str, int] = {
 _BOOL_KNOBS = ("coalesce",)
 #: Knobs whose None means "derived": a trace's own extent, a pass per batch, ~400 samples.
 _OPTIONAL = ("pages", "discard_every", "sample_every")
+
+
+def check_vm_type(workload: str, vm_type: str) -> str | None:
+    """What is wrong with running ``workload`` on a VM of ``vm_type`` (both known), or
+    None: a workload that converts needs private memory, one that converts nothing runs
+    on the VM type it was written for."""
+    wants = workload_vm_type(workload)
+    if workload_converts(workload) and vm_type in VM_TYPES_WITHOUT_PRIVATE_MEM:
+        return (
+            f"a {vm_type!r} VM has no private memory (KVM_CAP_MEMORY_ATTRIBUTES is 0) and "
+            f"workload {workload!r} converts memory; use {', '.join(VM_TYPES)}"
+        )
+    if not workload_converts(workload) and vm_type != wants:
+        return (
+            f"workload {workload!r} runs a VM without private memory: vm_type must be "
+            f"{wants!r}, got {vm_type!r}"
+        )
+    return None
 
 
 class UsageError(ValueError):
@@ -118,6 +139,8 @@ def check_knob(name: str, value: Any) -> str | None:
             return f"must be >= {KNOB_MINIMUM[name]}, got {value!r}"
     elif name in _BOOL_KNOBS and not isinstance(value, bool):
         return f"expected true or false, got {value!r}"
+    if name == "vm_type" and value in VM_TYPES_WITHOUT_PRIVATE_MEM:
+        return None
     if name in KNOB_CHOICES and (
         isinstance(value, bool)
         or not any(type(value) is type(c) and value == c for c in KNOB_CHOICES[name])
@@ -168,8 +191,12 @@ def check_params(workload: str, params: Mapping[str, Any]) -> None:
 class RunConfig:
     """Every knob of a run, checked on construction (`ConfigError` names a bad one).
 
-    ``workload`` is a name from `gmem.workloads.WORKLOADS` or ``trace:PATH``, ``params``
-    its parameters. ``pages`` is the guest size (None: `DEFAULT_PAGES`, or a trace's own
+    ``workload`` is a name from `gmem.workloads.WORKLOADS`,
+    `gmem.workloads.DEFAULT_VM_WORKLOADS` or ``trace:PATH``, ``params`` its parameters.
+    ``vm_type`` must suit the workload (`check_vm_type`): a workload that converts needs
+    private memory, one of `gmem.workloads.DEFAULT_VM_WORKLOADS` runs on ``"default"``
+    (`gmem.workloads.workload_vm_type`; the command line and grids pick it when not
+    told). ``pages`` is the guest size (None: `DEFAULT_PAGES`, or a trace's own
     extent); ``chunk`` the events per batch; ``costs`` cost-model overrides (a mapping,
     or a TOML path read when the run starts). The VMM policy knobs are those of
     `gmem.policies.make_policy`; ``sample_every`` None samples about 400 times a run.
@@ -203,6 +230,15 @@ class RunConfig:
         if not isinstance(self.workload, str):
             raise ConfigError("workload", f"expected a workload name, got {self.workload!r}")
         get_workload(self.workload)  # an unknown name: ValueError listing the known ones
+        problem = check_vm_type(self.workload, str(self.vm_type))
+        if problem is not None:
+            raise ConfigError("vm_type", problem)
+        if self.vm_type in VM_TYPES_WITHOUT_PRIVATE_MEM and self.huge_order:
+            raise ConfigError(
+                "huge_order",
+                f"a {self.vm_type!r} VM's guest_memfd is INIT_SHARED, which HugeTLB "
+                f"guest_memfd refuses: must be 0, got {self.huge_order}",
+            )
         if not isinstance(self.params, Mapping):
             raise ConfigError("params", f"expected a mapping, got {self.params!r}")
         params = {str(k).replace("-", "_"): v for k, v in self.params.items()}

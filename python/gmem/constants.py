@@ -10,12 +10,14 @@ from __future__ import annotations
 from gmem._gmem import FILE_ATTRIBUTES, SHARED_SIDE
 
 __all__ = [
+    "ALL_VM_TYPES",
     "FALLOC_FL_KEEP_SIZE",
     "FALLOC_FL_PUNCH_HOLE",
     "FILE_ATTRIBUTE_STRATEGIES",
     "GUEST_MEMFD_FLAG_HUGETLB",
     "GUEST_MEMFD_FLAG_INIT_SHARED",
     "GUEST_MEMFD_FLAG_MMAP",
+    "GUEST_MEMFD_FLAG_NO_DIRECT_MAP",
     "HUGE_ORDERS",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_GUEST_MEMFD_FLAGS",
@@ -41,6 +43,7 @@ __all__ = [
     "STRATEGIES",
     "TWO_SIDED_STRATEGIES",
     "VM_TYPES",
+    "VM_TYPES_WITHOUT_PRIVATE_MEM",
 ]
 
 PAGE_SHIFT = 12
@@ -63,6 +66,10 @@ KVM_EXIT_MMIO = 6
 
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+#: Remove the file's pages from the kernel direct map: the posted series "Direct Map
+#: Removal Support for guest_memfd" (v12, April 2026), **not merged**. Offered to every VM
+#: type but TDX and SNP (``KVM_CAP_GUEST_MEMFD_FLAGS`` says where).
+GUEST_MEMFD_FLAG_NO_DIRECT_MAP = 1 << 2
 #: HugeTLB-backed guest_memfd (guest_memfd HugeTLB dev tree); pass ``page_order`` 9 or 18.
 GUEST_MEMFD_FLAG_HUGETLB = 1 << 4
 
@@ -80,7 +87,14 @@ KVM_CAP_GUEST_MEMFD_FLAGS = 244
 KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 252
 KVM_USER_MEM_SLOTS = 32764
 
+#: The confidential VM types: those with private memory, which the conversion designs
+#: are compared on.
 VM_TYPES = ("sw_protected", "pkvm", "tdx", "snp")
+#: VM types without private memory: ``"default"`` is ``KVM_X86_DEFAULT_VM`` (mainline
+#: 6.18 lets it back its RAM with guest_memfd). Nothing converts on it.
+VM_TYPES_WITHOUT_PRIVATE_MEM = ("default",)
+#: Every VM type `gmem.Host.create_vm` accepts.
+ALL_VM_TYPES = VM_TYPES + VM_TYPES_WITHOUT_PRIVATE_MEM
 #: Strategy names, in the core's order (the order reports show them).
 STRATEGIES = tuple(SHARED_SIDE)
 #: Strategies whose shared view is the guest_memfd page itself: the host maps the file,

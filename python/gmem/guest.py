@@ -5,6 +5,11 @@ whose `userspace_addr` points at anonymous VMM memory (the shared side of `dual`
 for `two_offsets` a second guest_memfd bound as the shared side. This is what QEMU does
 for a guest_memfd-backed RAM block (`kvm_set_user_memory_region()` with
 `KVM_SET_USER_MEMORY_REGION2`), reduced to one slot.
+
+A VM without private memory (``vm_type`` ``"default"``) is laid out as Firecracker's
+secret hiding lays it out: one guest_memfd with ``MMAP | INIT_SHARED | NO_DIRECT_MAP``
+(the flags the VM offers of those), mapped by the VMM, that mapping being the memslot's
+``userspace_addr``; no anonymous memory, no second range, whatever the design.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from typing import Any
 
 from gmem._gmem import Host
 from gmem.constants import (
+    ALL_VM_TYPES,
     GUEST_MEMFD_FLAG_HUGETLB,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     HUGE_ORDERS,
     KVM_CAP_GUEST_MEMFD_FLAGS,
     KVM_MEM_GUEST_MEMFD,
@@ -23,7 +31,7 @@ from gmem.constants import (
     SAME_FILE_STRATEGIES,
     SHARED_SIDE,
     STRATEGIES,
-    VM_TYPES,
+    VM_TYPES_WITHOUT_PRIVATE_MEM,
 )
 
 __all__ = ["GuestVm", "build_vm", "host_pages_for", "make_host"]
@@ -78,10 +86,12 @@ def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0)
         raise ValueError(f"pages must be positive, got {pages}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r} (known: {', '.join(STRATEGIES)})")
-    if vm_type not in VM_TYPES:
-        raise ValueError(f"unknown vm type {vm_type!r} (known: {', '.join(VM_TYPES)})")
+    if vm_type not in ALL_VM_TYPES:
+        raise ValueError(f"unknown vm type {vm_type!r} (known: {', '.join(ALL_VM_TYPES)})")
     if huge_order not in HUGE_ORDERS:
         raise ValueError(f"huge_order must be 0, 9 or 18, got {huge_order}")
+    if vm_type in VM_TYPES_WITHOUT_PRIVATE_MEM:
+        return _build_secret_vm(host, pages, vm_type, strategy, huge_order)
 
     vm = host.create_vm(vm_type=vm_type, strategy=strategy)
     supported = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
@@ -112,3 +122,28 @@ def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0)
         **extra,
     )
     return GuestVm(vm, gmemfd, shared, mapping, pages, huge_order)
+
+
+def _build_secret_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int) -> GuestVm:
+    """`build_vm` for a VM without private memory: guest memory in one guest_memfd the VMM
+    maps and passes as ``userspace_addr``."""
+    if huge_order:
+        raise ValueError(
+            f"a {vm_type!r} VM's guest_memfd is INIT_SHARED, which HugeTLB guest_memfd "
+            f"refuses: huge_order must be 0, got {huge_order}"
+        )
+    vm = host.create_vm(vm_type=vm_type, strategy=strategy)
+    wanted = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED | GUEST_MEMFD_FLAG_NO_DIRECT_MAP
+    flags = wanted & vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+    gmemfd = vm.create_guest_memfd(pages * PAGE_SIZE, flags)
+    mapping = gmemfd.mmap()
+    vm.set_user_memory_region2(
+        0,
+        KVM_MEM_GUEST_MEMFD,
+        0,
+        pages * PAGE_SIZE,
+        mapping.addr,
+        guest_memfd=gmemfd,
+        guest_memfd_offset=0,
+    )
+    return GuestVm(vm, gmemfd, None, mapping, pages, 0)

@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gmem._events import EVENT_DTYPE
+from gmem._events import CONVERSION_OPS, EVENT_DTYPE
 from gmem._ranges import concat_events
+from gmem.constants import VM_TYPES, VM_TYPES_WITHOUT_PRIVATE_MEM
 
 __all__ = ["RunResult", "Runner", "strategy_of"]
 
@@ -264,7 +265,10 @@ class Runner:
         self._sample()
         n_workload = 0
         batches = 0
+        no_private = str(getattr(self.vm, "vm_type", "")) in VM_TYPES_WITHOUT_PRIVATE_MEM
         for batch in _as_batches(workload):
+            if no_private:
+                self._refuse_conversions(workload, batch)
             n_workload += len(batch)
             batches += 1
             self._apply_with_followups(self.policy.transform(batch), len(batch))
@@ -277,6 +281,17 @@ class Runner:
             self._sample()
         wall = time.perf_counter() - self._t0
         return self._result(n_workload, batches, wall, meta or {})
+
+    def _refuse_conversions(self, workload, batch: np.ndarray) -> None:
+        """A VM without private memory cannot convert: refuse a batch that asks to, before
+        any of it runs (`ValueError`)."""
+        if np.isin(np.asarray(batch)["op"], CONVERSION_OPS).any():
+            name = getattr(workload, "name", "this workload")
+            raise ValueError(
+                f"workload {name!r} converts memory, but a {self.vm.vm_type!r} VM has no "
+                "private memory (KVM_CAP_MEMORY_ATTRIBUTES is 0): run it on "
+                f"{', '.join(VM_TYPES)}"
+            )
 
     def _result(self, n_workload: int, batches: int, wall: float, meta) -> RunResult:
         series = self._samples.frame()

@@ -59,6 +59,7 @@ else:  # pragma: no cover - Python 3.10
 from gmem.config import DEFAULT_PAGES, RunConfig, check_knob, default_jobs
 from gmem.constants import STRATEGIES
 from gmem.costs import DEFAULT_COSTS
+from gmem.workloads import workload_vm_type
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -162,7 +163,7 @@ def _check_axis(source: str, key: str, name: str, values: list[Any]) -> None:
 
 
 def _check_workload(source: str, key: str, name: Any) -> None:
-    from gmem.workloads import WORKLOADS
+    from gmem.workloads import DEFAULT_VM_WORKLOADS, WORKLOADS
 
     if not isinstance(name, str):
         raise GridError(source, key, f"expected a workload name, got {name!r}")
@@ -170,8 +171,8 @@ def _check_workload(source: str, key: str, name: Any) -> None:
         if not name[len("trace:") :]:
             raise GridError(source, key, "trace: needs a path, as in trace:guest.jsonl")
         return
-    if name not in WORKLOADS:
-        known = ", ".join([*WORKLOADS, "trace:PATH"])
+    if name not in WORKLOADS and name not in DEFAULT_VM_WORKLOADS:
+        known = ", ".join([*WORKLOADS, *DEFAULT_VM_WORKLOADS, "trace:PATH"])
         raise GridError(source, key, f"unknown workload {name!r} (known: {known})")
 
 
@@ -260,6 +261,8 @@ def expand_grid(axes: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
         params: dict[str, Any] = {}
         for name, default in AXES.items():
             params[name] = chosen.get(name, default)
+        if "vm_type" not in chosen:  # the workload's own: "default" if it converts nothing
+            params["vm_type"] = workload_vm_type(str(params["workload"]))
         if isinstance(params["strategy"], list):  # not an axis: every strategy
             params["strategy"] = None
         if params["pages"] is None and not str(params["workload"]).startswith("trace:"):

@@ -31,6 +31,8 @@ from gmem.streams import DEFAULT_CHUNK, EventStream, chunked, events
 
 __all__ = [
     "DEFAULT_CHUNK",
+    "DEFAULT_VM_TYPE",
+    "DEFAULT_VM_WORKLOADS",
     "WORKLOADS",
     "EventStream",
     "WorkloadSpec",
@@ -43,9 +45,12 @@ __all__ = [
     "make_events",
     "make_workload",
     "random_ranges",
+    "secret_hiding",
     "swiotlb",
     "swiotlb_pages",
+    "workload_converts",
     "workload_parameters",
+    "workload_vm_type",
 ]
 
 #: Linux `IO_TLB_DEFAULT_SIZE` (include/linux/swiotlb.h): 64 MiB.
@@ -450,6 +455,89 @@ def random_ranges(
     return EventStream(gen, name="random", pages=pages, chunk=chunk, total_events=ops + 1)
 
 
+#: Largest virtio buffer of `secret_hiding`, in pages (a 256 KiB descriptor chain).
+VIRTIO_MAX_BUFFER_PAGES = 64
+
+
+def secret_hiding(
+    pages: int,
+    *,
+    seed: int = 0,
+    chunk: int = DEFAULT_CHUNK,
+    touch: float = 1.0,
+    ios: int = 100_000,
+    tx_fraction: float = 0.5,
+    balloon_every: int = 0,
+) -> EventStream:
+    """A Firecracker-style guest whose memory is hidden from the host kernel.
+
+    Imitates Firecracker's "secret hiding" mode: a non-confidential VM (``vm_type``
+    ``"default"``, ``KVM_X86_DEFAULT_VM``) whose RAM is one guest_memfd created with
+    ``GUEST_MEMFD_FLAG_MMAP | INIT_SHARED | NO_DIRECT_MAP`` (the NO_DIRECT_MAP series, v12,
+    not merged), mapped by the VMM and passed as the memslot's ``userspace_addr``, so that
+    the VMM's devices reach guest memory through that mapping while the host kernel's
+    direct map holds none of it. Nothing is private and nothing converts (`gmem.guest`
+    builds this layout for a ``"default"`` VM).
+
+    The guest first writes ``touch`` of its memory in address order, in 2 MiB units: each
+    first touch is a guest fault that takes the page out of the direct map (one
+    direct-map TLB flush per page). Then ``ios`` virtio requests, each a buffer of 1-64
+    pages (mostly one: network packets) at a random place in guest memory — a
+    non-confidential guest bounces nothing. With probability ``tx_fraction`` a transmit:
+    the guest writes the buffer and the device (the VMM) reads it; otherwise a receive:
+    the VMM writes and the guest reads. Every ``balloon_every`` requests (0: never) the
+    balloon device inflates over a random 2 MiB block (the VMM punches it out of the
+    guest_memfd: its pages are freed and return to the direct map) and the guest writes
+    it again at once (deflate and reuse: new pages, removed again).
+    """
+    pages = _check_pages(pages)
+    if not 0.0 <= touch <= 1.0:
+        raise ValueError(f"touch must be in [0, 1], got {touch}")
+    if ios < 0:
+        raise ValueError(f"ios must be non-negative, got {ios}")
+    if not 0.0 <= tx_fraction <= 1.0:
+        raise ValueError(f"tx_fraction must be in [0, 1], got {tx_fraction}")
+    if balloon_every < 0:
+        raise ValueError(f"balloon_every must be non-negative, got {balloon_every}")
+    touched = int(pages * touch)
+    units = -(-touched // PAGES_2M)
+    sizes = np.minimum(np.array([1, 2, 4, 8, 16, 32, 64], dtype=np.uint64), np.uint64(pages))
+    probs = np.array([0.5, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03])
+    block = max(1, DEFAULT_CHUNK // 3)
+    balloons = ios // balloon_every if balloon_every else 0
+    blocks_2m = max(1, pages // PAGES_2M)
+    total = units + 2 * ios + 2 * balloons
+
+    def gen() -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(seed)
+        for start, n in _blocks(units, DEFAULT_CHUNK):
+            gfn = np.arange(start, start + n, dtype=np.uint64) * np.uint64(PAGES_2M)
+            npg = np.minimum(np.uint64(PAGES_2M), np.uint64(touched) - gfn)
+            yield events(Op.GUEST_WRITE_SHARED, gfn, npg, gfn + np.uint64(1))
+        for start, n in _blocks(ios, block):
+            npg = rng.choice(sizes, size=n, p=probs)
+            gfn = rng.integers(0, np.uint64(pages) - npg + np.uint64(1), dtype=np.uint64)
+            tx = rng.random(n) < tx_fraction
+            value = np.arange(start, start + n, dtype=np.uint64) + np.uint64(1)
+            zero = np.zeros(n, np.uint64)
+            first = events(np.where(tx, Op.GUEST_WRITE_SHARED, Op.HOST_WRITE), gfn, npg, value)
+            second = events(np.where(tx, Op.HOST_READ, Op.GUEST_READ_SHARED), gfn, npg, zero)
+            rows = _rowwise(first, second)
+            if balloon_every:
+                # the requests after which the balloon inflates and deflates
+                index = np.arange(start, start + n) + 1
+                hit = index % balloon_every == 0
+                base = rng.integers(0, blocks_2m, size=n, dtype=np.uint64) * np.uint64(PAGES_2M)
+                span = np.minimum(np.uint64(PAGES_2M), np.uint64(pages) - base)
+                punch = events(Op.PUNCH_HOLE, base, span)
+                reuse = events(Op.GUEST_WRITE_SHARED, base, span, value)
+                keep = np.stack([np.ones(n, bool), np.ones(n, bool), hit, hit], axis=1)
+                rows = _rowwise(first, second, punch, reuse, keep=keep)
+            yield rows
+
+    return EventStream(gen, name="secret-hiding", pages=pages, chunk=chunk, total_events=total)
+
+
 class WorkloadSpec(NamedTuple):
     """A registry entry: the generator function and a one-line description."""
 
@@ -471,6 +559,30 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "random": WorkloadSpec(random_ranges, "uniform random ranges of random ops (stress test)"),
 }
 
+#: Workloads of a VM without private memory (``vm_type`` ``"default"``): they convert
+#: nothing. Those of `WORKLOADS` (and traces) convert, and need a confidential VM type.
+DEFAULT_VM_WORKLOADS: dict[str, WorkloadSpec] = {
+    "secret-hiding": WorkloadSpec(
+        secret_hiding,
+        "Firecracker-style default VM in a NO_DIRECT_MAP guest_memfd, virtio I/O (no conversions)",
+    ),
+}
+
+#: The VM type of a `DEFAULT_VM_WORKLOADS` run.
+DEFAULT_VM_TYPE = "default"
+
+
+def workload_converts(name: str) -> bool:
+    """Whether workload ``name`` converts memory (it then needs a VM with private memory):
+    every workload but those of `DEFAULT_VM_WORKLOADS`; a trace replays conversions."""
+    return name not in DEFAULT_VM_WORKLOADS
+
+
+def workload_vm_type(name: str) -> str:
+    """The VM type a run of workload ``name`` uses when none is given: ``"default"`` for
+    `DEFAULT_VM_WORKLOADS`, else ``"sw_protected"``."""
+    return DEFAULT_VM_TYPE if name in DEFAULT_VM_WORKLOADS else "sw_protected"
+
 
 def _trace_spec(path: str) -> WorkloadSpec:
     from gmem import traces
@@ -488,11 +600,11 @@ def get_workload(name: str) -> WorkloadSpec:
         if not path:
             raise ValueError("trace: needs a path, as in trace:guest.jsonl")
         return _trace_spec(path)
-    try:
-        return WORKLOADS[name]
-    except KeyError:
-        known = ", ".join([*WORKLOADS, "trace:PATH"])
-        raise ValueError(f"unknown workload {name!r} (known: {known})") from None
+    spec = WORKLOADS.get(name) or DEFAULT_VM_WORKLOADS.get(name)
+    if spec is None:
+        known = ", ".join([*WORKLOADS, *DEFAULT_VM_WORKLOADS, "trace:PATH"])
+        raise ValueError(f"unknown workload {name!r} (known: {known})")
+    return spec
 
 
 def workload_parameters(name: str) -> dict[str, str]:

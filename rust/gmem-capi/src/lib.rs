@@ -63,6 +63,8 @@ pub const GMEM_KVM_EXIT_MMIO: i32 = 6;
 pub const GMEM_MMIO_EXIT_WRITE: u64 = 1;
 pub const GMEM_GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 pub const GMEM_GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP`: posted series v12, not merged.
+pub const GMEM_GUEST_MEMFD_FLAG_NO_DIRECT_MAP: u64 = 1 << 2;
 pub const GMEM_GUEST_MEMFD_FLAG_HUGETLB: u64 = 1 << 4;
 pub const GMEM_FALLOC_FL_KEEP_SIZE: u32 = 1;
 pub const GMEM_FALLOC_FL_PUNCH_HOLE: u32 = 2;
@@ -77,6 +79,7 @@ const _: () = {
     assert!(GMEM_KVM_EXIT_MMIO == uapi::KVM_EXIT_MMIO);
     assert!(GMEM_GUEST_MEMFD_FLAG_MMAP == uapi::GUEST_MEMFD_FLAG_MMAP);
     assert!(GMEM_GUEST_MEMFD_FLAG_INIT_SHARED == uapi::GUEST_MEMFD_FLAG_INIT_SHARED);
+    assert!(GMEM_GUEST_MEMFD_FLAG_NO_DIRECT_MAP == uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP);
     assert!(GMEM_GUEST_MEMFD_FLAG_HUGETLB == uapi::GUEST_MEMFD_FLAG_HUGETLB);
     assert!(GMEM_FALLOC_FL_KEEP_SIZE == uapi::FALLOC_FL_KEEP_SIZE);
     assert!(GMEM_FALLOC_FL_PUNCH_HOLE == uapi::FALLOC_FL_PUNCH_HOLE);
@@ -687,8 +690,8 @@ pub extern "C" fn gmem_host_mapping(
     call(|| nth(host, index, Kind::Mapping, Host::nr_mappings, out))
 }
 
-/// Create a VM of `vm_type` ("sw_protected", "pkvm", "tdx", "snp"; NULL for
-/// "sw_protected") converting with the design `strategy` ("dual", "inplace", "realloc",
+/// Create a VM of `vm_type` ("sw_protected", "pkvm", "tdx", "snp", or "default" for a VM
+/// without private memory, `KVM_X86_DEFAULT_VM`; NULL for "sw_protected") converting with the design `strategy` ("dual", "inplace", "realloc",
 /// "two_offsets", "attr_hook"; NULL for "dual"). `-EINVAL` for an unknown name.
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_host_create_vm(

@@ -554,6 +554,11 @@ impl Host {
             };
             return self.gmem_unpin(file, pgoff + idx).map(|()| 0);
         }
+        if op == HostOp::Pin
+            && let MapKind::Gmem { file, .. } = self.space.maps[m].kind
+        {
+            self.gup_allowed(file)?;
+        }
         let (f, off, pfn) = self.gmem_map_fault(m, idx)?;
         Ok(match op {
             HostOp::Read => self.content_at(Loc::File(f, off)),

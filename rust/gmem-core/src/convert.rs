@@ -82,7 +82,12 @@ impl Host {
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
-        let supported = self.vms[vm].strategy.vm_attributes();
+        // `kvm_supported_mem_attributes()`: nothing on a VM without private memory.
+        let supported = if self.vms[vm].vm_type.has_private_mem() {
+            self.vms[vm].strategy.vm_attributes()
+        } else {
+            0
+        };
         if attributes & !supported != 0 {
             return Err(einval(format!(
                 "unsupported attributes {attributes:#x} (supported: {supported:#x})"
@@ -109,8 +114,19 @@ impl Host {
         self.convert(vm, start, end, attributes != 0)
     }
 
-    /// Convert gfns `[start, end)` of `vm`.
+    /// Convert gfns `[start, end)` of `vm`. On a VM without private memory every gfn is
+    /// shared: converting to shared changes nothing, to private is `EINVAL` (PRIVATE is
+    /// not a supported attribute there).
     pub fn convert(&mut self, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
+        if !self.vms[vm].vm_type.has_private_mem() {
+            if private {
+                return Err(einval(format!(
+                    "{} VMs have no private memory: PRIVATE is not a supported attribute",
+                    self.vms[vm].vm_type.name()
+                )));
+            }
+            return Ok(());
+        }
         let value = if private {
             uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
         } else {

@@ -55,6 +55,10 @@ costs_struct! {
     host_fault = 2210,
     host_unmap = 287,
     host_mmap_fault = 1840,
+    direct_map_remove = 250,
+    direct_map_restore = 150,
+    direct_map_flush = 2000,
+    direct_map_split = 4000,
 }
 
 impl CostModel {

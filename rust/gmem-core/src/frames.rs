@@ -10,6 +10,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::alloc::BuddyAllocator;
+use crate::direct_map::DirectMap;
 use crate::error::Result;
 use crate::host::{HOST_WRITER, Host, Loc};
 use crate::sparse::{Dense, SparseVec};
@@ -32,6 +33,8 @@ pub(crate) struct HostFrames {
     pub(crate) stale: FxHashMap<u32, u16>,
     /// SEV-SNP reverse map: private frame -> (vm, gfn) it is assigned to.
     pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
+    /// The kernel direct map: frames removed from it, blocks split.
+    pub(crate) direct_map: DirectMap,
 }
 
 impl HostFrames {
@@ -41,6 +44,7 @@ impl HostFrames {
             content: SparseVec::new(),
             stale: FxHashMap::default(),
             rmp: FxHashMap::default(),
+            direct_map: DirectMap::default(),
         }
     }
 
@@ -101,7 +105,10 @@ impl HostFrames {
 
     /// Heap bytes of the per-frame structures.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.content.heap_bytes() + self.stale.len() * 16 + self.alloc.heap_bytes()
+        self.content.heap_bytes()
+            + self.stale.len() * 16
+            + self.alloc.heap_bytes()
+            + self.direct_map.heap_bytes()
     }
 
     /// The invariants that need nothing outside the frames: the allocator's own, and
@@ -117,6 +124,9 @@ impl HostFrames {
         }
         if let Some(p) = self.rmp.keys().find(|&&p| self.alloc.is_free(p)) {
             return Err(format!("RMP entry for free frame {p:#x}"));
+        }
+        if let Some(p) = self.direct_map.removed().find(|&p| self.alloc.is_free(p)) {
+            return Err(format!("free frame {p:#x} is out of the direct map"));
         }
         if let Some(p) = self.stale.keys().find(|&&p| u64::from(p) >= total) {
             return Err(format!(
@@ -190,6 +200,8 @@ impl Host {
     /// Return a block of frames. Under `ZeroPolicy::OnFree` they are cleared first; otherwise
     /// their content stays in RAM, as on real hardware, until someone clears it.
     pub(crate) fn give_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        // kvm_gmem_free_folio(): a NO_DIRECT_MAP folio returns to the direct map.
+        self.restore_direct_map(vm, pfn, order);
         if let Some(v) = vm {
             if self.vms[v].opts.zero == ZeroPolicy::OnFree {
                 self.zero_frames(Some(v), pfn, order);

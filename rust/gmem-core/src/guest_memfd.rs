@@ -351,10 +351,19 @@ impl Host {
                 )));
             }
         }
-        let attrs = self.vms[vm]
-            .strategy
-            .initial_file_attr(flags)
-            .map(BitAttrMap::new);
+        if hugetlb && flags & uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 {
+            // The NO_DIRECT_MAP series (v12) zaps order-0 folios only; no tree has both.
+            return Err(einval("GUEST_MEMFD_FLAG_HUGETLB with NO_DIRECT_MAP"));
+        }
+        // A VM without private memory keeps no attributes, whatever the design.
+        let attrs = if self.vms[vm].vm_type.has_private_mem() {
+            self.vms[vm]
+                .strategy
+                .initial_file_attr(flags)
+                .map(BitAttrMap::new)
+        } else {
+            None
+        };
         let id = self.files.len();
         let fd = self.new_fd(Fd::Gmem(id));
         let inode = self.next_inode;
@@ -730,6 +739,9 @@ impl Host {
             }
             self.files[f].mark_uptodate(off, r);
         }
+        // NO_DIRECT_MAP (series v12): cleared first, then out of the direct map before
+        // anything maps it.
+        self.gmem_zap_direct_map(f, off);
         Ok(r.pfn)
     }
 
@@ -788,6 +800,10 @@ impl Host {
     /// order up to the first gfn that is not private. Returns the pages populated, or the
     /// error when that is none (`EINVAL` for a first gfn that is not private).
     ///
+    /// The copy goes through the kernel direct map: a page of a NO_DIRECT_MAP file that
+    /// left it (mapped before) is refused with `EFAULT` (series v12: the pages of a
+    /// populated folio leave the direct map at their first mapping, after population).
+    ///
     /// The arch hooks refuse a page loaded before, and the loop stops there as for any
     /// error: SNP (`sev_gmem_post_populate()`) when the page is already assigned in the RMP
     /// (populated, or prepared by a private guest fault): `EINVAL`; TDX
@@ -831,7 +847,11 @@ impl Host {
         }
         let mut done = 0;
         for (gfn, f, off) in targets {
-            if let Err(e) = self.vms[vm].vm_type.populate_refused(self, vm, gfn, f, off) {
+            let refused = self.vms[vm]
+                .vm_type
+                .populate_refused(self, vm, gfn, f, off)
+                .and_then(|()| self.kernel_copy_allowed(f, off));
+            if let Err(e) = refused {
                 if done == 0 {
                     return Err(e);
                 }

@@ -195,10 +195,22 @@ impl Host {
         id
     }
 
-    /// guest_memfd creation flags this VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`): the
-    /// strategy's (`Strategy::GMEM_FLAGS`).
+    /// guest_memfd creation flags this VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`,
+    /// `kvm_gmem_get_supported_flags()`): the strategy's (`Strategy::GMEM_FLAGS`); on a VM
+    /// without private memory `MMAP | INIT_SHARED` whatever the strategy (mainline 6.18:
+    /// `kvm_arch_supports_gmem_init_shared()` is `!kvm_arch_has_private_mem()` on x86);
+    /// plus `NO_DIRECT_MAP` where the platform supports it (series v12).
     pub fn supported_gmem_flags(&self, vm: usize) -> u64 {
-        self.vms[vm].strategy.gmem_flags()
+        let v = &self.vms[vm];
+        let mut flags = if v.vm_type.has_private_mem() {
+            v.strategy.gmem_flags()
+        } else {
+            uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED
+        };
+        if v.vm_type.supports_no_direct_map() {
+            flags |= uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+        }
+        flags
     }
 
     /// `KVM_CHECK_EXTENSION` on the VM fd.
@@ -209,8 +221,13 @@ impl Host {
             uapi::KVM_CAP_USER_MEMORY2
             | uapi::KVM_CAP_GUEST_MEMFD
             | uapi::KVM_CAP_MEMORY_FAULT_INFO => 1,
-            uapi::KVM_CAP_MEMORY_ATTRIBUTES => v.strategy.vm_attributes(),
-            uapi::KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES => v.strategy.gmem_attributes(),
+            // `kvm_supported_mem_attributes()`: nothing without private memory.
+            uapi::KVM_CAP_MEMORY_ATTRIBUTES if v.vm_type.has_private_mem() => {
+                v.strategy.vm_attributes()
+            }
+            uapi::KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES if v.vm_type.has_private_mem() => {
+                v.strategy.gmem_attributes()
+            }
             uapi::KVM_CAP_GUEST_MEMFD_FLAGS => self.supported_gmem_flags(vm),
             uapi::KVM_CAP_NR_MEMSLOTS => u64::from(uapi::KVM_USER_MEM_SLOTS),
             uapi::KVM_CAP_READONLY_MEM => u64::from(v.vm_type.has_readonly_mem()),

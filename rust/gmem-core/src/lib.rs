@@ -17,10 +17,11 @@
 //! | [`memslot`] | memslots and `KVM_SET_USER_MEMORY_REGION2` |
 //! | [`convert`] | `KVM_SET_MEMORY_ATTRIBUTES`, the conversion path every design shares, huge-folio split/merge |
 //! | [`strategy`] | one file per conversion design (`dual`, `inplace`, `realloc`, `two_offsets`, `attr_hook`) |
-//! | [`platform`] | one file per platform (`sw_protected`, `pkvm`, `tdx`, `snp`) behind arch hooks |
+//! | [`platform`] | one file per platform (`sw_protected`, `pkvm`, `tdx`, `snp`, `default`) behind arch hooks |
 //! | [`access`] | guest accesses through stage-2, host accesses through mappings |
 //! | [`mapping`] | the VMM's mappings and the host address space (`AddressSpace`: mappings, addresses, pins) |
 //! | [`vm`] | a VM: memslots, attributes, stage-2, counters; the stage-2 zap |
+//! | [`direct_map`] | the kernel direct map and `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (series v12) |
 //! | [`frames`] | host frames (`HostFrames`: allocator, content, stale-data tags, RMP) and what VMs are charged for them |
 //! | [`footprint`] | pages backing each VM, and double backing |
 //! | [`events`] | the batch runner (`Host::apply`) behind the event arrays |
@@ -74,6 +75,7 @@ pub mod check;
 pub mod convert;
 pub mod cost;
 pub mod cover;
+pub mod direct_map;
 pub mod error;
 pub mod events;
 pub mod footprint;

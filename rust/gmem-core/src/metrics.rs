@@ -58,6 +58,14 @@ stats_struct! {
     tdx_accepts,
     tdx_page_removes,
     host_unmaps,
+    /// Pages removed from the kernel direct map (`GUEST_MEMFD_FLAG_NO_DIRECT_MAP`).
+    direct_map_removals,
+    /// Pages returned to the kernel direct map when freed.
+    direct_map_restores,
+    /// Direct-map TLB flushes (one per call that removed pages).
+    direct_map_flushes,
+    /// 2 MiB direct-map blocks split to 4 KiB by a first removal.
+    direct_map_splits,
     events,
     modelled_ns,
 }
@@ -164,6 +172,23 @@ impl Stats {
     #[inline]
     pub(crate) fn tdx_page_added(&mut self, ns: u64) {
         self.tdx_page_adds += 1;
+        self.charge(ns);
+    }
+
+    /// `n` pages left the direct map in one call, splitting `splits` 2 MiB blocks; one
+    /// direct-map TLB flush.
+    #[inline]
+    pub(crate) fn direct_map_removed(&mut self, n: u64, splits: u64, ns: u64) {
+        self.direct_map_removals += n;
+        self.direct_map_splits += splits;
+        self.direct_map_flushes += 1;
+        self.charge(ns);
+    }
+
+    /// `n` pages returned to the direct map.
+    #[inline]
+    pub(crate) fn direct_map_restored(&mut self, n: u64, ns: u64) {
+        self.direct_map_restores += n;
         self.charge(ns);
     }
 

@@ -9,6 +9,9 @@ pub const KVM_MEMORY_EXIT_FLAG_PRIVATE: u64 = 1 << 3;
 
 pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1 << 0;
 pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 1 << 1;
+/// Remove the file's pages from the kernel direct map (posted series "Direct Map Removal
+/// Support for guest_memfd", v12, April 2026; not merged).
+pub const GUEST_MEMFD_FLAG_NO_DIRECT_MAP: u64 = 1 << 2;
 /// HugeTLB-backed guest_memfd (dev tree), used with a page order.
 pub const GUEST_MEMFD_FLAG_HUGETLB: u64 = 1 << 4;
 

@@ -106,7 +106,8 @@ impl PyHost {
         self.shared.lock().kvm_fd()
     }
 
-    /// create_vm(vm_type="sw_protected", strategy="dual") -> Vm
+    /// create_vm(vm_type="sw_protected", strategy="dual") -> Vm: `vm_type` is "sw_protected",
+    /// "pkvm", "tdx", "snp", or "default" (`KVM_X86_DEFAULT_VM`: no private memory).
     #[pyo3(signature = (vm_type = "sw_protected", strategy = "dual"))]
     fn create_vm(&self, vm_type: &str, strategy: &str) -> PyResult<PyVm> {
         let (t, s) = (parse_vm_type(vm_type)?, parse_strategy(strategy)?);

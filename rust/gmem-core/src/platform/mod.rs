@@ -7,6 +7,7 @@
 //! | `pkvm.rs` | pKVM: content kept, and promised to the guest |
 //! | `tdx.rs` | Intel TDX: S-EPT `AUG`/`ACCEPT`, `PAGE.ADD` at populate, `PAGE.REMOVE` at zap |
 //! | `snp.rs` | AMD SEV-SNP: the RMP assigns each private frame to one gpa |
+//! | `default.rs` | `KVM_X86_DEFAULT_VM`: no private memory; guest_memfd with `MMAP` / `INIT_SHARED` |
 //!
 //! The hooks (`Platform`): a private page is mapped (`kvm_arch_gmem_prepare` and the
 //! fault's map: `Platform::map_private`), private leaves are zapped
@@ -15,9 +16,13 @@
 //! `Platform::populate_refused`, `Platform::populate`), and the platform's invariants
 //! (`Platform::check_private`). A frame freed back to the hypervisor
 //! (`kvm_arch_gmem_invalidate`) leaves the RMP in `Host::give_frames`: the RMP is keyed by
-//! frame, whichever VM owned it. [`VmType`] dispatches with a `match` over unit types, as
+//! frame, whichever VM owned it. Two constants say what the VM type offers:
+//! `Platform::HAS_PRIVATE_MEM` (`kvm_arch_has_private_mem()`) and
+//! `Platform::NO_DIRECT_MAP` (`kvm_arch_gmem_supports_no_direct_map()`, NO_DIRECT_MAP
+//! series v12). [`VmType`] dispatches with a `match` over unit types, as
 //! `StrategyKind` does: no call is virtual.
 
+mod default;
 mod pkvm;
 mod snp;
 mod sw_protected;
@@ -40,6 +45,8 @@ pub enum VmType {
     Tdx,
     /// AMD SEV-SNP: RMP assigns each private pfn to exactly one gpa; conversion scrubs.
     Snp,
+    /// `KVM_X86_DEFAULT_VM`: no private memory; guest_memfd may back all of its RAM.
+    Default,
 }
 
 /// Run `$body` with `$P` naming the unit type of `$vt`'s platform (a static dispatch).
@@ -62,20 +69,29 @@ macro_rules! with_platform {
                 type $P = snp::Snp;
                 $body
             }
+            VmType::Default => {
+                type $P = default::DefaultVm;
+                $body
+            }
         }
     };
 }
 
 impl VmType {
+    /// The confidential VM types: those with private memory, which conversions run on.
     pub const ALL: [VmType; 4] = [VmType::SwProtected, VmType::Pkvm, VmType::Tdx, VmType::Snp];
+
+    /// The VM types without private memory.
+    pub const WITHOUT_PRIVATE_MEM: [VmType; 1] = [VmType::Default];
 
     pub fn parse(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()
+            .chain(Self::WITHOUT_PRIVATE_MEM)
             .find(|t| t.name() == s)
             .ok_or_else(|| {
                 einval(format!(
-                    "unknown vm_type {s:?} (expected sw_protected, pkvm, tdx or snp)"
+                    "unknown vm_type {s:?} (expected sw_protected, pkvm, tdx, snp or default)"
                 ))
             })
     }
@@ -95,6 +111,20 @@ impl VmType {
     #[inline]
     pub fn promises_content(self) -> bool {
         with_platform!(self, P => P::PROMISES_CONTENT)
+    }
+
+    /// `kvm_arch_has_private_mem()`: the VM has private memory. Without it nothing
+    /// converts: `KVM_CAP_MEMORY_ATTRIBUTES` is 0, PRIVATE is refused, and the strategy's
+    /// attribute storage is never used.
+    #[inline]
+    pub fn has_private_mem(self) -> bool {
+        with_platform!(self, P => P::HAS_PRIVATE_MEM)
+    }
+
+    /// `kvm_arch_gmem_supports_no_direct_map()` (NO_DIRECT_MAP series v12): whether
+    /// `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` is offered.
+    pub fn supports_no_direct_map(self) -> bool {
+        with_platform!(self, P => P::NO_DIRECT_MAP)
     }
 
     /// Whether memslots may be `KVM_MEM_READONLY` (`kvm_arch_has_readonly_mem()`).
@@ -183,6 +213,15 @@ pub(crate) trait Platform {
 
     /// `kvm_arch_has_readonly_mem()`.
     const HAS_READONLY_MEM: bool;
+
+    /// `kvm_arch_has_private_mem()`.
+    const HAS_PRIVATE_MEM: bool = true;
+
+    /// `kvm_arch_gmem_supports_no_direct_map()` (NO_DIRECT_MAP series v12): x86 offers the
+    /// flag to every VM type but TDX and SNP ("they access pages via direct map in certain
+    /// operations, such as population"), arm64 wherever the direct map has 4 KiB
+    /// granularity and stage 2 has FWB (assumed of a pKVM host).
+    const NO_DIRECT_MAP: bool = true;
 
     const MAX_PRIVATE_LEVEL: Level;
 

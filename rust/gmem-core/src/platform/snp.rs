@@ -16,6 +16,7 @@ impl Platform for Snp {
     const KEEPS_CONTENT: bool = false;
     const HAS_READONLY_MEM: bool = false;
     const MAX_PRIVATE_LEVEL: Level = Level::L2M;
+    const NO_DIRECT_MAP: bool = false;
 
     fn map_private(h: &mut Host, vm: usize, g0: u64, n: u64, p0: u32) -> u64 {
         let mut fresh = false;

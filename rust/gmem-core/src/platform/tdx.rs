@@ -19,6 +19,7 @@ impl Platform for Tdx {
     const KEEPS_CONTENT: bool = false;
     const HAS_READONLY_MEM: bool = false;
     const MAX_PRIVATE_LEVEL: Level = Level::L2M;
+    const NO_DIRECT_MAP: bool = false;
     const GPA_BITS: u32 = uapi::TDX_SHARED_GPA_BIT;
 
     fn gpa_limit(bits: u32) -> String {

@@ -95,6 +95,13 @@ impl Host {
         if flags != 0 {
             return Err(einval(format!("flags {flags:#x} must be 0")));
         }
+        let v = &self.vms[f.vm];
+        if !v.vm_type.has_private_mem() && v.strategy.in_place_mode() {
+            return Err(einval(format!(
+                "{} VMs have no private memory",
+                v.vm_type.name()
+            )));
+        }
         if attributes & !uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE != 0 {
             return Err(einval(format!("unsupported attributes {attributes:#x}")));
         }

@@ -195,8 +195,13 @@ impl StrategyKind {
         with_design!(self, D => D::after_convert(h, vm, start, end, private));
     }
 
-    /// [`Strategy::host_may_map`] of the design.
+    /// [`Strategy::host_may_map`] of the design; on a VM without private memory, whatever
+    /// the design, mainline's rule (`kvm_gmem_fault_user_mapping()`: INIT_SHARED files
+    /// only), as nothing can make an offset shared later.
     pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
+        if !h.vms[h.files[file].vm].vm_type.has_private_mem() {
+            return h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
+        }
         with_design!(self, D => D::host_may_map(h, file, off))
     }
 
@@ -300,10 +305,23 @@ pub(crate) enum SharedView {
 }
 
 impl Host {
+    /// Where the shared view of `vm`'s gfns lives: the design's side, or mainline's
+    /// (`userspace_addr`, unless the memslot is guest_memfd-only) on a VM without private
+    /// memory, where no design's conversion ever runs.
+    #[inline]
+    pub(crate) fn shared_side(&self, vm: usize) -> SharedSide {
+        let v = &self.vms[vm];
+        if v.vm_type.has_private_mem() {
+            v.strategy.shared_side()
+        } else {
+            SharedSide::Userspace
+        }
+    }
+
     /// The guest_memfd page holding `gfn`'s shared view, or `None` when that view is
     /// userspace memory (mainline `dual`, or a memslot without guest_memfd).
     pub(crate) fn shared_file_page(&self, vm: usize, slot: &Memslot, gfn: u64) -> Option<FilePage> {
-        match self.vms[vm].strategy.shared_side() {
+        match self.shared_side(vm) {
             SharedSide::Userspace if !self.slot_gmem_only(vm, slot.id) => None,
             SharedSide::SecondRange => slot.shared_offset_of(gfn),
             _ => slot.offset_of(gfn),
@@ -314,7 +332,7 @@ impl Host {
     /// private-side file of a mainline `dual` slot only backs private mappings, the two
     /// ranges of a `two_offsets` slot one type each, a same-page file both.
     pub(crate) fn binding_backs(&self, b: FileBinding) -> Option<bool> {
-        match (self.vms[b.vm].strategy.shared_side(), b.shared_side) {
+        match (self.shared_side(b.vm), b.shared_side) {
             (SharedSide::Userspace, _) if !self.slot_gmem_only(b.vm, b.slot) => Some(true),
             (SharedSide::SecondRange, false) => Some(true),
             (SharedSide::SecondRange, true) => Some(false),
@@ -344,7 +362,7 @@ impl Host {
     /// always for `dual` (unless the slot is guest_memfd-only), for `two_offsets` slots
     /// bound without a shared range, and for any memslot without guest_memfd.
     pub(crate) fn slot_shared_in_userspace(&self, vm: usize, slot: &Memslot) -> bool {
-        match self.vms[vm].strategy.shared_side() {
+        match self.shared_side(vm) {
             SharedSide::Userspace => !self.slot_gmem_only(vm, slot.id),
             SharedSide::SecondRange => slot.shared.is_none(),
             SharedSide::SameFile => slot.gmem.is_none(),
@@ -355,7 +373,7 @@ impl Host {
     /// memory, or punching the shared range of a `two_offsets` slot. Nothing to do where
     /// the shared view is the private page itself.
     pub fn discard_shared(&mut self, vm: usize, start: u64, end: u64) {
-        let side = self.vms[vm].strategy.shared_side();
+        let side = self.shared_side(vm);
         for id in self.vms[vm].slots_in(start, end) {
             let slot = self.vms[vm].slots[&id].clone();
             let (g0, g1) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
