@@ -111,7 +111,29 @@ impl Host {
         }
         let c = &self.costs;
         let ns = c.direct_map_remove * removed + c.direct_map_split * splits + c.direct_map_flush;
-        self.vms[vm].stats.direct_map_removed(removed, splits, ns);
+        self.vms[vm]
+            .stats
+            .direct_map_removed(removed, splits, 1, ns);
+    }
+
+    /// [`Host::gmem_zap_direct_map`] for each page of frames `pfn..pfn + n`, fresh order-0
+    /// pages of `file` each mapped by its own fault: one flush per page removed.
+    pub(crate) fn gmem_zap_direct_map_run(&mut self, file: usize, pfn: u32, n: u64) {
+        let f = &self.files[file];
+        if f.flags & uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP == 0 {
+            return;
+        }
+        let vm = f.vm;
+        let n = u32::try_from(n).expect("a run of host frames");
+        let (removed, splits) = self.frames.direct_map.remove(pfn, n);
+        if removed == 0 {
+            return;
+        }
+        let c = &self.costs;
+        let ns = (c.direct_map_remove + c.direct_map_flush) * removed + c.direct_map_split * splits;
+        self.vms[vm]
+            .stats
+            .direct_map_removed(removed, splits, removed, ns);
     }
 
     /// `folio_restore_direct_map()` of frames `pfn..pfn + 2^order` being freed, charged to

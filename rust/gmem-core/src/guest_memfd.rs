@@ -777,6 +777,7 @@ impl Host {
             if zero {
                 self.files[f].content.clear_range(o, o + len);
             }
+            self.gmem_zap_direct_map_run(f, pfn, len);
             runs.push((o, pfn, len));
             o += len;
         }

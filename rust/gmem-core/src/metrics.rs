@@ -178,10 +178,10 @@ impl Stats {
     /// `n` pages left the direct map in one call, splitting `splits` 2 MiB blocks; one
     /// direct-map TLB flush.
     #[inline]
-    pub(crate) fn direct_map_removed(&mut self, n: u64, splits: u64, ns: u64) {
+    pub(crate) fn direct_map_removed(&mut self, n: u64, splits: u64, flushes: u64, ns: u64) {
         self.direct_map_removals += n;
         self.direct_map_splits += splits;
-        self.direct_map_flushes += 1;
+        self.direct_map_flushes += flushes;
         self.charge(ns);
     }
 

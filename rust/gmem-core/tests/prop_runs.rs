@@ -171,3 +171,68 @@ proptest! {
         }
     }
 }
+
+/// A `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` file (series v12): faulting a range in per run takes
+/// each page out of the direct map with its own flush, as faults one by one do.
+#[test]
+fn no_direct_map_run_equals_page_by_page() {
+    use gmem_core::{GmemArg, MemRegion, StrategyKind, VmType, uapi};
+    const PAGES: u64 = 1100;
+    let setup = || {
+        let mut h = Host::new(4 * PAGES * PAGE_SIZE).expect("host");
+        let vm = h.create_vm(VmType::SwProtected, StrategyKind::Dual);
+        let f = h
+            .create_guest_memfd(
+                vm,
+                PAGES * PAGE_SIZE,
+                uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+                0,
+            )
+            .expect("guest_memfd");
+        let anon = h.mmap_anonymous(PAGES * PAGE_SIZE).expect("mmap");
+        let fd = i64::from(h.file(f).fd().expect("open"));
+        h.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 0,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 0,
+                memory_size: PAGES * PAGE_SIZE,
+                userspace_addr: h.mapping(anon).addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 0,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .expect("memslot");
+        let p = Op::ConvertPrivate as u8;
+        assert_eq!(
+            h.apply(vm, &[p], &[0], &[PAGES], &[0], None)
+                .expect("apply"),
+            [0]
+        );
+        (h, vm)
+    };
+    let (mut a, vm) = setup();
+    let (mut b, _) = setup();
+    let w = Op::GuestWritePrivate as u8;
+    assert_eq!(
+        a.apply(vm, &[w], &[5], &[PAGES - 5], &[7], None)
+            .expect("apply"),
+        [0]
+    );
+    for g in 5..PAGES {
+        assert_eq!(
+            b.apply(vm, &[w], &[g], &[1], &[7], None).expect("apply"),
+            [0]
+        );
+    }
+    let (sa, sb) = (without_events(&a, vm), without_events(&b, vm));
+    assert_eq!(sa.direct_map_removals, PAGES - 5);
+    assert_eq!(sa.direct_map_flushes, PAGES - 5);
+    assert!(sa.direct_map_splits >= 2);
+    assert_eq!(sa, sb);
+    a.check().expect("check");
+    b.check().expect("check");
+}
