@@ -69,6 +69,8 @@ enum gmem_op
   GMEM_OP_HOST_READ = 10,
   GMEM_OP_HOST_WRITE = 11,
   GMEM_OP_ALLOCATE = 12,
+  GMEM_OP_MEMORY_FAILURE = 13,
+  GMEM_OP_PRE_FAULT = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -296,6 +298,14 @@ int32_t gmem_guest_memfd_mmap(struct gmem_guest_memfd *file,
                               const uint64_t *length,
                               bool shared,
                               struct gmem_mapping **out);
+
+// `memory_failure()` on the page at byte `offset` of the guest_memfd (mainline
+// `kvm_gmem_error_folio()`): its stage-2 and host mappings go, the page stays poisoned
+// in the file until its hole is punched. Later guest accesses fail with `-EHWPOISON`
+// (133), host accesses through a mapping with `-EFAULT` (SIGBUS). `-EINVAL` for an
+// unaligned offset or one beyond the size, `-ENOENT` where no page is present (a
+// released file has none), `-EHWPOISON` for a page already poisoned.
+int32_t gmem_guest_memfd_memory_failure(struct gmem_guest_memfd *file, uint64_t offset);
 
 // `close()` the guest_memfd's fd (the handle stays valid; later calls on it are
 // `-EBADF` as the kernel's would be).

@@ -32,6 +32,12 @@ class Op(enum.IntEnum):
     HOST_READ = 10
     HOST_WRITE = 11
     ALLOCATE = 12
+    #: ``memory_failure()`` on the guest_memfd page behind each gfn's private view
+    #: (`gmem.GuestMemfd.memory_failure`); not part of trace format 1.
+    MEMORY_FAILURE = 13
+    #: ``KVM_PRE_FAULT_MEMORY`` over the range (`gmem.Vm.pre_fault_memory`); not part of
+    #: trace format 1.
+    PRE_FAULT = 14
 
 
 #: One event: ``op`` (an `Op`), first ``gfn``, ``npages`` (4 KiB pages) and ``value``

@@ -153,6 +153,11 @@ def _add_common(p: argparse.ArgumentParser, *, workload: bool = True) -> None:
     )
     g.add_argument("--merge-every", type=_positive_int, default=RunConfig.merge_every)
     g.add_argument("--coalesce", action="store_true", help="batch adjacent conversions")
+    g.add_argument(
+        "--prefault",
+        action="store_true",
+        help="SNP: KVM_PRE_FAULT_MEMORY after each conversion to private (QEMU's prefault)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", "-o", default=DEFAULT_OUT, help=f"directory (default {DEFAULT_OUT})")
     o.add_argument(
@@ -284,6 +289,7 @@ def _config(args, workload: str, params: dict[str, Any]) -> RunConfig:
         merge_schedule=args.merge_schedule,
         merge_every=args.merge_every,
         coalesce=args.coalesce,
+        prefault=args.prefault,
         sample_every=args.sample_every,
     )
 

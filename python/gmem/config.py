@@ -26,7 +26,13 @@ from typing import Any
 from gmem.constants import HUGE_ORDERS, VM_TYPES, VM_TYPES_WITHOUT_PRIVATE_MEM
 from gmem.costs import validate_costs
 from gmem.streams import DEFAULT_CHUNK
-from gmem.workloads import get_workload, workload_converts, workload_parameters, workload_vm_type
+from gmem.workloads import (
+    COMMON_PARAMETERS,
+    get_workload,
+    workload_converts,
+    workload_parameters,
+    workload_vm_type,
+)
 
 __all__ = [
     "DEFAULT_PAGES",
@@ -78,7 +84,7 @@ KNOB_MINIMUM: dict[str, int] = {
     # takes, never what it computes (`gmem.experiment.run_experiment` takes it)
     "jobs": 1,
 }
-_BOOL_KNOBS = ("coalesce",)
+_BOOL_KNOBS = ("coalesce", "prefault")
 #: Knobs whose None means "derived": a trace's own extent, a pass per batch, ~400 samples.
 _OPTIONAL = ("pages", "discard_every", "sample_every")
 
@@ -170,11 +176,14 @@ def _fits(value: Any, kind: str) -> bool:
 def check_params(workload: str, params: Mapping[str, Any]) -> None:
     """Check workload parameters against the workload's signature: an unknown name raises
     `UsageError` (listing the workload's parameters), a value of the wrong type
-    `ConfigError` (``knob`` = ``params.X``); an unknown workload raises `ValueError`."""
-    allowed = workload_parameters(workload)
+    `ConfigError` (``knob`` = ``params.X``); an unknown workload raises `ValueError`.
+    Every workload also takes `gmem.workloads.COMMON_PARAMETERS` (not listed in the
+    message, which names the workload's own)."""
+    own = workload_parameters(workload)
+    allowed = {**own, **COMMON_PARAMETERS}
     for key, value in params.items():
         if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
+            known = ", ".join(sorted(own)) or "none"
             raise UsageError(
                 f"workload {workload!r} has no parameter {key!r} (parameters: {known})"
             )
@@ -217,6 +226,7 @@ class RunConfig:
     merge_schedule: str = "eager"
     merge_every: int = 1 << 20
     coalesce: bool = False
+    prefault: bool = False
     sample_every: int | None = None
 
     def __post_init__(self) -> None:
@@ -281,4 +291,5 @@ class RunConfig:
             "merge_schedule": self.merge_schedule,
             "merge_every": self.merge_every,
             "coalesce": self.coalesce,
+            "prefault": self.prefault,
         }

@@ -40,6 +40,7 @@ DEFAULT_COSTS: dict[str, int] = {
     "zero_2m": 165000,
     "zero_1g": 84480000,
     "stage2_map": 1500,
+    "prefault_map": 700,
     "stage2_zap": 500,
     "stage2_zap_entry": 20,
     "tlb_flush": 2000,

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,16 +52,47 @@ MAIN_COUNTERS: tuple[tuple[str, str, float], ...] = (
 )
 
 
+def _prefaulted(s: dict[str, Any]) -> bool:
+    return s.get("stage2_faults", 0) != s.get("guest_stage2_faults", s.get("stage2_faults", 0))
+
+
+def _poisoned(s: dict[str, Any]) -> bool:
+    return bool(s.get("hwpoisoned_pages"))
+
+
+#: Rows shown only when some run of the comparison needs them, each with the test a
+#: summary passes to need it: (summary key, column title, scale, test). Stage-2 exits
+#: (the faults the guest took, not those `KVM_PRE_FAULT_MEMORY` installed ahead of it)
+#: when a run pre-faulted; the cost of memory failures when pages were poisoned.
+CONDITIONAL_COUNTERS: tuple[tuple[str, str, float, Callable[[dict[str, Any]], bool]], ...] = (
+    ("guest_stage2_faults", "stage-2 exits", 1, _prefaulted),
+    ("hwpoisoned_pages", "hwpoisoned", 1, _poisoned),
+    ("hwpoison_lost_pages", "content lost", 1, _poisoned),
+    ("hwpoison_refused", "EHWPOISON", 1, _poisoned),
+)
+
+
 def _summaries(results: Sequence[RunResult | dict[str, Any]]) -> list[dict[str, Any]]:
     return [r if isinstance(r, dict) else r.summary for r in results]
 
 
 def comparison_frame(results: Sequence[RunResult | dict[str, Any]]) -> pd.DataFrame:
-    """The comparison as a DataFrame: one row per strategy, the `MAIN_COUNTERS` scaled."""
+    """The comparison as a DataFrame: one row per strategy, the `MAIN_COUNTERS` scaled,
+    then those of `CONDITIONAL_COUNTERS` that some strategy's run needs."""
+    summaries = _summaries(results)
+    counters = [
+        *MAIN_COUNTERS[:-1],
+        *(
+            (key, title, scale)
+            for key, title, scale, needed in CONDITIONAL_COUNTERS
+            if any(needed(s) for s in summaries)
+        ),
+        MAIN_COUNTERS[-1],
+    ]
     rows = []
-    for s in _summaries(results):
+    for s in summaries:
         row: dict[str, Any] = {"strategy": s.get("strategy", "?")}
-        for key, title, scale in MAIN_COUNTERS:
+        for key, title, scale in counters:
             v = s.get(key)
             row[title] = None if v is None else v * scale
         row["wall s"] = s.get("wall_s")

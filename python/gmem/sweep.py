@@ -99,6 +99,7 @@ _KNOB_AXES = (
     "merge_schedule",
     "merge_every",
     "coalesce",
+    "prefault",
     "chunk",
     "sample_every",
 )

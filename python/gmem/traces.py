@@ -54,7 +54,12 @@ KVM_MAP_GPA_RANGE_RESERVED = ~0x1F & 0xFFFF_FFFF_FFFF_FFFF
 _U64_MAX = (1 << 64) - 1
 _PAGE_SIZE_NAMES = {0: "4k", 1: "2m", 2: "1g"}
 _CSV_HEADER = ("op", "gfn", "npages", "value")
-_OP_NAMES = np.array([op.name for op in Op])
+#: The ops of trace format 1: what a guest and its VMM did. Memory failures and
+#: pre-faults (`Op.MEMORY_FAILURE`, `Op.PRE_FAULT`) are injected by a run (the
+#: ``hwpoison_rate`` workload parameter, the ``prefault`` policy knob), not replayed.
+_TRACE_OPS = [op for op in Op if op < Op.MEMORY_FAILURE]
+_OP_NAMES = np.array([op.name for op in _TRACE_OPS])
+_OP_NAME_SET = frozenset(_OP_NAMES.tolist())
 
 
 class TraceError(ValueError):
@@ -92,7 +97,7 @@ def _columns(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         batch = batch.astype(EVENT_DTYPE)
     if batch.size and batch["op"].max() >= len(_OP_NAMES):
         bad = int(batch["op"][batch["op"] >= len(_OP_NAMES)][0])
-        raise ValueError(f"event op {bad} is not a gmem.Op")
+        raise ValueError(f"event op {bad} is not an op of trace format 1")
     return _OP_NAMES[batch["op"]], batch["gfn"], batch["npages"], batch["value"]
 
 
@@ -171,13 +176,13 @@ def write_trace(
 def _parse_op(raw: object, path, lineno: int) -> int:
     if isinstance(raw, str):
         name = raw.strip()
-        if name in Op.__members__:
+        if name in _OP_NAME_SET:
             return int(Op[name])
         try:
             raw = int(name, 0)
         except ValueError:
             raise TraceError(path, lineno, f"unknown op {name!r}") from None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < len(Op):
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < len(_TRACE_OPS):
         raise TraceError(path, lineno, f"unknown op {raw!r}")
     return raw
 

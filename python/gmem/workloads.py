@@ -13,7 +13,9 @@ Make memory type private by default if it has guest memfd backend", v9.0), so mo
 workloads begin with one ``CONVERT_PRIVATE`` of the whole guest.
 
 The registry `WORKLOADS` maps a name to ``(generator, description)``; ``trace:PATH``
-replays a trace file (see `gmem.traces`). `EventStream`, `chunked` and `events` live in
+replays a trace file (see `gmem.traces`). Every workload, traces included, also takes
+the parameters of `COMMON_PARAMETERS`: ``hwpoison_rate`` injects memory failures
+(`inject_memory_failures`). `EventStream`, `chunked` and `events` live in
 `gmem.streams` and are re-exported here.
 """
 
@@ -30,6 +32,7 @@ from gmem.constants import PAGE_SHIFT, PAGES_1G, PAGES_2M
 from gmem.streams import DEFAULT_CHUNK, EventStream, chunked, events
 
 __all__ = [
+    "COMMON_PARAMETERS",
     "DEFAULT_CHUNK",
     "DEFAULT_VM_TYPE",
     "DEFAULT_VM_WORKLOADS",
@@ -42,6 +45,7 @@ __all__ = [
     "events",
     "get_workload",
     "hugepage_frag",
+    "inject_memory_failures",
     "make_events",
     "make_workload",
     "random_ranges",
@@ -113,6 +117,7 @@ def boot(
     unit: int = PAGES_2M,
     read_fraction: float = 0.1,
     swiotlb_size: int | None = None,
+    psc: bool = False,
 ) -> EventStream:
     """Boot of a confidential guest with lazily accepted memory, then SWIOTLB setup.
 
@@ -125,6 +130,11 @@ def boot(
     ``set_memory_decrypted()`` on the whole SWIOTLB pool, which the guest sends as a
     ``KVM_HC_MAP_GPA_RANGE`` (shared) and the VMM turns into one ``CONVERT_SHARED``.
     The pool size follows `swiotlb_pages` unless ``swiotlb_size`` (pages) is given.
+    With ``psc`` each unit is first requested private by a page state change, as an SNP
+    guest accepts memory (``snp_accept_memory()`` → ``set_pages_state(...,
+    SNP_PAGE_STATE_PRIVATE)``, a PSC the VMM turns into a conversion, a no-op here since
+    the memory is private already): a ``CONVERT_PRIVATE`` of the unit before its touch.
+    The page allocator accepts ``MAX_PAGE_ORDER`` blocks (4 MiB on x86): ``unit=1024``.
     """
     pages = _check_pages(pages)
     if not 0.0 <= touch <= 1.0:
@@ -146,10 +156,15 @@ def boot(
             npg = np.minimum(np.uint64(unit), np.uint64(touched) - gfn)
             is_read = rng.random(n) < read_fraction
             op = np.where(is_read, Op.GUEST_READ_PRIVATE, Op.GUEST_WRITE_PRIVATE)
-            yield events(op, gfn, npg, gfn + np.uint64(1))
+            touch_events = events(op, gfn, npg, gfn + np.uint64(1))
+            if psc:
+                yield _rowwise(events(Op.CONVERT_PRIVATE, gfn, npg), touch_events)
+            else:
+                yield touch_events
         yield events(Op.CONVERT_SHARED, pool_base, pool)
 
-    return EventStream(gen, name="boot", pages=pages, chunk=chunk, total_events=units + 2)
+    total = units * (2 if psc else 1) + 2
+    return EventStream(gen, name="boot", pages=pages, chunk=chunk, total_events=total)
 
 
 def swiotlb(
@@ -607,9 +622,56 @@ def get_workload(name: str) -> WorkloadSpec:
     return spec
 
 
+#: Parameters every workload takes (traces too), with their annotations: applied by
+#: `make_workload` around the workload's own events.
+COMMON_PARAMETERS: dict[str, str] = {"hwpoison_rate": "float"}
+
+#: Seeds the failure generator apart from the workload's own (same ``seed``, other draws).
+_HWPOISON_STREAM = 0x48574D46
+
+
+def inject_memory_failures(stream: EventStream, rate: float, *, seed: int = 0) -> EventStream:
+    """``stream`` with memory failures injected: after each event, with probability
+    ``rate``, a ``MEMORY_FAILURE`` of one page at a uniformly random gfn of the guest
+    (the kernel's ``memory_failure()`` on the guest_memfd page behind the gfn's private
+    view — the only page of a same-page design; where no page is, the event fails with
+    ``ENOENT``: the failure hit memory that is not the guest's).
+
+    Uncorrectable errors strike physical pages at random, so a design that keeps more
+    guest_memfd pages present offers more targets; what a hit costs differs too: on a
+    two-sided design (`dual`, `two_offsets`) only the private side of a gfn is lost,
+    while in place (one page per gfn) the gfn's content is lost whatever its state (the
+    counters ``hwpoisoned_pages``, ``hwpoison_lost_pages``, ``hwpoison_refused``).
+    Failures of the VMM's ordinary memory are outside guest_memfd and not injected.
+    Re-iterating the result yields the same failures at the same places.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"hwpoison_rate must be in [0, 1], got {rate}")
+    if rate == 0.0:
+        return stream
+    pages = stream.pages
+
+    def gen() -> Iterator[np.ndarray]:
+        rng = np.random.default_rng([seed, _HWPOISON_STREAM])
+        for batch in stream:
+            k = int(rng.binomial(len(batch), rate))
+            if not k:
+                yield batch
+                continue
+            after = np.sort(rng.integers(1, len(batch) + 1, size=k))
+            gfn = rng.integers(0, pages, size=k, dtype=np.uint64)
+            yield np.insert(batch, after, events(Op.MEMORY_FAILURE, gfn, 1))
+
+    total = stream.total_events
+    if total is not None:
+        total += round(total * rate)
+    return EventStream(gen, name=stream.name, pages=pages, chunk=stream.chunk, total_events=total)
+
+
 def workload_parameters(name: str) -> dict[str, str]:
-    """The parameters a workload takes besides ``pages``, ``seed`` and ``chunk``, each
-    with its annotation (``"int | None"``, ``"float"``, …)."""
+    """The parameters a workload's own generator takes besides ``pages``, ``seed`` and
+    ``chunk``, each with its annotation (``"int | None"``, ``"float"``, …); every
+    workload also takes `COMMON_PARAMETERS`."""
     if name.startswith("trace:"):
         get_workload(name)  # the path check
         from gmem.traces import trace_workload as fn
@@ -628,13 +690,18 @@ def make_workload(
     """Create the `EventStream` of a workload by name.
 
     ``pages`` may be ``None`` only for ``trace:PATH``, whose extent then sets the size.
+    ``hwpoison_rate`` (see `COMMON_PARAMETERS`) wraps the stream in
+    `inject_memory_failures`.
     """
     spec = get_workload(name)
+    rate = float(params.pop("hwpoison_rate", 0.0))
     if name.startswith("trace:"):
-        return spec.generator(pages, chunk=chunk, **params)
-    if pages is None:
+        stream = spec.generator(pages, chunk=chunk, **params)
+    elif pages is None:
         raise ValueError(f"workload {name!r} needs a guest size in pages")
-    return spec.generator(pages, seed=seed, chunk=chunk, **params)
+    else:
+        stream = spec.generator(pages, seed=seed, chunk=chunk, **params)
+    return inject_memory_failures(stream, rate, seed=seed)
 
 
 def make_events(name: str, pages: int, *, seed: int = 0, **params) -> np.ndarray:

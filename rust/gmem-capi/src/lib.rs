@@ -158,6 +158,8 @@ pub enum gmem_op {
     GMEM_OP_HOST_READ = 10,
     GMEM_OP_HOST_WRITE = 11,
     GMEM_OP_ALLOCATE = 12,
+    GMEM_OP_MEMORY_FAILURE = 13,
+    GMEM_OP_PRE_FAULT = 14,
 }
 
 /// Per-event details of `gmem_vm_apply` (the fields of `gmem.DETAIL_DTYPE`, naturally
@@ -1047,6 +1049,20 @@ pub extern "C" fn gmem_guest_memfd_mmap(
         }
         let id = o.cell.with(|h| h.gmem_mmap(o.id, offset, length, shared))?;
         put(out, "out", register(&o.cell, Kind::Mapping, id))
+    })
+}
+
+/// `memory_failure()` on the page at byte `offset` of the guest_memfd (mainline
+/// `kvm_gmem_error_folio()`): its stage-2 and host mappings go, the page stays poisoned
+/// in the file until its hole is punched. Later guest accesses fail with `-EHWPOISON`
+/// (133), host accesses through a mapping with `-EFAULT` (SIGBUS). `-EINVAL` for an
+/// unaligned offset or one beyond the size, `-ENOENT` where no page is present (a
+/// released file has none), `-EHWPOISON` for a page already poisoned.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_guest_memfd_memory_failure(file: *mut gmem_guest_memfd, offset: u64) -> i32 {
+    call(|| {
+        let o = lookup(file, Kind::File)?;
+        o.cell.with(|h| h.memory_failure(o.id, offset))
     })
 }
 

@@ -75,7 +75,7 @@ impl Host {
             let loc = self.guest_loc(vm, gfn, private, pfn);
             return Ok(self.touch(vm, pfn, loc, write));
         }
-        let pfn = match self.guest_fault(vm, gfn, private, write.is_some()) {
+        let pfn = match self.guest_fault(vm, gfn, private, write.is_some(), true) {
             Err(Error::MemoryFault { .. }) if self.vms[vm].opts.fault == FaultPolicy::Convert => {
                 // The VMM answers the exit by converting the page and re-entering the guest.
                 self.implicit = Some((
@@ -87,7 +87,7 @@ impl Host {
                     },
                 ));
                 self.convert(vm, gfn, gfn + 1, private)?;
-                self.guest_fault(vm, gfn, private, write.is_some())?
+                self.guest_fault(vm, gfn, private, write.is_some(), true)?
             }
             r => r?,
         };
@@ -213,12 +213,21 @@ impl Host {
         }
     }
 
-    /// A stage-2 fault: resolve the backing page and install a mapping, or exit.
+    /// A stage-2 fault: resolve the backing page and install a mapping, or exit. `guest`:
+    /// the guest's own access faulted (a stage-2 exit, `stage2_map`), rather than
+    /// `KVM_PRE_FAULT_MEMORY` mapping ahead of it (no exit, `prefault_map`).
     ///
     /// Without a memslot: a shared access is emulated MMIO; a private one is a memory
     /// fault in mainline (its attribute lives in the VM), and emulated MMIO too in in-place
     /// mode (v13), where a gfn no memslot binds has no attribute at all.
-    fn guest_fault(&mut self, vm: usize, gfn: u64, private: bool, write: bool) -> Result<u32> {
+    fn guest_fault(
+        &mut self,
+        vm: usize,
+        gfn: u64,
+        private: bool,
+        write: bool,
+        guest: bool,
+    ) -> Result<u32> {
         if self.vms[vm].strategy.in_place_mode() && self.vms[vm].slot_at(gfn).is_none() {
             return Err(self.mmio_exit(vm, gfn, write));
         }
@@ -241,7 +250,7 @@ impl Host {
                 return Err(self.memory_fault(vm, gfn, private));
             };
             let pfn = self.gmem_get_pfn(vm, f, off)?;
-            self.map_private(vm, &slot, gfn, f, off, pfn);
+            self.map_private(vm, &slot, gfn, f, off, pfn, guest);
             return Ok(pfn);
         }
         let pfn = self.shared_backing(vm, &slot, gfn)?;
@@ -249,8 +258,8 @@ impl Host {
             .s2
             .map(gfn, Level::L4K, pfn, false, &self.files);
         self.vms[vm].refresh_stage2_counts();
-        let c = self.costs.stage2_map;
-        self.vms[vm].stats.stage2_fault(c);
+        let c = self.map_cost(guest);
+        self.vms[vm].stats.stage2_fault(guest, c);
         Ok(pfn)
     }
 
@@ -351,7 +360,7 @@ impl Host {
                 continue;
             } else {
                 let private = self.gfn_private(vm, gfn);
-                self.guest_fault(vm, gfn, private, false).map(drop)
+                self.guest_fault(vm, gfn, private, false, false).map(drop)
             };
             match r {
                 Ok(()) => gfn += 1,
@@ -394,7 +403,17 @@ impl Host {
 
     /// Install a private mapping for `gfn` at the largest level the folio, the memslot's
     /// alignment, the attributes (the kernel's "mixed" rule) and the platform allow.
-    fn map_private(&mut self, vm: usize, slot: &Memslot, gfn: u64, f: usize, off: u64, pfn: u32) {
+    #[allow(clippy::too_many_arguments)]
+    fn map_private(
+        &mut self,
+        vm: usize,
+        slot: &Memslot,
+        gfn: u64,
+        f: usize,
+        off: u64,
+        pfn: u32,
+        guest: bool,
+    ) {
         let max = self.vms[vm].vm_type.max_private_level();
         let mut level = Level::L4K;
         for l in [Level::L1G, Level::L2M] {
@@ -429,10 +448,20 @@ impl Host {
             self.vms[vm].s2.map(g0, level, p0, true, &self.files);
         }
         self.vms[vm].refresh_stage2_counts();
-        let mut ns = self.costs.stage2_map;
+        let mut ns = self.map_cost(guest);
         let vt = self.vms[vm].vm_type;
         ns += vt.map_private(self, vm, g0, n, p0);
-        self.vms[vm].stats.stage2_fault(ns);
+        self.vms[vm].stats.stage2_fault(guest, ns);
+    }
+
+    /// What installing one stage-2 mapping costs: with the guest's exit and re-entry for a
+    /// guest fault, without for `KVM_PRE_FAULT_MEMORY`.
+    fn map_cost(&self, guest: bool) -> u64 {
+        if guest {
+            self.costs.stage2_map
+        } else {
+            self.costs.prefault_map
+        }
     }
 
     /// A shared page of a same-page file lives in an order-0 folio (HugeTLB dev tree):
@@ -514,6 +543,14 @@ impl Host {
         }
         if !self.host_may_access(f, off) {
             return Err(self.host_fault(f, addr, HostFaultKind::Private));
+        }
+        // kvm_gmem_fault_user_mapping(): a poisoned folio is VM_FAULT_HWPOISON.
+        if let Some(r) = self.files[f].page(off)
+            && self.frames.poisoned_in(r.pfn, 0)
+        {
+            let vm = self.files[f].vm;
+            self.vms[vm].stats.hwpoison_refusal(0);
+            return Err(self.host_fault(f, addr, HostFaultKind::Poisoned));
         }
         let vm = self.files[f].vm;
         let pfn = self.gmem_get_pfn(vm, f, off)?;

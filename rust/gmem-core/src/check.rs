@@ -83,6 +83,11 @@ impl Host {
                 } else {
                     self.shared_pfn_now(vm, slot.id, gfn)
                 };
+                if self.frames.hwpoison.contains(&pfn) {
+                    return Err(broken(format!(
+                        "stage-2 maps gfn {gfn:#x} to hwpoisoned pfn {pfn:#x}"
+                    )));
+                }
                 if backing != Some(pfn) {
                     return Err(broken(format!(
                         "stage-2 maps gfn {gfn:#x} to pfn {pfn:#x} but its backing is {backing:?}"
@@ -225,7 +230,9 @@ impl Host {
         self.files[f].page(o).map(|r| r.pfn)
     }
 
-    /// Host-wide: each frame has at most one owner and no owned frame is free.
+    /// Host-wide: each frame has at most one owner and no owned frame is free; a
+    /// hwpoisoned frame no page cache holds any more is retired: owned by nobody, never
+    /// free.
     pub fn check_frames(&self) -> Result<()> {
         self.frames.check().map_err(broken)?;
         self.check_fds()?;
@@ -246,6 +253,12 @@ impl Host {
             }
         }
         owned.sort_unstable();
+        // Retired frames: poisoned, and in no page cache or orphan list.
+        let held = |p: u32| {
+            let i = owned.partition_point(|&(q, _)| q <= p);
+            i > 0 && u64::from(owned[i - 1].0) + u64::from(owned[i - 1].1) > u64::from(p)
+        };
+        let retired = self.frames.hwpoison.iter().filter(|&&p| !held(p)).count() as u64;
         let mut end = 0u64;
         for &(p, n) in &owned {
             if u64::from(p) < end {
@@ -258,7 +271,7 @@ impl Host {
             }
             end = u64::from(p) + u64::from(n);
         }
-        let total: u64 = owned.iter().map(|&(_, n)| u64::from(n)).sum();
+        let total: u64 = owned.iter().map(|&(_, n)| u64::from(n)).sum::<u64>() + retired;
         if total + self.frames.alloc.free_pages() != self.frames.alloc.total_pages() {
             return Err(broken(format!(
                 "frames: {} owned + {} free != {} total",
@@ -322,21 +335,32 @@ impl Host {
             .iter()
             .filter(|m| !m.unmapped && matches!(m.kind, MapKind::Gmem { .. }))
             .count();
-        // No host page table reaches a page the host may not fault.
+        // No host page table reaches a page the host may not fault, nor a hwpoisoned page
+        // (memory_failure() unmapped it, and no fault maps it again).
         for m in &self.space.maps {
-            if let MapKind::Gmem {
+            let MapKind::Gmem {
                 file,
                 pgoff,
                 present,
             } = &m.kind
-                && let Some(idx) = present
-                    .iter()
-                    .find(|&i| !self.host_may_access(*file, pgoff + i))
-            {
+            else {
+                continue;
+            };
+            for i in present {
+                let what = if !self.host_may_access(*file, pgoff + i) {
+                    "private"
+                } else if self.files[*file]
+                    .page(pgoff + i)
+                    .is_some_and(|r| self.frames.hwpoison.contains(&r.pfn))
+                {
+                    "hwpoisoned"
+                } else {
+                    continue;
+                };
                 return Err(broken(format!(
-                    "host mapping at {:#x} reaches private page {:#x} of guest_memfd {file}",
-                    m.addr + (idx << PAGE_SHIFT),
-                    pgoff + idx
+                    "host mapping at {:#x} reaches {what} page {:#x} of guest_memfd {file}",
+                    m.addr + (i << PAGE_SHIFT),
+                    pgoff + i
                 )));
             }
         }

@@ -219,7 +219,11 @@ impl Host {
         let mut h = o0 & !(n - 1);
         while h < o1 {
             let all_private = self.huge_range_private(f, h, n);
-            let fresh = if all_private && self.files[f].pins_in(h, h + n).is_empty() {
+            // A hwpoisoned page never joins a folio again.
+            let fresh = if all_private
+                && self.files[f].pins_in(h, h + n).is_empty()
+                && !self.file_range_poisoned(f, h, h + n)
+            {
                 self.files[f].try_merge(h)
             } else {
                 None

@@ -38,6 +38,7 @@ costs_struct! {
     zero_2m = 165_000,
     zero_1g = 84_480_000,
     stage2_map = 1500,
+    prefault_map = 700,
     stage2_zap = 500,
     stage2_zap_entry = 20,
     tlb_flush = 2000,

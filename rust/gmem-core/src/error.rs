@@ -16,6 +16,9 @@ pub mod errno {
     pub const ENOTTY: i32 = 25;
     pub const EFBIG: i32 = 27;
     pub const EOPNOTSUPP: i32 = 95;
+    /// `EHWPOISON`: the page is hardware-poisoned (`kvm_gmem_get_pfn()` on a page that
+    /// `memory_failure()` marked).
+    pub const EHWPOISON: i32 = 133;
 }
 
 /// Why a host access was refused (the kernel would deliver SIGBUS or fail GUP).
@@ -25,6 +28,8 @@ pub enum HostFaultKind {
     Private,
     /// The access lies beyond the end of the file.
     BeyondEof,
+    /// The page is hardware-poisoned (`VM_FAULT_HWPOISON`: SIGBUS with `BUS_MCEERR_AR`).
+    Poisoned,
 }
 
 /// An error of a model operation.
@@ -84,6 +89,9 @@ impl fmt::Display for Error {
                 }
                 HostFaultKind::BeyondEof => {
                     write!(f, "host access beyond end of file at {addr:#x} (SIGBUS)")
+                }
+                HostFaultKind::Poisoned => {
+                    write!(f, "host access to hwpoisoned page at {addr:#x} (SIGBUS)")
                 }
             },
             Error::Mmio {

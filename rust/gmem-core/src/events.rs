@@ -2,7 +2,7 @@
 
 use crate::PAGE_SHIFT;
 use crate::access::HostOp;
-use crate::error::{Error, Result, einval};
+use crate::error::{Error, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
 use crate::stage2::Leaf;
@@ -25,10 +25,15 @@ pub enum Op {
     HostRead = 10,
     HostWrite = 11,
     Allocate = 12,
+    /// `memory_failure()` on the guest_memfd page behind each gfn's private view (the
+    /// only page of a same-page design): `Host::memory_failure`.
+    MemoryFailure = 13,
+    /// `KVM_PRE_FAULT_MEMORY` over the range (`Host::pre_fault_memory`).
+    PreFault = 14,
 }
 
 impl Op {
-    pub const COUNT: u8 = 13;
+    pub const COUNT: u8 = 15;
 
     pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
@@ -45,6 +50,8 @@ impl Op {
             10 => Op::HostRead,
             11 => Op::HostWrite,
             12 => Op::Allocate,
+            13 => Op::MemoryFailure,
+            14 => Op::PreFault,
             _ => return None,
         })
     }
@@ -472,6 +479,25 @@ impl Host {
                 }
             }
             Op::DiscardShared => self.discard_shared(vm, gfn, end),
+            Op::MemoryFailure => {
+                for g in gfn..end {
+                    let Some(FilePage {
+                        file,
+                        off,
+                        live: true,
+                    }) = self.vms[vm].slot_at(g).and_then(|s| s.offset_of(g))
+                    else {
+                        return Err(err(
+                            errno::ENOENT,
+                            format!("memory_failure: no guest_memfd page behind gfn {g:#x}"),
+                        ));
+                    };
+                    self.memory_failure(file, off << PAGE_SHIFT)?;
+                }
+            }
+            Op::PreFault => {
+                last = self.pre_fault_memory(vm, gfn << PAGE_SHIFT, npages << PAGE_SHIFT)?;
+            }
             Op::Pin | Op::Unpin | Op::HostRead | Op::HostWrite => {
                 let hop = match op {
                     Op::Pin => HostOp::Pin,

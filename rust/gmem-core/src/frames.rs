@@ -6,6 +6,12 @@
 //! RMP) and keeps its own invariants; the `impl Host` below adds what a VM sees of it:
 //! the counters and modelled cost of each allocation, free and clear, and the zeroing
 //! policy that decides whether a freed frame's data may reach its next user.
+//!
+//! A frame that `memory_failure()` poisoned (`PageHWPoison`) stays poisoned for good: it
+//! stays in its page cache until punched, and is then retired instead of freed, as the
+//! kernel's `free_pages_prepare()` keeps poisoned pages out of the buddy lists.
+
+use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
@@ -35,6 +41,9 @@ pub(crate) struct HostFrames {
     pub(crate) rmp: FxHashMap<u32, (usize, u64)>,
     /// The kernel direct map: frames removed from it, blocks split.
     pub(crate) direct_map: DirectMap,
+    /// Hardware-poisoned frames (`PageHWPoison`): in a page cache until punched, then
+    /// retired — allocated for good, owned by nobody.
+    pub(crate) hwpoison: BTreeSet<u32>,
 }
 
 impl HostFrames {
@@ -45,7 +54,19 @@ impl HostFrames {
             stale: FxHashMap::default(),
             rmp: FxHashMap::default(),
             direct_map: DirectMap::default(),
+            hwpoison: BTreeSet::new(),
         }
+    }
+
+    /// Whether any frame of `pfn..pfn + 2^order` is hwpoisoned.
+    #[inline]
+    pub(crate) fn poisoned_in(&self, pfn: u32, order: u32) -> bool {
+        !self.hwpoison.is_empty()
+            && self
+                .hwpoison
+                .range(pfn..pfn.saturating_add(1 << order))
+                .next()
+                .is_some()
     }
 
     /// Frames `pfn..pfn + 2^order` freed. `leak`: the owner tag of their data when a later
@@ -128,6 +149,15 @@ impl HostFrames {
         if let Some(p) = self.direct_map.removed().find(|&p| self.alloc.is_free(p)) {
             return Err(format!("free frame {p:#x} is out of the direct map"));
         }
+        if let Some(&p) = self
+            .hwpoison
+            .iter()
+            .find(|&&p| u64::from(p) >= total || self.alloc.is_free(p))
+        {
+            return Err(format!(
+                "hwpoisoned frame {p:#x} is free or beyond the host"
+            ));
+        }
         if let Some(p) = self.stale.keys().find(|&&p| u64::from(p) >= total) {
             return Err(format!(
                 "stale tag on frame {p:#x} beyond the host's {total} pages"
@@ -198,8 +228,13 @@ impl Host {
     }
 
     /// Return a block of frames. Under `ZeroPolicy::OnFree` they are cleared first; otherwise
-    /// their content stays in RAM, as on real hardware, until someone clears it.
+    /// their content stays in RAM, as on real hardware, until someone clears it. Poisoned
+    /// frames of the block are retired instead.
     pub(crate) fn give_frames(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        if self.frames.poisoned_in(pfn, order) {
+            self.give_poisoned_block(vm, pfn, order);
+            return;
+        }
         // kvm_gmem_free_folio(): a NO_DIRECT_MAP folio returns to the direct map.
         self.restore_direct_map(vm, pfn, order);
         if let Some(v) = vm {
@@ -220,6 +255,27 @@ impl Host {
             // kvm_arch_gmem_invalidate: the frames go back to the hypervisor state.
             let c = self.costs.rmpupdate;
             self.vms[owner].stats.rmp_updated(1, c);
+        }
+    }
+
+    /// A block with hwpoisoned frames leaves its page cache: its healthy frames are freed
+    /// one by one, its poisoned ones retired (their data and RMP entry dropped, as
+    /// `kvm_gmem_free_folio()` still runs, but never returned to the allocator).
+    #[cold]
+    fn give_poisoned_block(&mut self, vm: Option<usize>, pfn: u32, order: u32) {
+        for p in pfn..pfn + (1u32 << order) {
+            if !self.frames.hwpoison.contains(&p) {
+                self.give_frames(vm, p, 0);
+                continue;
+            }
+            self.frames.clear(p, 0);
+            if let Some(owner) = self.frames.rmp_release(p, 0) {
+                let c = self.costs.rmpupdate;
+                self.vms[owner].stats.rmp_updated(1, c);
+            }
+            if let Some(v) = vm {
+                self.vms[v].stats.retired(1);
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! guest_memfd files: size, flags, the page cache, bindings, attributes and host
 //! references; and the file operations on them, in the order of
 //! `virt/kvm/guest_memfd.c`: create, fallocate and punch, invalidate (stage-2 zap and
-//! host unmap), release, mmap, get_pfn, populate. Binding is in `memslot.rs`.
+//! host unmap), release, mmap, get_pfn, populate, and the memory-failure handler
+//! (`kvm_gmem_error_folio`). Binding is in `memslot.rs`.
 //!
 //! The page cache keeps huge folios whole (one entry per intact folio) and order-0 pages
 //! (small files, or the pieces of a split huge folio) in a sparse array of
@@ -721,12 +722,18 @@ impl Host {
         offs
     }
 
-    /// `kvm_gmem_get_pfn`: allocate on demand, zero on first use.
+    /// `kvm_gmem_get_pfn`: allocate on demand, zero on first use; `EHWPOISON` for a
+    /// poisoned page (the access returns to the VMM: an exit round trip).
     pub(crate) fn gmem_get_pfn(&mut self, vm: usize, f: usize, off: u64) -> Result<u32> {
         if self.files[f].page(off).is_none() {
             self.gmem_alloc_folio(f, off)?;
         }
         let r = self.files[f].page(off).expect("just allocated");
+        if self.frames.poisoned_in(r.pfn, 0) {
+            let c = self.costs.exit_roundtrip;
+            self.vms[vm].stats.hwpoison_refusal(c);
+            return Err(hwpoisoned(off));
+        }
         if !r.uptodate {
             let order = self.files[f].order;
             if self.vms[vm].opts.zero == ZeroPolicy::OnUse {
@@ -810,6 +817,8 @@ impl Host {
     /// (populated, or prepared by a private guest fault): `EINVAL`; TDX
     /// (`tdx_gmem_post_populate()`) when the gfn is already mapped in the S-EPT (the TDP
     /// MMU's map of the page is not `RET_PF_FIXED`): `EIO`. The page keeps its content.
+    /// A hwpoisoned page stops it too, before the arch hook (`__kvm_gmem_get_pfn()`):
+    /// `EHWPOISON`.
     pub fn populate(&mut self, vm: usize, gpa: u64, size: u64, value: u64) -> Result<u64> {
         if size == 0
             || !gpa.is_multiple_of(PAGE_SIZE)
@@ -848,10 +857,17 @@ impl Host {
         }
         let mut done = 0;
         for (gfn, f, off) in targets {
-            let refused = self.vms[vm]
-                .vm_type
-                .populate_refused(self, vm, gfn, f, off)
-                .and_then(|()| self.kernel_copy_allowed(f, off));
+            let poisoned = self.files[f]
+                .page(off)
+                .is_some_and(|r| self.frames.poisoned_in(r.pfn, 0));
+            let refused = if poisoned {
+                Err(hwpoisoned(off))
+            } else {
+                self.vms[vm]
+                    .vm_type
+                    .populate_refused(self, vm, gfn, f, off)
+                    .and_then(|()| self.kernel_copy_allowed(f, off))
+            };
             if let Err(e) = refused {
                 if done == 0 {
                     return Err(e);
@@ -878,5 +894,313 @@ impl Host {
             vt.populate(self, vm, gfn, f, off, r.pfn);
         }
         Ok(done)
+    }
+
+    /// `memory_failure()` on the page at byte `offset` of guest_memfd `file`, as mainline
+    /// handles it for guest_memfd (`kvm_gmem_error_folio()`, unchanged since 6.8 apart
+    /// from the folio conversion; followed here as of 7.3): the folio is marked
+    /// hwpoisoned and its stage-2 mappings are zapped (invalidate, no truncate: it stays in
+    /// the page cache); `memory_failure()` first unmaps it from every host page table
+    /// (`hwpoison_user_mappings()`). Afterwards a guest access or any other
+    /// `kvm_gmem_get_pfn()` user (pre-fault, populate) fails with `EHWPOISON`, a host access
+    /// through a mapping gets SIGBUS, and punching the hole drops the page: the frame is
+    /// retired, never reused, and the next access allocates a fresh page. A page of an
+    /// intact huge folio poisons the whole folio (the hwpoison flag is the folio's, as for
+    /// HugeTLB).
+    ///
+    /// Errors: `offset` unaligned or at or beyond the size → `EINVAL`; no page at
+    /// `offset` → `ENOENT` (a memory failure is of a physical page, and the offset names
+    /// none: the kernel would find the failing frame free, or in another owner's hands, and
+    /// never reach this file); a page already poisoned → `EHWPOISON` (`memory_failure()`'s
+    /// answer for a page already marked). The fd need not be open: hardware fails a page
+    /// wherever it is, and a file kept alive by a mapping still has its pages (a released
+    /// file has none: `ENOENT`).
+    pub fn memory_failure(&mut self, file: usize, offset: u64) -> Result<()> {
+        let f = &self.files[file];
+        let size = f.size_pages << PAGE_SHIFT;
+        if !offset.is_multiple_of(PAGE_SIZE) || offset >= size {
+            return Err(einval(format!(
+                "memory_failure: offset {offset:#x} unaligned or beyond size {size:#x}"
+            )));
+        }
+        let off = offset >> PAGE_SHIFT;
+        let Some(r) = f.page(off) else {
+            return Err(err(
+                errno::ENOENT,
+                format!("memory_failure: no page at offset {offset:#x}"),
+            ));
+        };
+        if self.frames.poisoned_in(r.pfn, 0) {
+            return Err(hwpoisoned(off));
+        }
+        let (start, end) = match r.folio_head {
+            Some(h) => (h, h + f.folio_pages()),
+            None => (off, off + 1),
+        };
+        let pfn0 = r.pfn - (off - start) as u32;
+        let lost = (start..end)
+            .filter(|&o| self.holds_current_content(file, o))
+            .count() as u64;
+        self.frames
+            .hwpoison
+            .extend(pfn0..pfn0 + (end - start) as u32);
+        self.unmap_file_range(file, start, end);
+        self.gmem_invalidate(file, start, end, Zap::Backed);
+        let vm = self.files[file].vm;
+        self.vms[vm].stats.hwpoisoned(end - start, lost);
+        Ok(())
+    }
+
+    /// Whether page `off` of `file` holds the current content of the gfn bound there: it is
+    /// uptodate and is the page the gfn's present view (private or shared, as its
+    /// attribute says) reads.
+    fn holds_current_content(&self, file: usize, off: u64) -> bool {
+        let f = &self.files[file];
+        if !f.page(off).is_some_and(|r| r.uptodate) {
+            return false;
+        }
+        let Some((bs, b)) = f.binding_at(off) else {
+            return false;
+        };
+        let slot = &self.vms[b.vm].slots[&b.slot];
+        let gfn = slot.base_gfn + (off - bs);
+        let view = if self.gfn_private(b.vm, gfn) {
+            slot.offset_of(gfn)
+        } else {
+            self.shared_file_page(b.vm, slot, gfn)
+        };
+        view.is_some_and(|p| p.live && p.file == file && p.off == off)
+    }
+
+    /// Whether any page of `[o0, o1)` of `file` sits on a hwpoisoned frame.
+    pub(crate) fn file_range_poisoned(&self, file: usize, o0: u64, o1: u64) -> bool {
+        !self.frames.hwpoison.is_empty()
+            && (o0..o1).any(|o| {
+                self.files[file]
+                    .page(o)
+                    .is_some_and(|r| self.frames.poisoned_in(r.pfn, 0))
+            })
+    }
+}
+
+/// `EHWPOISON` for the page at file page `off`.
+fn hwpoisoned(off: u64) -> crate::error::Error {
+    err(
+        errno::EHWPOISON,
+        format!("page at offset {:#x} is hwpoisoned", off << PAGE_SHIFT),
+    )
+}
+
+#[cfg(test)]
+mod hwpoison_tests {
+    use crate::error::{Error, HostFaultKind, errno};
+    use crate::host::{GmemArg, Host, MemRegion};
+    use crate::vm::ZeroPolicy;
+    use crate::{HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
+
+    const PUNCH: u32 = uapi::FALLOC_FL_PUNCH_HOLE | uapi::FALLOC_FL_KEEP_SIZE;
+
+    fn errno_of<T: std::fmt::Debug>(r: crate::Result<T>) -> i32 {
+        r.unwrap_err().errno()
+    }
+
+    /// A VM of `strategy` with a 2 MiB memslot at gpa 0 bound to a guest_memfd of
+    /// `order` (MMAP-capable for `inplace`), its first 1 MiB private, the rest shared.
+    fn vm_with(vt: VmType, strategy: StrategyKind, order: u32) -> (Host, usize, usize) {
+        let mut h = Host::new(64 << 20).unwrap();
+        let vm = h.create_vm(vt, strategy);
+        let mut flags = 0;
+        if strategy == StrategyKind::Inplace {
+            flags |= uapi::GUEST_MEMFD_FLAG_MMAP;
+        }
+        if order > 0 {
+            flags |= uapi::GUEST_MEMFD_FLAG_HUGETLB;
+        }
+        let f = h.create_guest_memfd(vm, 2 << 20, flags, order).unwrap();
+        let m = h.mmap_anonymous(2 << 20).unwrap();
+        let fd = i64::from(h.file(f).fd().unwrap());
+        let addr = h.mapping(m).addr;
+        h.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 0,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 0,
+                memory_size: 2 << 20,
+                userspace_addr: addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 0,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .unwrap();
+        h.convert(vm, 256, 512, false).unwrap();
+        h.convert(vm, 0, 256, true).unwrap();
+        h.strict = true;
+        (h, vm, f)
+    }
+
+    #[test]
+    fn poisoned_page_stays_cached_unmapped_and_refuses_get_pfn() {
+        let (mut h, vm, f) = crate::frames::tests::sample(ZeroPolicy::OnUse);
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        let (faults, nr) = (h.stats(vm).stage2_faults, h.file(f).nr_pages());
+        h.memory_failure(f, PAGE_SIZE).unwrap();
+        // Invalidated, not truncated: the page stays in the page cache, unmapped.
+        assert_eq!(h.file(f).nr_pages(), nr);
+        assert_eq!(h.file(f).page(1).unwrap().pfn, pfn);
+        assert_eq!(h.vm(vm).s2.lookup(1, &h.files), None);
+        let s = h.stats(vm);
+        assert_eq!((s.hwpoisoned_pages, s.hwpoison_lost_pages), (1, 1));
+        h.check().unwrap();
+        // Every kvm_gmem_get_pfn() user: a guest access, KVM_PRE_FAULT_MEMORY, populate.
+        let e = h.guest_access(vm, PAGE_SIZE, true, None).unwrap_err();
+        assert_eq!(e.errno(), errno::EHWPOISON);
+        assert_eq!(
+            errno_of(h.pre_fault_memory(vm, PAGE_SIZE, PAGE_SIZE)),
+            errno::EHWPOISON
+        );
+        assert_eq!(
+            errno_of(h.populate(vm, PAGE_SIZE, PAGE_SIZE, 9)),
+            errno::EHWPOISON
+        );
+        assert_eq!(h.stats(vm).stage2_faults, faults);
+        assert_eq!(h.stats(vm).hwpoison_refused, 2);
+        // The other pages are untouched.
+        assert_eq!(h.guest_access(vm, 2 * PAGE_SIZE, true, Some(3)).unwrap(), 3);
+        h.check().unwrap();
+    }
+
+    #[test]
+    fn punching_retires_the_frame_and_the_next_access_gets_a_fresh_zeroed_page() {
+        let (mut h, vm, f) = crate::frames::tests::sample(ZeroPolicy::OnUse);
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        h.memory_failure(f, PAGE_SIZE).unwrap();
+        let (free, allocated) = (h.free_pages(), h.stats(vm).pages_allocated);
+        let frees = h.stats(vm).frees;
+        h.gmem_fallocate(f, PUNCH, PAGE_SIZE, PAGE_SIZE).unwrap();
+        // Retired: gone from the VM, not back in the allocator, not counted as freed.
+        assert_eq!(h.free_pages(), free);
+        assert_eq!(h.stats(vm).pages_allocated, allocated - 1);
+        assert_eq!(h.stats(vm).frees, frees);
+        h.check().unwrap();
+        assert_eq!(h.guest_access(vm, PAGE_SIZE, true, None).unwrap(), 0);
+        assert_ne!(h.file(f).page(1).unwrap().pfn, pfn);
+        assert!(h.frames.hwpoison.contains(&pfn));
+        h.check().unwrap();
+        // Through a snapshot, the retired frame stays retired.
+        let g = Host::from_snapshot(&h.to_snapshot().unwrap()).unwrap();
+        assert!(g.frames.hwpoison.contains(&pfn));
+        assert_eq!(g.free_pages(), h.free_pages());
+    }
+
+    #[test]
+    fn bad_input_gets_the_kernels_errno() {
+        let (mut h, _, f) = crate::frames::tests::sample(ZeroPolicy::OnUse);
+        let size = 4 << 20;
+        assert_eq!(errno_of(h.memory_failure(f, 1)), errno::EINVAL);
+        assert_eq!(errno_of(h.memory_failure(f, size)), errno::EINVAL);
+        assert_eq!(errno_of(h.memory_failure(f, !0xfff)), errno::EINVAL);
+        // No page at offset 8: nothing physical to fail.
+        assert_eq!(errno_of(h.memory_failure(f, 8 * PAGE_SIZE)), errno::ENOENT);
+        h.memory_failure(f, PAGE_SIZE).unwrap();
+        assert_eq!(errno_of(h.memory_failure(f, PAGE_SIZE)), errno::EHWPOISON);
+        assert_eq!(h.stats(0).hwpoisoned_pages, 1);
+        // Released with its fd: no pages left.
+        h.gmem_close(f).unwrap();
+        assert_eq!(errno_of(h.memory_failure(f, 2 * PAGE_SIZE)), errno::ENOENT);
+    }
+
+    #[test]
+    fn a_host_access_through_the_mmap_is_sigbus() {
+        let (mut h, vm, f) = vm_with(VmType::Snp, StrategyKind::Inplace, 0);
+        let m = h.gmem_mmap(f, 0, None, true).unwrap();
+        // Page 300 is shared: the host maps and writes it, then it fails.
+        let off = 300 * PAGE_SIZE;
+        h.map_access(m, off, HostOp::Write(4)).unwrap();
+        h.memory_failure(f, off).unwrap();
+        h.check().unwrap();
+        for op in [HostOp::Read, HostOp::Write(5), HostOp::Pin] {
+            assert!(matches!(
+                h.map_access(m, off, op),
+                Err(Error::HostFault {
+                    kind: HostFaultKind::Poisoned,
+                    ..
+                })
+            ));
+        }
+        // Same page for the guest's shared view: EHWPOISON.
+        assert_eq!(
+            errno_of(h.guest_access(vm, off, false, None)),
+            errno::EHWPOISON
+        );
+        assert_eq!(h.stats(vm).hwpoison_refused, 4);
+    }
+
+    #[test]
+    fn two_sided_designs_lose_only_the_private_side() {
+        // dual: gfn 300 is shared (its content in userspace memory); its private page,
+        // allocated earlier and never discarded, fails: nothing current is lost.
+        let (mut h, vm, f) = vm_with(VmType::Snp, StrategyKind::Dual, 0);
+        h.guest_access(vm, 300 * PAGE_SIZE, false, Some(8)).unwrap();
+        h.gmem_fallocate(f, uapi::FALLOC_FL_KEEP_SIZE, 300 * PAGE_SIZE, PAGE_SIZE)
+            .unwrap();
+        h.gmem_get_pfn(vm, f, 300).unwrap();
+        h.memory_failure(f, 300 * PAGE_SIZE).unwrap();
+        assert_eq!(h.stats(vm).hwpoison_lost_pages, 0);
+        assert_eq!(h.guest_access(vm, 300 * PAGE_SIZE, false, None).unwrap(), 8);
+        // Converting it private meets the poisoned page.
+        h.convert(vm, 300, 301, true).unwrap();
+        assert_eq!(
+            errno_of(h.guest_access(vm, 300 * PAGE_SIZE, true, None)),
+            errno::EHWPOISON
+        );
+        h.check().unwrap();
+        // inplace: the one page of the shared gfn fails; its content is lost.
+        let (mut h, vm, f) = vm_with(VmType::Snp, StrategyKind::Inplace, 0);
+        h.guest_access(vm, 300 * PAGE_SIZE, false, Some(8)).unwrap();
+        h.memory_failure(f, 300 * PAGE_SIZE).unwrap();
+        assert_eq!(h.stats(vm).hwpoison_lost_pages, 1);
+        assert_eq!(
+            errno_of(h.guest_access(vm, 300 * PAGE_SIZE, false, None)),
+            errno::EHWPOISON
+        );
+        h.check().unwrap();
+    }
+
+    #[test]
+    fn a_page_of_an_intact_huge_folio_poisons_the_folio() {
+        let (mut h, vm, f) = vm_with(VmType::Snp, StrategyKind::Dual, 9);
+        h.convert(vm, 0, 512, true).unwrap();
+        h.guest_access(vm, 0, true, Some(1)).unwrap();
+        assert_eq!(h.stats(vm).stage2_2m, 1);
+        h.memory_failure(f, 3 * PAGE_SIZE).unwrap();
+        let s = h.stats(vm);
+        assert_eq!(
+            (s.hwpoisoned_pages, s.hwpoison_lost_pages, s.stage2_2m),
+            (512, 512, 0)
+        );
+        assert_eq!(
+            errno_of(h.guest_access(vm, 400 * PAGE_SIZE, true, None)),
+            errno::EHWPOISON
+        );
+        let free = h.free_pages();
+        h.gmem_fallocate(f, PUNCH, 0, 2 << 20).unwrap();
+        assert_eq!(h.free_pages(), free);
+        assert_eq!(h.frames.hwpoison.len(), 512);
+        // A fresh folio backs the range again.
+        assert_eq!(h.guest_access(vm, 3 * PAGE_SIZE, true, None).unwrap(), 0);
+        h.check().unwrap();
+    }
+
+    #[test]
+    fn check_finds_a_mapping_of_a_poisoned_frame() {
+        let (mut h, _, f) = crate::frames::tests::sample(ZeroPolicy::OnUse);
+        // Poisoned without the zap memory_failure() does: stage-2 still maps it.
+        let pfn = h.file(f).page(1).unwrap().pfn;
+        h.frames.hwpoison.insert(pfn);
+        let e = h.check().unwrap_err().to_string();
+        assert!(e.contains("hwpoisoned pfn"), "{e}");
     }
 }

@@ -48,6 +48,9 @@ stats_struct! {
     /// Stage-2 faults that installed a mapping (a guest access's, or
     /// `KVM_PRE_FAULT_MEMORY`'s ahead of the guest).
     stage2_faults,
+    /// Of `stage2_faults`, those a guest access took (a stage-2 exit); the rest were
+    /// installed ahead of the guest by `KVM_PRE_FAULT_MEMORY`.
+    guest_stage2_faults,
     splits,
     merges,
     eagain,
@@ -66,6 +69,15 @@ stats_struct! {
     direct_map_flushes,
     /// 2 MiB direct-map blocks split to 4 KiB by a first removal.
     direct_map_splits,
+    /// guest_memfd pages hardware-poisoned by `memory_failure()` (a huge folio counts all
+    /// its pages).
+    hwpoisoned_pages,
+    /// Of `hwpoisoned_pages`, those that held the current content of a gfn (the page the
+    /// gfn's present view reads): content the guest lost.
+    hwpoison_lost_pages,
+    /// Guest and host accesses refused because their page is hwpoisoned (`EHWPOISON`,
+    /// or SIGBUS through a mapping).
+    hwpoison_refused,
     events,
     modelled_ns,
 }
@@ -125,18 +137,47 @@ impl Stats {
         self.modelled_ns += ns;
     }
 
-    /// A stage-2 fault installed a mapping.
+    /// A stage-2 fault installed a mapping: a guest access's (`guest`), or
+    /// `KVM_PRE_FAULT_MEMORY`'s ahead of the guest.
     #[inline]
-    pub(crate) fn stage2_fault(&mut self, ns: u64) {
+    pub(crate) fn stage2_fault(&mut self, guest: bool, ns: u64) {
         self.stage2_faults += 1;
+        self.guest_stage2_faults += u64::from(guest);
         self.modelled_ns += ns;
     }
 
-    /// `n` stage-2 faults, each mapping one page, costing `ns` together.
+    /// `n` stage-2 faults taken by guest accesses, each mapping one page, costing `ns`
+    /// together.
     #[inline]
     pub(crate) fn stage2_faulted(&mut self, n: u64, ns: u64) {
         self.stage2_faults += n;
+        self.guest_stage2_faults += n;
         self.modelled_ns += ns;
+    }
+
+    /// `n` pages hardware-poisoned, `lost` of them holding a gfn's current content. The
+    /// machine check and `memory_failure()` itself are not charged: no design changes
+    /// them; the zaps and unmaps that follow are charged where they happen.
+    #[inline]
+    pub(crate) fn hwpoisoned(&mut self, n: u64, lost: u64) {
+        self.hwpoisoned_pages += n;
+        self.hwpoison_lost_pages += lost;
+    }
+
+    /// An access refused for a hwpoisoned page; it costs what a refused access costs
+    /// (`ns`: the exit to the VMM for a guest access, nothing modelled for a host one).
+    #[inline]
+    pub(crate) fn hwpoison_refusal(&mut self, ns: u64) {
+        self.hwpoison_refused += 1;
+        self.modelled_ns += ns;
+    }
+
+    /// `n` pages leave the VM for good: hwpoisoned frames dropped from its page cache are
+    /// not returned to the allocator (`free_pages_prepare()` keeps `PageHWPoison` pages
+    /// out of the buddy lists), so nothing is freed or charged.
+    #[inline]
+    pub(crate) fn retired(&mut self, n: u64) {
+        self.pages_allocated -= n;
     }
 
     /// An emulated-MMIO exit to the VMM.

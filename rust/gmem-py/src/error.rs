@@ -82,6 +82,7 @@ impl From<PyGmemErr> for PyErr {
                             match kind {
                                 HostFaultKind::Private => "private",
                                 HostFaultKind::BeyondEof => "beyond_eof",
+                                HostFaultKind::Poisoned => "hwpoison",
                             }
                             .into_pyobject(py)
                             .unwrap()

@@ -116,6 +116,19 @@ impl PyGuestMemfd {
             .map_err(PyGmemErr)?)
     }
 
+    /// memory_failure(offset): the page at `offset` suffers an uncorrectable memory error
+    /// (the kernel's `memory_failure()` reaching `kvm_gmem_error_folio()`): its stage-2
+    /// mappings and host mappings go, it stays in the page cache poisoned; later guest
+    /// accesses fail with `EHWPOISON`, host accesses with `HostFault` (SIGBUS); punching the
+    /// hole drops it. `EINVAL` for an unaligned offset or one beyond the size, `ENOENT` where
+    /// no page is present (a released file has none), `EHWPOISON` for a page already
+    /// poisoned.
+    fn memory_failure(&self, py: Python<'_>, offset: u64) -> PyResult<()> {
+        Ok(self
+            .shared
+            .call_detached(py, |h| h.memory_failure(self.id, offset))?)
+    }
+
     /// close() the fd.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         Ok(self.shared.call_detached(py, |h| h.gmem_close(self.id))?)

@@ -18,7 +18,16 @@ pub const PLAIN_PAGES: u64 = 32;
 pub const GFN_SPAN: u64 = MAX_PAGES + GAP + PLAIN_PAGES;
 
 /// The errnos `vm.apply` may report (docs/api.md, "Events").
-pub const ERRNOS: [i32; 4] = [errno::EINVAL, errno::EFAULT, errno::EAGAIN, errno::ENOMEM];
+/// The errnos events may end with: those of every op, plus `ENOENT` (a pre-fault outside
+/// the memslots, a memory failure where no page is) and `EHWPOISON` (a poisoned page).
+pub const ERRNOS: [i32; 6] = [
+    errno::EINVAL,
+    errno::EFAULT,
+    errno::EAGAIN,
+    errno::ENOMEM,
+    errno::ENOENT,
+    errno::EHWPOISON,
+];
 
 #[derive(Debug, Clone, Copy)]
 pub struct VmSpec {
