@@ -394,8 +394,6 @@ impl Host {
         None
     }
 
-    /// One event; returns the last value read or written.
-    /// `leaf`: the stage-2 lookup of `gfn`, if the caller holds a valid one.
     /// Guest accesses to `[g0, g1)` in order; the last one's value. Fresh private pages
     /// (an accept, a first touch) are faulted in per run. Out of line: it keeps
     /// [`Host::event`] small enough to inline into the batch loop.
@@ -421,6 +419,8 @@ impl Host {
         Ok(last)
     }
 
+    /// One event; returns the last value read or written.
+    /// `leaf`: the stage-2 lookup of `gfn`, if the caller holds a valid one.
     fn event(
         &mut self,
         vm: usize,
