@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import gmem
-from benchutil import PAGE, count, events, guest, populate, rounds, size
+from benchutil import PAGE, Paired, count, events, guest, host_for, populate, rounds, size
+from gmem.guest import build_vm
 from gmem.workloads import make_workload
 
 Op = gmem.Op
@@ -92,6 +93,47 @@ def test_strategy_workload(benchmark, guest_size, workload, strategy):
         events_per_s=n / t if t == t and t > 0 else None,
         failed_events=failed,
         **{k: st[k] for k in STAT_KEYS},
+    )
+
+
+def _pages_in_order(batches) -> np.ndarray:
+    """Every page the events of ``batches`` cover, one entry per page, in event order."""
+    ev = np.concatenate(batches)
+    n = ev["npages"].astype(np.int64)
+    starts = np.repeat(ev["gfn"].astype(np.int64) - np.cumsum(n) + n, n)
+    return (starts + np.arange(int(n.sum()), dtype=np.int64)).astype(np.uint64)
+
+
+@pytest.mark.benchmark(group="boot-vs-numpy")
+@pytest.mark.parametrize("strategy", gmem.STRATEGIES)
+def test_boot_vs_numpy(benchmark, strategy):
+    """The `boot` workload on a TDX guest of 2^24 pages, every unit accepted, through
+    `vm.apply` on a fresh VM each round, against numpy storing one uint64 per page the
+    workload touches, in order (timed just before each round: `paired_ratio`)."""
+    pages = size(1 << 24)
+    batches = list(make_workload("boot", pages, seed=0))
+    touched = _pages_in_order(batches)
+    dst = np.empty_like(touched)
+    state: dict = {}
+
+    def fresh():
+        state.clear()
+        state["host"] = host_for(pages)
+        state["g"] = build_vm(state["host"], pages, "tdx", strategy)
+
+    def run():
+        vm = state["g"].vm
+        return sum(int(np.count_nonzero(vm.apply(b))) for b in batches)
+
+    paired = Paired(lambda: np.copyto(dst, touched), setup=fresh)
+    failed = benchmark.pedantic(run, setup=paired, rounds=rounds(3), iterations=1)
+    assert failed == 0
+    paired.record(benchmark, "numpy")
+    t = benchmark.stats.stats.median if benchmark.stats else float("nan")
+    benchmark.extra_info.update(
+        guest_pages=pages,
+        pages_touched=int(touched.size),
+        ns_per_touched_page=t * 1e9 / touched.size if t == t else None,
     )
 
 
