@@ -15,9 +15,11 @@ use smallvec::SmallVec;
 
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval, err, errno};
+use crate::frames::Placement;
 use crate::host::{Fd, Host, Loc};
 use crate::mapping::{MapKind, mmap_length};
 use crate::memslot::FilePage;
+use crate::numa::SharedPolicy;
 use crate::sparse::{Dense, SparseVec};
 use crate::vm::ZeroPolicy;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -87,6 +89,9 @@ pub struct Gmem {
     pub(crate) vmm_map: Option<usize>,
     /// Released: the fd is closed and no mapping is left; pages are gone.
     pub(crate) released: bool,
+    /// The inode's NUMA policy over file pages (6.19: `struct gmem_inode.policy`, set by
+    /// `mbind()` on a mapping of the file): it places every page allocated later.
+    pub(crate) policy: SharedPolicy,
 }
 
 impl Gmem {
@@ -351,6 +356,7 @@ impl Host {
             mappings: Vec::new(),
             vmm_map: None,
             released: false,
+            policy: SharedPolicy::default(),
         });
         Ok(id)
     }
@@ -370,10 +376,11 @@ impl Host {
                 order = 0;
             }
         }
-        let pfn = self.take_frames(Some(vm), order)?;
-        let f = &mut self.files[file];
         let n = 1u64 << order;
         let head = off & !(n - 1);
+        // kvm_gmem_get_folio(): the shared policy at the folio's index.
+        let pfn = self.take_frames(Some(vm), order, Placement::File(file, head))?;
+        let f = &mut self.files[file];
         if order == 0 {
             f.set_page(off, pfn, false);
         } else {

@@ -22,6 +22,7 @@
 //! | [`mapping`] | the VMM's mappings and the host address space (`AddressSpace`: mappings, addresses, pins) |
 //! | [`vm`] | a VM: memslots, attributes, stage-2, counters; the stage-2 zap |
 //! | [`frames`] | host frames (`HostFrames`: allocator, content, stale-data tags, RMP) and what VMs are charged for them |
+//! | [`numa`] | NUMA memory policies: `mbind` modes, the shared policy of an inode, each allocation's node choice |
 //! | [`footprint`] | pages backing each VM, and double backing |
 //! | [`events`] | the batch runner (`Host::apply`) behind the event arrays |
 //! | [`check`] | the invariants (`Host::check`) |
@@ -85,6 +86,7 @@ pub mod mapping;
 pub mod memslot;
 pub mod memslot_v1;
 pub mod metrics;
+pub mod numa;
 pub mod pagedir;
 pub mod platform;
 pub mod snapshot;
