@@ -160,6 +160,11 @@ int32_t gmem_host_node_pages(struct gmem_host *host,
                              uint64_t *total,
                              uint64_t *free);
 
+// `set_mempolicy()` for the VMM: policy `mode` (`MPOL_*`) over the nodes of `nodemask`
+// (bit `n`: node `n`); it places pages where no `gmem_mapping_mbind` policy is set.
+// `-EINVAL` as `gmem_mapping_mbind`'s.
+int32_t gmem_host_set_mempolicy(struct gmem_host *host, uint32_t mode, uint64_t nodemask);
+
 int32_t gmem_host_free(struct gmem_host *host);
 
 // Set the cost of one modelled step (`ns` nanoseconds). `-EINVAL` for an unknown name.

@@ -377,3 +377,25 @@ def test_snapshot_keeps_nodes_and_policies(tmp_path):
     touch(m, [3])
     touch(m2, [3])
     assert m2.page_node(3 * PAGE) == m.page_node(3 * PAGE)
+
+
+def test_task_policy():
+    """Host.set_mempolicy (set_mempolicy(2) for the VMM): places pages where no mbind
+    policy is set; mbind wins where set; get_mempolicy(MPOL_F_ADDR) reports only mbind's;
+    errors as mbind's."""
+    host, _, _, m = gmem_map()
+    assert host.get_mempolicy() == (gmem.MPOL_DEFAULT, [])
+    with raises_errno(errno.EINVAL):
+        host.set_mempolicy(gmem.MPOL_BIND, [])
+    with raises_errno(errno.EINVAL):
+        host.set_mempolicy(99, [0])
+    host.set_mempolicy(gmem.MPOL_BIND, [1])
+    assert host.get_mempolicy() == (gmem.MPOL_BIND, [1])
+    m.mbind(0, PAGE, gmem.MPOL_BIND, [0])
+    touch(m, range(3))
+    assert nodes_of(m, range(3)) == [0, 1, 1]
+    assert m.get_mempolicy(PAGE) == (gmem.MPOL_DEFAULT, [])
+    host.set_mempolicy(gmem.MPOL_DEFAULT)
+    touch(m, [3])
+    assert m.page_node(3 * PAGE) == 0
+    consistent(host)

@@ -539,6 +539,18 @@ pub extern "C" fn gmem_host_node_pages(
     })
 }
 
+/// `set_mempolicy()` for the VMM: policy `mode` (`MPOL_*`) over the nodes of `nodemask`
+/// (bit `n`: node `n`); it places pages where no `gmem_mapping_mbind` policy is set.
+/// `-EINVAL` as `gmem_mapping_mbind`'s.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_host_set_mempolicy(host: *mut gmem_host, mode: u32, nodemask: u64) -> i32 {
+    call(|| {
+        let o = lookup(host, Kind::Host)?;
+        let nodes = gmem_core::numa::nodes_of(nodemask);
+        o.cell.with(|h| h.set_mempolicy(mode, &nodes))
+    })
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_host_free(host: *mut gmem_host) -> i32 {
     call(|| {

@@ -295,6 +295,10 @@ impl Host {
             }
         }
         let nr = self.frames.nr_nodes();
+        if let Some(p) = self.frames.task_policy {
+            p.check(nr)
+                .map_err(|e| broken(format!("task memory policy: {e}")))?;
+        }
         for f in &self.files {
             f.policy
                 .check(nr)

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 use crate::alloc::{BuddyAllocator, MAX_ORDER};
 use crate::error::Result;
 use crate::host::{HOST_WRITER, Host, Loc};
-use crate::numa::{self, Interleave, MAX_NUMNODES};
+use crate::numa::{self, Interleave, MAX_NUMNODES, MemPolicy};
 use crate::sparse::{Dense, SparseVec};
 use crate::vm::ZeroPolicy;
 
@@ -32,6 +32,9 @@ pub(crate) struct HostFrames {
     /// round-robin interleaved allocation targeted; `MAX_NUMNODES - 1` as
     /// `set_mempolicy()` leaves it, so the first pick is the set's first node.
     pub(crate) il_prev: u32,
+    /// The VMM's own policy (`set_mempolicy(2)`, `current->mempolicy`), the one task of
+    /// the model: it places pages where no shared policy is set.
+    pub(crate) task_policy: Option<MemPolicy>,
     /// Content value per frame (what a read of the page returns), for frames in no
     /// guest_memfd page cache; a frame in one keeps its content in the file
     /// ([`crate::guest_memfd::Gmem::content`]) until it leaves the page cache. Each
@@ -70,6 +73,7 @@ impl HostFrames {
             nodes,
             node_pages: per,
             il_prev: MAX_NUMNODES - 1,
+            task_policy: None,
             content: SparseVec::new(),
             stale: FxHashMap::default(),
             rmp: FxHashMap::default(),
@@ -337,6 +341,9 @@ impl Host {
                 Interleave::Index(idx),
             ),
         };
+        // No shared policy: the task's (kvm_gmem_get_folio_policy(),
+        // shmem_get_pgoff_policy(), which keeps its interleave index either way).
+        let policy = policy.or(self.frames.task_policy);
         let nr = self.frames.nr_nodes();
         let nodes = numa::candidates(policy, il, &mut self.frames.il_prev, nr);
         self.frames.alloc_from(&nodes, order)

@@ -193,20 +193,29 @@ impl SharedPolicy {
                 ));
             }
             prev = e;
-            let ok = match p.mode {
-                MPOL_LOCAL => p.nodes == 0,
-                MPOL_PREFERRED => p.nodes.is_power_of_two(),
-                MPOL_BIND | MPOL_INTERLEAVE | MPOL_PREFERRED_MANY | MPOL_WEIGHTED_INTERLEAVE => {
-                    p.nodes != 0
-                }
-                _ => false,
-            };
-            if !ok || p.nodes & !node_mask(nr_nodes) != 0 {
-                return Err(format!(
-                    "shared policy at {s:#x}: mode {} with nodes {:#x} on a host of {nr_nodes} nodes",
-                    p.mode, p.nodes
-                ));
+            p.check(nr_nodes)
+                .map_err(|e| format!("shared policy at {s:#x}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl MemPolicy {
+    /// Well formed as `mpol_new()` leaves a policy, on a host of `nr_nodes` nodes.
+    pub fn check(&self, nr_nodes: u32) -> std::result::Result<(), String> {
+        let ok = match self.mode {
+            MPOL_LOCAL => self.nodes == 0,
+            MPOL_PREFERRED => self.nodes.is_power_of_two(),
+            MPOL_BIND | MPOL_INTERLEAVE | MPOL_PREFERRED_MANY | MPOL_WEIGHTED_INTERLEAVE => {
+                self.nodes != 0
             }
+            _ => false,
+        };
+        if !ok || self.nodes & !node_mask(nr_nodes) != 0 {
+            return Err(format!(
+                "mode {} with nodes {:#x} on a host of {nr_nodes} nodes",
+                self.mode, self.nodes
+            ));
         }
         Ok(())
     }
@@ -493,6 +502,25 @@ impl Host {
         Ok(())
     }
 
+    /// `set_mempolicy(mode, nodes)` for the VMM (the model's one task, whose threads also
+    /// run the vCPUs): it places every page allocated where no shared policy is set, on
+    /// guest_memfd and anonymous memory alike. Checks as [`MemPolicy::new`] (`EINVAL`);
+    /// `MPOL_DEFAULT` removes it. Like the kernel's, it resets the interleave cursor
+    /// when the new policy interleaves.
+    pub fn set_mempolicy(&mut self, mode: u32, nodes: &[u32]) -> Result<()> {
+        let p = MemPolicy::new(mode, nodes, self.nr_nodes())?;
+        if p.is_some_and(|p| matches!(p.mode, MPOL_INTERLEAVE | MPOL_WEIGHTED_INTERLEAVE)) {
+            self.frames.il_prev = MAX_NUMNODES - 1;
+        }
+        self.frames.task_policy = p;
+        Ok(())
+    }
+
+    /// `get_mempolicy(&mode, nodemask, maxnode, 0, 0)`: the VMM's own policy.
+    pub fn get_task_mempolicy(&self) -> (u32, Vec<u32>) {
+        report(self.frames.task_policy)
+    }
+
     /// `get_mempolicy(&mode, nodemask, maxnode, addr + offset, MPOL_F_ADDR)`: the policy of
     /// the page at `offset` of mapping `m` as `(mode, nodes)`; `(MPOL_DEFAULT, [])` where
     /// none is set (6.19 `kvm_gmem_get_policy()` returns the lookup as is, never the task's
@@ -756,6 +784,39 @@ mod host_tests {
         assert_eq!(back.map_get_mempolicy(a, 0).unwrap(), (MPOL_BIND, vec![1]));
         assert_eq!(back.frames.il_prev, h.frames.il_prev);
         assert_eq!(back.node_stats(), h.node_stats());
+    }
+
+    /// The task policy places pages where no shared policy is set, guest faults included.
+    #[test]
+    fn task_policy_is_the_fallback() {
+        let (mut h, _, m) = setup(16);
+        assert_eq!(
+            h.set_mempolicy(MPOL_BIND, &[]).unwrap_err().errno(),
+            errno::EINVAL
+        );
+        h.set_mempolicy(MPOL_BIND, &[1]).unwrap();
+        assert_eq!(h.get_task_mempolicy(), (MPOL_BIND, vec![1]));
+        h.map_mbind(m, 0, 4096, MPOL_BIND, &[0]).unwrap();
+        touch(&mut h, m, 0..3);
+        assert_eq!(nodes(&h, m, 0..3), vec![0, 1, 1]);
+        // get_mempolicy(MPOL_F_ADDR) reports the shared policy only.
+        assert_eq!(
+            h.map_get_mempolicy(m, 4096).unwrap(),
+            (MPOL_DEFAULT, vec![])
+        );
+        let a = h.mmap_anonymous(4 * 4096).unwrap();
+        h.set_mempolicy(MPOL_INTERLEAVE, &[0, 1]).unwrap();
+        // shmem keeps its interleave index under the task policy too.
+        for i in [3u64, 2] {
+            touch(&mut h, a, i..i + 1);
+        }
+        assert_eq!(nodes(&h, a, 2..4), vec![0, 1]);
+        // guest_memfd: the task's cursor (reset by set_mempolicy).
+        touch(&mut h, m, 5..7);
+        assert_eq!(nodes(&h, m, 5..7), vec![0, 1]);
+        h.set_mempolicy(MPOL_DEFAULT, &[]).unwrap();
+        assert_eq!(h.get_task_mempolicy(), (MPOL_DEFAULT, vec![]));
+        h.check().unwrap();
     }
 
     /// `check()` catches per-node miscounts and ill-formed policies.

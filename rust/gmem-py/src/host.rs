@@ -164,6 +164,21 @@ impl PyHost {
             .collect()
     }
 
+    /// set_mempolicy(mode, nodes=None): the VMM's own NUMA policy (set_mempolicy(2)): it
+    /// places every page allocated where no mbind policy is set, guest faults included.
+    #[pyo3(signature = (mode, nodes = None))]
+    #[allow(clippy::needless_pass_by_value)] // PyO3 extracts sequences as owned Vec
+    fn set_mempolicy(&self, mode: u32, nodes: Option<Vec<i64>>) -> PyResult<()> {
+        let ids = crate::mapping::node_ids(nodes);
+        Ok(self.shared.call(|h| h.set_mempolicy(mode, &ids))?)
+    }
+
+    /// get_mempolicy() -> (mode, nodes): the VMM's own policy; `(MPOL_DEFAULT, [])` when
+    /// none is set.
+    fn get_mempolicy(&self) -> (u32, Vec<u32>) {
+        self.shared.lock().get_task_mempolicy()
+    }
+
     /// The cost model, ns per step.
     fn costs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let h = self.shared.lock();

@@ -63,12 +63,7 @@ impl PyMapping {
     #[pyo3(signature = (offset, length, mode, nodes = None))]
     #[allow(clippy::needless_pass_by_value)] // PyO3 extracts sequences as owned Vec
     fn mbind(&self, offset: u64, length: u64, mode: u32, nodes: Option<Vec<i64>>) -> PyResult<()> {
-        let nodes = nodes.unwrap_or_default();
-        let mut ids = Vec::with_capacity(nodes.len());
-        for n in nodes {
-            // get_nodes(): a bit beyond MAX_NUMNODES is EINVAL; no bit is negative.
-            ids.push(u32::try_from(n).unwrap_or(u32::MAX));
-        }
+        let ids = node_ids(nodes);
         self.shared
             .call(|h| h.map_mbind(self.id, offset, length, mode, &ids))?;
         Ok(())
@@ -94,4 +89,14 @@ impl PyMapping {
             self.kind()
         )
     }
+}
+
+/// Node ids as the core takes them: a negative one stands for a bit beyond
+/// `MAX_NUMNODES` (`get_nodes()`: EINVAL), as no bit of a node mask is negative.
+pub(crate) fn node_ids(nodes: Option<Vec<i64>>) -> Vec<u32> {
+    nodes
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+        .collect()
 }
