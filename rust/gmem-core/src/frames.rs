@@ -310,6 +310,7 @@ impl Host {
     /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
     /// The memory policy in force at `at` decides the node (on a host of one node there
     /// is nothing to decide, and no policy is looked up).
+    #[inline]
     pub(crate) fn take_frames(
         &mut self,
         vm: Option<usize>,
@@ -330,6 +331,8 @@ impl Host {
 
     /// A block for `at` on a host of several nodes: the nodes its policy allows, in the
     /// policy's order (see [`numa`]).
+    #[cold]
+    #[inline(never)]
     fn alloc_by_policy(&mut self, order: u32, at: Placement) -> Result<u32> {
         let (policy, il) = match at {
             // guest_memfd: the inode's shared policy, interleaving in allocation order.
