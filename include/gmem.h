@@ -150,8 +150,26 @@ int32_t gmem_host_new(uint64_t memory,
                       size_t ncosts,
                       struct gmem_host **out);
 
-// Free a host and invalidate every handle made from it. `-EBADF` if `host` is not a
-// live host handle.
+// Like `gmem_host_new`, with the memory split evenly over `nodes` NUMA nodes (1 to 64;
+// `memory` a multiple of `nodes` pages, else `-EINVAL`).
+int32_t gmem_host_new_numa(uint64_t memory,
+                           uint32_t nodes,
+                           const struct gmem_cost *costs,
+                           size_t ncosts,
+                           struct gmem_host **out);
+
+// NUMA node `node`'s page counts in `*total` and `*free` (either may be NULL);
+// `-ENOENT` past the host's last node.
+int32_t gmem_host_node_pages(struct gmem_host *host,
+                             uint32_t node,
+                             uint64_t *total,
+                             uint64_t *free);
+
+// `set_mempolicy()` for the VMM: policy `mode` (`MPOL_*`) over the nodes of `nodemask`
+// (bit `n`: node `n`); it places pages where no `gmem_mapping_mbind` policy is set.
+// `-EINVAL` as `gmem_mapping_mbind`'s.
+int32_t gmem_host_set_mempolicy(struct gmem_host *host, uint32_t mode, uint64_t nodemask);
+
 int32_t gmem_host_free(struct gmem_host *host);
 
 // Set the cost of one modelled step (`ns` nanoseconds). `-EINVAL` for an unknown name.
@@ -329,6 +347,28 @@ int32_t gmem_mapping_unpin(struct gmem_mapping *mapping, uint64_t offset);
 
 // `madvise(MADV_DONTNEED)` over `[offset, offset + length)` of the mapping.
 int32_t gmem_mapping_discard(struct gmem_mapping *mapping, uint64_t offset, uint64_t length);
+
+// `mbind()` over `[offset, offset + length)` of the mapping: policy `mode` (`MPOL_*`)
+// over the nodes of `nodemask` (bit `n`: node `n`). On a guest_memfd mapping the policy
+// is the file's; it places pages allocated later. Errors as mbind(2): an unknown mode,
+// an unaligned offset, an empty or host-less node set for a mode that needs nodes is
+// `-EINVAL`; a range past the mapping `-EFAULT`.
+int32_t gmem_mapping_mbind(struct gmem_mapping *mapping,
+                           uint64_t offset,
+                           uint64_t length,
+                           uint32_t mode,
+                           uint64_t nodemask);
+
+// `get_mempolicy(MPOL_F_ADDR)` for the page at `offset`: its mode in `*mode` and nodes
+// in `*nodemask` (either may be NULL); `MPOL_DEFAULT` and 0 where no policy is set.
+int32_t gmem_mapping_get_mempolicy(struct gmem_mapping *mapping,
+                                   uint64_t offset,
+                                   uint32_t *mode,
+                                   uint64_t *nodemask);
+
+// The NUMA node of the page mapped at `offset` in `*node` (`move_pages()` status);
+// `-ENOENT` when none is mapped there.
+int32_t gmem_mapping_page_node(struct gmem_mapping *mapping, uint64_t offset, uint32_t *node);
 
 // `munmap()` the mapping (the handle stays valid; later accesses fail as the kernel's).
 int32_t gmem_mapping_unmap(struct gmem_mapping *mapping);

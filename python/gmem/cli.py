@@ -133,6 +133,27 @@ def _add_common(p: argparse.ArgumentParser, *, workload: bool = True) -> None:
         help="back guest_memfd with HugeTLB folios of 2 MiB (9) or 1 GiB (18)",
     )
     p.add_argument("--costs", metavar="TOML", help="cost-model overrides (docs/cost-model.md)")
+    n = p.add_argument_group("NUMA (docs/api.md)")
+    n.add_argument(
+        "--nodes",
+        type=_positive_int,
+        default=RunConfig.nodes,
+        help="split host memory evenly over N NUMA nodes (default 1)",
+    )
+    n.add_argument(
+        "--mempolicy",
+        metavar="MODE[:NODES]",
+        default=None,
+        help="the VMM's memory policy, placing every page: bind:0, interleave:0,1, "
+        "preferred:1, preferred_many:0-1, weighted_interleave:0,1, local",
+    )
+    n.add_argument(
+        "--host-pages",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="host RAM in 4 KiB pages (default: room for every guest page backed twice)",
+    )
     g = p.add_argument_group("VMM policy (docs/policies.md)")
     g.add_argument("--discard", choices=KNOB_CHOICES["discard"], default=RunConfig.discard)
     g.add_argument(
@@ -291,6 +312,9 @@ def _config(args, workload: str, params: dict[str, Any]) -> RunConfig:
         coalesce=args.coalesce,
         prefault=args.prefault,
         sample_every=args.sample_every,
+        nodes=args.nodes,
+        mempolicy=args.mempolicy,
+        host_pages=args.host_pages,
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from gmem.constants import HUGE_ORDERS, VM_TYPES, VM_TYPES_WITHOUT_PRIVATE_MEM
+from gmem.constants import HUGE_ORDERS, MPOL_NAMES, VM_TYPES, VM_TYPES_WITHOUT_PRIVATE_MEM
 from gmem.costs import validate_costs
 from gmem.streams import DEFAULT_CHUNK
 from gmem.workloads import (
@@ -48,6 +48,7 @@ __all__ = [
     "check_params",
     "check_vm_type",
     "default_jobs",
+    "parse_mempolicy",
 ]
 
 #: The guest size of a built-in workload when none is given: an 8 GiB guest.
@@ -80,13 +81,48 @@ KNOB_MINIMUM: dict[str, int] = {
     "discard_every": 1,
     "merge_every": 1,
     "sample_every": 1,
+    "nodes": 1,
+    "host_pages": 1,
     # not a `RunConfig` field: how many strategies run at once changes how long a run
     # takes, never what it computes (`gmem.experiment.run_experiment` takes it)
     "jobs": 1,
 }
 _BOOL_KNOBS = ("coalesce", "prefault")
 #: Knobs whose None means "derived": a trace's own extent, a pass per batch, ~400 samples.
-_OPTIONAL = ("pages", "discard_every", "sample_every")
+_OPTIONAL = ("pages", "discard_every", "sample_every", "host_pages", "mempolicy")
+#: Modes that take no node list (``local``, ``default``) and those that need one.
+_NO_NODES = ("default", "local")
+
+
+def parse_mempolicy(text: str, nodes: int = 64) -> tuple[int, list[int]]:
+    """``MODE[:N,N-M,...]`` as ``(MPOL_* value, node ids)``: ``bind:0``,
+    ``interleave:0,1``, ``preferred:1``, ``preferred_many:0-2``, ``local``. Raises
+    `ValueError` naming what is wrong, including a node the host (of ``nodes`` nodes)
+    lacks."""
+    if not isinstance(text, str):
+        raise ValueError(f"expected MODE[:NODES], got {text!r}")
+    name, _, spec = text.strip().partition(":")
+    name = name.strip().lower().replace("-", "_")
+    if name not in MPOL_NAMES:
+        raise ValueError(f"unknown policy {name!r} (known: {', '.join(MPOL_NAMES)})")
+    ids: list[int] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if dash else int(lo)
+        except ValueError:
+            raise ValueError(f"bad node {part!r} in {text!r}") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad node range {part!r} in {text!r}")
+        ids.extend(range(first, last + 1))
+    if name in _NO_NODES and ids:
+        raise ValueError(f"policy {name!r} takes no nodes, got {text!r}")
+    if name not in _NO_NODES and name != "preferred" and not ids:
+        raise ValueError(f"policy {name!r} needs nodes, as in {name}:0,1")
+    bad = [n for n in ids if n >= nodes]
+    if bad:
+        raise ValueError(f"node {bad[0]} is not on a host of {nodes} node(s)")
+    return MPOL_NAMES[name], sorted(set(ids))
 
 
 def check_vm_type(workload: str, vm_type: str) -> str | None:
@@ -209,6 +245,9 @@ class RunConfig:
     extent); ``chunk`` the events per batch; ``costs`` cost-model overrides (a mapping,
     or a TOML path read when the run starts). The VMM policy knobs are those of
     `gmem.policies.make_policy`; ``sample_every`` None samples about 400 times a run.
+    ``nodes`` splits host memory over that many NUMA nodes, ``mempolicy`` (``MODE[:NODES]``,
+    `parse_mempolicy`) is the VMM's memory policy (``set_mempolicy``), placing every page
+    of the run; ``host_pages`` sizes host RAM (None: room for every gfn backed twice).
     """
 
     workload: str = "dma-churn"
@@ -228,6 +267,9 @@ class RunConfig:
     coalesce: bool = False
     prefault: bool = False
     sample_every: int | None = None
+    nodes: int = 1
+    mempolicy: str | None = None
+    host_pages: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -254,6 +296,11 @@ class RunConfig:
         params = {str(k).replace("-", "_"): v for k, v in self.params.items()}
         check_params(self.workload, params)
         object.__setattr__(self, "params", MappingProxyType(params))
+        if self.mempolicy is not None:
+            try:
+                parse_mempolicy(self.mempolicy, self.nodes)
+            except ValueError as e:
+                raise ConfigError("mempolicy", str(e)) from None
         costs = self.costs
         if isinstance(costs, Mapping):
             object.__setattr__(self, "costs", MappingProxyType(validate_costs(costs)))

@@ -34,6 +34,14 @@ __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "KVM_USER_MEM_SLOTS",
+    "MPOL_BIND",
+    "MPOL_DEFAULT",
+    "MPOL_INTERLEAVE",
+    "MPOL_LOCAL",
+    "MPOL_NAMES",
+    "MPOL_PREFERRED",
+    "MPOL_PREFERRED_MANY",
+    "MPOL_WEIGHTED_INTERLEAVE",
     "PAGES_1G",
     "PAGES_2M",
     "PAGE_SHIFT",
@@ -75,6 +83,25 @@ GUEST_MEMFD_FLAG_HUGETLB = 1 << 4
 
 FALLOC_FL_KEEP_SIZE = 1
 FALLOC_FL_PUNCH_HOLE = 2
+
+#: NUMA memory policy modes of ``mbind(2)`` / ``Mapping.mbind`` (``<linux/mempolicy.h>``).
+MPOL_DEFAULT = 0
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+MPOL_INTERLEAVE = 3
+MPOL_LOCAL = 4
+MPOL_PREFERRED_MANY = 5
+MPOL_WEIGHTED_INTERLEAVE = 6
+#: Mode names (as ``--mempolicy`` takes them) to values.
+MPOL_NAMES = {
+    "default": MPOL_DEFAULT,
+    "preferred": MPOL_PREFERRED,
+    "bind": MPOL_BIND,
+    "interleave": MPOL_INTERLEAVE,
+    "local": MPOL_LOCAL,
+    "preferred_many": MPOL_PREFERRED_MANY,
+    "weighted_interleave": MPOL_WEIGHTED_INTERLEAVE,
+}
 
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from gmem.config import ConfigError, RunConfig, check_knob, default_jobs
+from gmem.config import ConfigError, RunConfig, check_knob, default_jobs, parse_mempolicy
 from gmem.constants import STRATEGIES
 from gmem.costs import apply_costs, load_costs
 from gmem.guest import build_vm, make_host
@@ -91,8 +91,15 @@ def run_experiment(
     stop = threading.Event()
 
     def run_one(index: int, strategy: str, bars) -> RunResult:
-        host = make_host(stream.pages, huge_order=config.huge_order)
+        host = make_host(
+            stream.pages,
+            huge_order=config.huge_order,
+            nodes=config.nodes,
+            host_pages=config.host_pages,
+        )
         apply_costs(host, costs)
+        if config.mempolicy is not None:
+            host.set_mempolicy(*parse_mempolicy(config.mempolicy, config.nodes))
         guest = build_vm(host, stream.pages, config.vm_type, strategy, config.huge_order)
         runner = Runner(guest, make_policy(**config.policy_knobs()), sample_every=sample_every)
 
@@ -102,7 +109,10 @@ def run_experiment(
             if bars is not None:
                 bars.advance(n, index)
 
-        return runner.run(stream, meta=meta, progress=advance)
+        result = runner.run(stream, meta=meta, progress=advance)
+        if config.nodes > 1 or config.mempolicy is not None:
+            result.summary.update(node_summary(host, config))
+        return result
 
     bars = progress_bars(stream.total_events, strategies) if progress else None
     with bars or contextlib.nullcontext():
@@ -117,6 +127,19 @@ def run_experiment(
                 stop.set()  # after an error or an interrupt, the others stop at a batch end
                 for f in futures:
                     f.cancel()
+
+
+def node_summary(host, config: RunConfig) -> dict[str, Any]:
+    """The host's NUMA layout at the end of a run, for its summary (of a run with
+    several nodes or a memory policy): ``nodes``,
+    ``mempolicy``, and per node its pages allocated (``node{K}_pages_allocated``, the
+    run's footprint there) and free (``node{K}_free_pages``). A node that ran out while
+    another had room shows as ``node{K}_free_pages`` 0 with ``status_enomem`` > 0."""
+    out: dict[str, Any] = {"nodes": host.nodes, "mempolicy": config.mempolicy or "default"}
+    for n in host.node_stats():
+        out[f"node{n['node']}_pages_allocated"] = n["allocated_pages"]
+        out[f"node{n['node']}_free_pages"] = n["free_pages"]
+    return out
 
 
 class _Stopped(Exception):

@@ -69,9 +69,20 @@ def host_pages_for(pages: int, huge_order: int = 0) -> int:
     return need
 
 
-def make_host(pages: int, *, huge_order: int = 0, costs: dict | None = None):
-    """A `gmem.Host` sized by `host_pages_for`."""
-    return Host(host_pages_for(pages, huge_order) * PAGE_SIZE, costs=costs)
+def make_host(
+    pages: int,
+    *,
+    huge_order: int = 0,
+    costs: dict | None = None,
+    nodes: int = 1,
+    host_pages: int | None = None,
+):
+    """A `gmem.Host` of ``host_pages`` (default: sized by `host_pages_for`) split over
+    ``nodes`` NUMA nodes, its size rounded up to a multiple of ``nodes`` pages (each node
+    the same size, as `gmem.Host` wants)."""
+    total = host_pages_for(pages, huge_order) if host_pages is None else int(host_pages)
+    total = -(-total // nodes) * nodes
+    return Host(total * PAGE_SIZE, nodes=nodes, costs=costs)
 
 
 def build_vm(host, pages: int, vm_type: str, strategy: str, huge_order: int = 0) -> GuestVm:

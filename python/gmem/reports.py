@@ -97,6 +97,18 @@ def comparison_frame(results: Sequence[RunResult | dict[str, Any]]) -> pd.DataFr
             row[title] = None if v is None else v * scale
         row["wall s"] = s.get("wall_s")
         rows.append(row)
+    # NUMA runs: each node's footprint at the end, and the events that found no memory
+    # where the policy allowed (a node full while another has room under MPOL_BIND).
+    summaries = _summaries(results)
+    nodes = max((int(s.get("nodes", 1)) for s in summaries), default=1)
+    numa = nodes > 1 or any("mempolicy" in s for s in summaries)
+    for row, s in zip(rows, summaries, strict=True):
+        if numa:
+            for k in range(nodes):
+                v = s.get(f"node{k}_pages_allocated")
+                row[f"node {k} MiB"] = None if v is None else v * PAGE_MIB
+        if numa or any(x.get("status_enomem") for x in summaries):
+            row["ENOMEM events"] = s.get("status_enomem")
     return pd.DataFrame(rows)
 
 

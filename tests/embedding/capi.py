@@ -102,13 +102,27 @@ def _made(fn, *args) -> P:
 
 
 class Host(Handle):
-    def __init__(self, memory: int, *, costs: dict[str, int] | None = None, _ptr=None):
+    def __init__(
+        self, memory: int, *, nodes: int = 1, costs: dict[str, int] | None = None, _ptr=None
+    ):
         if _ptr is not None:
             super().__init__(None, _ptr)
             return
         costs = costs or {}
         arr = (Cost * len(costs))(*[Cost(k.encode(), v) for k, v in costs.items()])
-        super().__init__(None, _made(lib.gmem_host_new, u64(memory), arr, sz(len(costs))))
+        if nodes == 1:
+            ptr = _made(lib.gmem_host_new, u64(memory), arr, sz(len(costs)))
+        else:
+            ptr = _made(lib.gmem_host_new_numa, u64(memory), u32(nodes), arr, sz(len(costs)))
+        super().__init__(None, ptr)
+
+    def node_stats(self) -> list[dict[str, int]]:
+        out, total, free = [], u64(), u64()
+        fn = lib.gmem_host_node_pages
+        while (rc := fn(self.ptr, u32(len(out)), C.byref(total), C.byref(free))) == 0:
+            out.append({"node": len(out), "total_pages": total.value, "free_pages": free.value})
+        assert rc == -E.ENOENT, rc
+        return out
 
     def free(self) -> None:
         check(lib.gmem_host_free(self.ptr))
@@ -291,6 +305,22 @@ class Mapping(Handle):
 
     def discard(self, offset: int, length: int) -> None:
         check(lib.gmem_mapping_discard(self.ptr, u64(offset), u64(length)))
+
+    def mbind(self, offset: int, length: int, mode: int, nodes=()) -> None:
+        mask = 0
+        for n in nodes:
+            mask |= 1 << n
+        check(lib.gmem_mapping_mbind(self.ptr, u64(offset), u64(length), u32(mode), u64(mask)))
+
+    def get_mempolicy(self, offset: int) -> tuple[int, list[int]]:
+        mode, mask = u32(), u64()
+        check(lib.gmem_mapping_get_mempolicy(self.ptr, u64(offset), C.byref(mode), C.byref(mask)))
+        return mode.value, [n for n in range(64) if mask.value >> n & 1]
+
+    def page_node(self, offset: int) -> int:
+        node = u32()
+        check(lib.gmem_mapping_page_node(self.ptr, u64(offset), C.byref(node)))
+        return node.value
 
     def unmap(self) -> None:
         check(lib.gmem_mapping_unmap(self.ptr))

@@ -488,11 +488,25 @@ pub extern "C" fn gmem_host_new(
     ncosts: usize,
     out: *mut *mut gmem_host,
 ) -> i32 {
+    gmem_host_new_numa(memory, 1, costs, ncosts, out)
+}
+
+/// Like `gmem_host_new`, with the memory split evenly over `nodes` NUMA nodes (1 to 64;
+/// `memory` a multiple of `nodes` pages, else `-EINVAL`).
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_host_new_numa(
+    memory: u64,
+    nodes: u32,
+    costs: *const gmem_cost,
+    ncosts: usize,
+    out: *mut *mut gmem_host,
+) -> i32 {
     call(|| {
         if out.is_null() {
             return Err(Fail::new(errno::EINVAL, "out is NULL"));
         }
-        let mut host = Host::new(memory).map_err(|e| Fail::new(errno::EINVAL, e.to_string()))?;
+        let mut host =
+            Host::with_nodes(memory, nodes).map_err(|e| Fail::new(errno::EINVAL, e.to_string()))?;
         let mut next = *host.costs();
         for c in array(costs, ncosts, "costs")? {
             let name = text(c.name, "cost name")?;
@@ -505,8 +519,43 @@ pub extern "C" fn gmem_host_new(
     })
 }
 
-/// Free a host and invalidate every handle made from it. `-EBADF` if `host` is not a
-/// live host handle.
+/// NUMA node `node`'s page counts in `*total` and `*free` (either may be NULL);
+/// `-ENOENT` past the host's last node.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_host_node_pages(
+    host: *mut gmem_host,
+    node: u32,
+    total: *mut u64,
+    free: *mut u64,
+) -> i32 {
+    call(|| {
+        let o = lookup(host, Kind::Host)?;
+        let h = o.cell.lock()?;
+        if node >= h.nr_nodes() {
+            return Err(Fail::new(
+                ENOENT,
+                format!("no node {node} (the host has {})", h.nr_nodes()),
+            ));
+        }
+        let s = &h.node_stats()[node as usize];
+        put_opt(total, s.total_pages);
+        put_opt(free, s.free_pages);
+        Ok(())
+    })
+}
+
+/// `set_mempolicy()` for the VMM: policy `mode` (`MPOL_*`) over the nodes of `nodemask`
+/// (bit `n`: node `n`); it places pages where no `gmem_mapping_mbind` policy is set.
+/// `-EINVAL` as `gmem_mapping_mbind`'s.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_host_set_mempolicy(host: *mut gmem_host, mode: u32, nodemask: u64) -> i32 {
+    call(|| {
+        let o = lookup(host, Kind::Host)?;
+        let nodes = gmem_core::numa::nodes_of(nodemask);
+        o.cell.with(|h| h.set_mempolicy(mode, &nodes))
+    })
+}
+
 #[unsafe(no_mangle)]
 pub extern "C" fn gmem_host_free(host: *mut gmem_host) -> i32 {
     call(|| {
@@ -1135,6 +1184,60 @@ pub extern "C" fn gmem_mapping_discard(
     call(|| {
         let o = lookup(mapping, Kind::Mapping)?;
         o.cell.with(|h| h.map_discard(o.id, offset, length))
+    })
+}
+
+/// `mbind()` over `[offset, offset + length)` of the mapping: policy `mode` (`MPOL_*`)
+/// over the nodes of `nodemask` (bit `n`: node `n`). On a guest_memfd mapping the policy
+/// is the file's; it places pages allocated later. Errors as mbind(2): an unknown mode,
+/// an unaligned offset, an empty or host-less node set for a mode that needs nodes is
+/// `-EINVAL`; a range past the mapping `-EFAULT`.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_mapping_mbind(
+    mapping: *mut gmem_mapping,
+    offset: u64,
+    length: u64,
+    mode: u32,
+    nodemask: u64,
+) -> i32 {
+    call(|| {
+        let o = lookup(mapping, Kind::Mapping)?;
+        let nodes = gmem_core::numa::nodes_of(nodemask);
+        o.cell
+            .with(|h| h.map_mbind(o.id, offset, length, mode, &nodes))
+    })
+}
+
+/// `get_mempolicy(MPOL_F_ADDR)` for the page at `offset`: its mode in `*mode` and nodes
+/// in `*nodemask` (either may be NULL); `MPOL_DEFAULT` and 0 where no policy is set.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_mapping_get_mempolicy(
+    mapping: *mut gmem_mapping,
+    offset: u64,
+    mode: *mut u32,
+    nodemask: *mut u64,
+) -> i32 {
+    call(|| {
+        let o = lookup(mapping, Kind::Mapping)?;
+        let (m, nodes) = o.cell.with(|h| h.map_get_mempolicy(o.id, offset))?;
+        put_opt(mode, m);
+        put_opt(nodemask, nodes.iter().fold(0u64, |a, &n| a | 1 << n));
+        Ok(())
+    })
+}
+
+/// The NUMA node of the page mapped at `offset` in `*node` (`move_pages()` status);
+/// `-ENOENT` when none is mapped there.
+#[unsafe(no_mangle)]
+pub extern "C" fn gmem_mapping_page_node(
+    mapping: *mut gmem_mapping,
+    offset: u64,
+    node: *mut u32,
+) -> i32 {
+    call(|| {
+        let o = lookup(mapping, Kind::Mapping)?;
+        let n = o.cell.with(|h| h.map_page_node(o.id, offset))?;
+        put(node, "node", n)
     })
 }
 

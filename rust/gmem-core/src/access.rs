@@ -2,6 +2,7 @@
 //! exit), and host (VMM) accesses through its mappings.
 
 use crate::error::{Error, HostFaultKind, Result, einval, err, errno};
+use crate::frames::Placement;
 use crate::host::{Host, Loc};
 use crate::mapping::MapKind;
 use crate::memslot::{FilePage, Memslot};
@@ -500,7 +501,7 @@ impl Host {
         if let Some(p) = self.space.maps[m].anon_pfn(idx) {
             return Ok(p);
         }
-        let pfn = self.take_frames(None, 0)?;
+        let pfn = self.take_frames(None, 0, Placement::Anon(m, idx))?;
         let vm = self.anon_pages_account(m, idx, true);
         self.zero_frames(vm, pfn, 0);
         if let Some(v) = vm {

@@ -230,12 +230,9 @@ impl Host {
         self.files[f].page(o).map(|r| r.pfn)
     }
 
-    /// Host-wide: each frame has at most one owner and no owned frame is free; a
-    /// hwpoisoned frame no page cache holds any more is retired: owned by nobody, never
-    /// free.
-    pub fn check_frames(&self) -> Result<()> {
-        self.frames.check().map_err(broken)?;
-        self.check_fds()?;
+    /// Every allocated block with an owner: `(pfn, pages)` of file pages and folios,
+    /// anonymous pages, and pinned orphans, unsorted.
+    pub(crate) fn owned_blocks(&self) -> Vec<(u32, u32)> {
         let mut owned: Vec<(u32, u32)> = Vec::new(); // (pfn, count)
         for f in &self.files {
             for (_, pfn) in f.small_pages_in(0, u64::MAX) {
@@ -252,33 +249,85 @@ impl Host {
                 owned.extend(orphans.values().flatten().map(|&(p, _)| (p, 1)));
             }
         }
+        owned
+    }
+
+    /// Host-wide: each frame has at most one owner and no owned frame is free; on each
+    /// NUMA node, owned and free frames make up the node; NUMA policies well formed.
+    pub fn check_frames(&self) -> Result<()> {
+        self.frames.check().map_err(broken)?;
+        self.check_fds()?;
+        let mut owned = self.owned_blocks();
         owned.sort_unstable();
         // Retired frames: poisoned, and in no page cache or orphan list.
         let held = |p: u32| {
             let i = owned.partition_point(|&(q, _)| q <= p);
             i > 0 && u64::from(owned[i - 1].0) + u64::from(owned[i - 1].1) > u64::from(p)
         };
-        let retired = self.frames.hwpoison.iter().filter(|&&p| !held(p)).count() as u64;
         let mut end = 0u64;
+        let mut per_node = vec![0u64; self.frames.nodes.len()];
+        for &p in self.frames.hwpoison.iter().filter(|&&p| !held(p)) {
+            if u64::from(p) < self.frames.total_pages() {
+                per_node[self.frames.node_of(p) as usize] += 1;
+            }
+        }
         for &(p, n) in &owned {
             if u64::from(p) < end {
                 return Err(broken(format!("pfn {p:#x} has more than one owner")));
             }
-            if self.frames.alloc.is_free(p) {
+            if self.frames.is_free(p) {
                 return Err(broken(format!(
                     "pfn {p:#x} is owned but free in the allocator"
                 )));
             }
+            let node = self.frames.node_of(p);
+            let last = p + (n - 1);
+            if self.frames.node_of(last) != node {
+                return Err(broken(format!(
+                    "block {p:#x}+{n} straddles NUMA nodes {node} and {}",
+                    self.frames.node_of(last)
+                )));
+            }
+            per_node[node as usize] += u64::from(n);
             end = u64::from(p) + u64::from(n);
         }
-        let total: u64 = owned.iter().map(|&(_, n)| u64::from(n)).sum::<u64>() + retired;
-        if total + self.frames.alloc.free_pages() != self.frames.alloc.total_pages() {
+        let total: u64 = per_node.iter().sum();
+        if total + self.frames.free_pages() != self.frames.total_pages() {
             return Err(broken(format!(
                 "frames: {} owned + {} free != {} total",
                 total,
-                self.frames.alloc.free_pages(),
-                self.frames.alloc.total_pages()
+                self.frames.free_pages(),
+                self.frames.total_pages()
             )));
+        }
+        for (k, (&used, a)) in per_node.iter().zip(&self.frames.nodes).enumerate() {
+            if used + a.free_pages() != self.frames.node_pages {
+                return Err(broken(format!(
+                    "node {k}: {used} owned + {} free != {} pages",
+                    a.free_pages(),
+                    self.frames.node_pages
+                )));
+            }
+        }
+        let nr = self.frames.nr_nodes();
+        if let Some(p) = self.frames.task_policy {
+            p.check(nr)
+                .map_err(|e| broken(format!("task memory policy: {e}")))?;
+        }
+        for f in &self.files {
+            f.policy
+                .check(nr)
+                .map_err(|e| broken(format!("guest_memfd {}: {e}", f.inode)))?;
+        }
+        for (i, m) in self.space.maps.iter().enumerate() {
+            if matches!(m.kind, MapKind::Gmem { .. }) && !m.policy.is_empty() {
+                return Err(broken(format!(
+                    "guest_memfd mapping {i} holds a policy of its own"
+                )));
+            }
+            m.policy
+                .check(nr)
+                .map_err(|e| broken(format!("mapping {i}: {e}")))?;
         }
         Ok(())
     }

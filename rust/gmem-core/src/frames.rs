@@ -15,10 +15,11 @@ use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
-use crate::alloc::BuddyAllocator;
+use crate::alloc::{BuddyAllocator, MAX_ORDER};
 use crate::direct_map::DirectMap;
 use crate::error::Result;
 use crate::host::{HOST_WRITER, Host, Loc};
+use crate::numa::{self, Interleave, MAX_NUMNODES, MemPolicy};
 use crate::sparse::{Dense, SparseVec};
 use crate::vm::ZeroPolicy;
 
@@ -27,7 +28,20 @@ use crate::vm::ZeroPolicy;
 /// assigned frame belongs to.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub(crate) struct HostFrames {
-    pub(crate) alloc: BuddyAllocator,
+    /// One buddy allocator per NUMA node. Node `k` owns frames `k * node_pages ..
+    /// (k + 1) * node_pages`; its allocator spans frames `0..(k + 1) * node_pages` with only
+    /// its own free, so its blocks are aligned as physical frames are, and nothing merges
+    /// across a node boundary (the buddy below is never free in it), as zones do.
+    pub(crate) nodes: Vec<BuddyAllocator>,
+    /// Frames per node.
+    pub(crate) node_pages: u64,
+    /// The allocating task's interleave cursor (`current->il_prev`): the node its last
+    /// round-robin interleaved allocation targeted; `MAX_NUMNODES - 1` as
+    /// `set_mempolicy()` leaves it, so the first pick is the set's first node.
+    pub(crate) il_prev: u32,
+    /// The VMM's own policy (`set_mempolicy(2)`, `current->mempolicy`), the one task of
+    /// the model: it places pages where no shared policy is set.
+    pub(crate) task_policy: Option<MemPolicy>,
     /// Content value per frame (what a read of the page returns), for frames in no
     /// guest_memfd page cache; a frame in one keeps its content in the file
     /// ([`crate::guest_memfd::Gmem::content`]) until it leaves the page cache. Each
@@ -46,10 +60,32 @@ pub(crate) struct HostFrames {
     pub(crate) hwpoison: BTreeSet<u32>,
 }
 
+/// What an allocation is for: the memory policy of that page decides its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Placement {
+    /// Page `off` of guest_memfd `file`.
+    File(usize, u64),
+    /// Page `idx` of anonymous mapping `m`.
+    Anon(usize, u64),
+}
+
 impl HostFrames {
-    pub(crate) fn new(pages: u64) -> Self {
+    /// `pages` frames split evenly over `nodes` nodes (`pages` a multiple of `nodes`).
+    pub(crate) fn new(pages: u64, nodes: u32) -> Self {
+        debug_assert!(nodes >= 1 && pages.is_multiple_of(u64::from(nodes)));
+        let per = pages / u64::from(nodes);
+        let nodes = if nodes == 1 {
+            vec![BuddyAllocator::new(pages)]
+        } else {
+            (0..u64::from(nodes))
+                .map(|k| node_allocator(k * per, (k + 1) * per))
+                .collect()
+        };
         Self {
-            alloc: BuddyAllocator::new(pages),
+            nodes,
+            node_pages: per,
+            il_prev: MAX_NUMNODES - 1,
+            task_policy: None,
             content: SparseVec::new(),
             stale: FxHashMap::default(),
             rmp: FxHashMap::default(),
@@ -82,8 +118,55 @@ impl HostFrames {
             self.content.clear_range(a, b);
         }
         let owner = self.rmp_release(pfn, order);
-        self.alloc.free(pfn, order);
+        self.node_alloc(pfn).free(pfn, order);
         owner
+    }
+
+    /// Number of NUMA nodes.
+    #[inline]
+    pub(crate) fn nr_nodes(&self) -> u32 {
+        self.nodes.len() as u32
+    }
+
+    /// The node of frame `pfn`.
+    #[inline]
+    pub(crate) fn node_of(&self, pfn: u32) -> u32 {
+        if self.nodes.len() == 1 {
+            0
+        } else {
+            (u64::from(pfn) / self.node_pages) as u32
+        }
+    }
+
+    /// The allocator of the node holding `pfn`.
+    #[inline]
+    fn node_alloc(&mut self, pfn: u32) -> &mut BuddyAllocator {
+        let n = self.node_of(pfn) as usize;
+        &mut self.nodes[n]
+    }
+
+    pub(crate) fn total_pages(&self) -> u64 {
+        self.node_pages * self.nodes.len() as u64
+    }
+
+    pub(crate) fn free_pages(&self) -> u64 {
+        self.nodes.iter().map(BuddyAllocator::free_pages).sum()
+    }
+
+    /// Whether `pfn` lies inside a free block (of its node).
+    pub(crate) fn is_free(&self, pfn: u32) -> bool {
+        u64::from(pfn) < self.total_pages() && self.nodes[self.node_of(pfn) as usize].is_free(pfn)
+    }
+
+    /// Allocate a block of `2^order` frames, trying `nodes` in order; `ENOMEM` when none
+    /// of them has one.
+    pub(crate) fn alloc_from(&mut self, nodes: &[u32], order: u32) -> Result<u32> {
+        for &n in nodes {
+            if let Ok(pfn) = self.nodes[n as usize].alloc(order) {
+                return Ok(pfn);
+            }
+        }
+        Err(numa::exhausted(order, nodes))
     }
 
     /// Frames `pfn..pfn + 2^order` hold zeroes now: no content, nobody's stale data.
@@ -128,31 +211,60 @@ impl HostFrames {
     pub(crate) fn heap_bytes(&self) -> usize {
         self.content.heap_bytes()
             + self.stale.len() * 16
-            + self.alloc.heap_bytes()
             + self.direct_map.heap_bytes()
+            + self
+                .nodes
+                .iter()
+                .map(BuddyAllocator::heap_bytes)
+                .sum::<usize>()
     }
 
     /// The invariants that need nothing outside the frames: the allocator's own, and
     /// content, stale tags and RMP entries only on frames that exist, RMP entries only on
     /// allocated frames, stale tags only where data is.
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
-        self.alloc.check()?;
-        let total = self.alloc.total_pages();
+        if self.nodes.is_empty()
+            || self.nodes.len() as u32 > MAX_NUMNODES
+            || self.node_pages == 0
+            || self.total_pages() > crate::alloc::MAX_PAGES
+        {
+            return Err(format!(
+                "{} NUMA nodes of {} pages",
+                self.nodes.len(),
+                self.node_pages
+            ));
+        }
+        for (k, a) in self.nodes.iter().enumerate() {
+            a.check().map_err(|e| format!("node {k}: {e}"))?;
+            let (lo, hi) = (k as u64 * self.node_pages, (k as u64 + 1) * self.node_pages);
+            if a.total_pages() != hi {
+                return Err(format!(
+                    "node {k}'s allocator spans {} frames, not {hi}",
+                    a.total_pages()
+                ));
+            }
+            if let Some((o, p)) = a.blocks().find(|&(_, p)| u64::from(p) < lo) {
+                return Err(format!(
+                    "node {k} holds free block {p:#x} of order {o} below its first frame {lo:#x}"
+                ));
+            }
+        }
+        let total = self.total_pages();
         if let Some((p, _)) = self.content.entries(total, u64::MAX).first() {
             return Err(format!(
                 "content stored for frame {p:#x} beyond the host's {total} pages"
             ));
         }
-        if let Some(p) = self.rmp.keys().find(|&&p| self.alloc.is_free(p)) {
+        if let Some(p) = self.rmp.keys().find(|&&p| self.is_free(p)) {
             return Err(format!("RMP entry for free frame {p:#x}"));
         }
-        if let Some(p) = self.direct_map.removed().find(|&p| self.alloc.is_free(p)) {
+        if let Some(p) = self.direct_map.removed().find(|&p| self.is_free(p)) {
             return Err(format!("free frame {p:#x} is out of the direct map"));
         }
         if let Some(&p) = self
             .hwpoison
             .iter()
-            .find(|&&p| u64::from(p) >= total || self.alloc.is_free(p))
+            .find(|&&p| u64::from(p) >= total || self.is_free(p))
         {
             return Err(format!(
                 "hwpoisoned frame {p:#x} is free or beyond the host"
@@ -165,6 +277,22 @@ impl HostFrames {
         }
         Ok(())
     }
+}
+
+/// The allocator of a node owning frames `[lo, hi)`: an allocator over `0..hi` holding only
+/// those free, as the largest aligned blocks that fit.
+fn node_allocator(lo: u64, hi: u64) -> BuddyAllocator {
+    let mut blocks = Vec::new();
+    let mut pfn = lo;
+    while pfn < hi {
+        let mut order = MAX_ORDER;
+        while order > 0 && (!pfn.is_multiple_of(1 << order) || pfn + (1 << order) > hi) {
+            order -= 1;
+        }
+        blocks.push((order, pfn as u32));
+        pfn += 1 << order;
+    }
+    BuddyAllocator::from_blocks(hi, &blocks).expect("aligned disjoint blocks")
 }
 
 /// The frame numbers of a block, as `u64` bounds.
@@ -218,13 +346,48 @@ impl Host {
     }
 
     /// Allocate a block of `2^order` frames for `vm` (None: a mapping no VM owns yet).
-    pub(crate) fn take_frames(&mut self, vm: Option<usize>, order: u32) -> Result<u32> {
-        let pfn = self.frames.alloc.alloc(order)?;
+    /// The memory policy in force at `at` decides the node (on a host of one node there
+    /// is nothing to decide, and no policy is looked up).
+    #[inline]
+    pub(crate) fn take_frames(
+        &mut self,
+        vm: Option<usize>,
+        order: u32,
+        at: Placement,
+    ) -> Result<u32> {
+        let pfn = if self.frames.nodes.len() == 1 {
+            self.frames.nodes[0].alloc(order)?
+        } else {
+            self.alloc_by_policy(order, at)?
+        };
         if let Some(v) = vm {
             let cost = self.costs.alloc(order);
             self.vms[v].stats.allocated(1u64 << order, cost);
         }
         Ok(pfn)
+    }
+
+    /// A block for `at` on a host of several nodes: the nodes its policy allows, in the
+    /// policy's order (see [`numa`]).
+    #[cold]
+    #[inline(never)]
+    fn alloc_by_policy(&mut self, order: u32, at: Placement) -> Result<u32> {
+        let (policy, il) = match at {
+            // guest_memfd: the inode's shared policy, interleaving in allocation order.
+            Placement::File(f, off) => (self.files[f].policy.lookup(off), Interleave::RoundRobin),
+            // Anonymous MAP_SHARED memory is shmem: its inode's shared policy, interleaving
+            // by page offset.
+            Placement::Anon(m, idx) => (
+                self.space.maps[m].policy.lookup(idx),
+                Interleave::Index(idx),
+            ),
+        };
+        // No shared policy: the task's (kvm_gmem_get_folio_policy(),
+        // shmem_get_pgoff_policy(), which keeps its interleave index either way).
+        let policy = policy.or(self.frames.task_policy);
+        let nr = self.frames.nr_nodes();
+        let nodes = numa::candidates(policy, il, &mut self.frames.il_prev, nr);
+        self.frames.alloc_from(&nodes, order)
     }
 
     /// Return a block of frames. Under `ZeroPolicy::OnFree` they are cleared first; otherwise
@@ -346,7 +509,8 @@ mod prop {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc(u32),
+        /// Allocate a block of this order, trying the nodes from this one on.
+        Alloc(u32, u32),
         /// Free the `i`-th live block (mod their number), its data tagged with `leak`.
         Free(usize, Option<u16>),
         /// Write `v` to frame `j` of the `i`-th live block.
@@ -358,7 +522,7 @@ mod prop {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u32..4).prop_map(Op::Alloc),
+            (0u32..4, 0u32..4).prop_map(|(o, n)| Op::Alloc(o, n)),
             (any::<usize>(), proptest::option::of(1u16..4)).prop_map(|(i, l)| Op::Free(i, l)),
             (any::<usize>(), any::<u64>(), 1u64..100).prop_map(|(i, j, v)| Op::Write(i, j, v)),
             any::<usize>().prop_map(Op::Clear),
@@ -370,9 +534,13 @@ mod prop {
         #![proptest_config(ProptestConfig::with_cases(256))]
 
         #[test]
-        fn frames_follow_the_model(ops in proptest::collection::vec(op(), 1..80)) {
+        fn frames_follow_the_model(
+            nodes in prop_oneof![Just(1u32), Just(2), Just(4)],
+            ops in proptest::collection::vec(op(), 1..80),
+        ) {
             const PAGES: u64 = 64;
-            let mut f = HostFrames::new(PAGES);
+            let mut f = HostFrames::new(PAGES, nodes);
+            let per = PAGES / u64::from(nodes);
             // Live blocks: pfn -> order; content and stale tags per frame; RMP per frame.
             let mut live: BTreeMap<u32, u32> = BTreeMap::new();
             let mut content: BTreeMap<u64, u64> = BTreeMap::new();
@@ -383,16 +551,27 @@ mod prop {
             };
             for op in ops {
                 match op {
-                    Op::Alloc(order) => {
-                        let free = f.alloc.free_pages();
-                        if let Ok(pfn) = f.alloc.alloc(order) {
-                            // Aligned, and overlapping no live block.
+                    Op::Alloc(order, first) => {
+                        let free = f.free_pages();
+                        let first = first % nodes;
+                        let order_of: Vec<u32> = (0..nodes).map(|i| (first + i) % nodes).collect();
+                        // The node each allocator could serve, before the call.
+                        let could: Vec<bool> = order_of.iter()
+                            .map(|&n| f.nodes[n as usize].free_blocks()[order as usize..].iter().any(|&b| b > 0))
+                            .collect();
+                        if let Ok(pfn) = f.alloc_from(&order_of, order) {
+                            // Aligned, from the first node that had a block, and
+                            // overlapping no live block.
                             prop_assert_eq!(pfn % (1 << order), 0);
+                            let node = f.node_of(pfn);
+                            prop_assert_eq!(u64::from(pfn) / per, u64::from(node));
+                            prop_assert_eq!(Some(node), order_of.iter().zip(&could).find(|c| *c.1).map(|c| *c.0));
                             prop_assert!(live.range(..pfn + (1 << order)).next_back()
                                 .is_none_or(|(&p, &o)| p + (1 << o) <= pfn));
                             live.insert(pfn, order);
                         } else {
-                            prop_assert_eq!(f.alloc.free_pages(), free);
+                            prop_assert!(could.iter().all(|c| !c));
+                            prop_assert_eq!(f.free_pages(), free);
                         }
                     }
                     Op::Free(i, leak) if !live.is_empty() => {
@@ -435,7 +614,12 @@ mod prop {
                 }
                 prop_assert_eq!(f.check(), Ok(()));
                 let used: u64 = live.values().map(|&o| 1u64 << o).sum();
-                prop_assert_eq!(f.alloc.free_pages() + used, PAGES);
+                prop_assert_eq!(f.free_pages() + used, PAGES);
+                for k in 0..nodes {
+                    let on: u64 = live.iter().filter(|(p, _)| u64::from(**p) / per == u64::from(k))
+                        .map(|(_, &o)| 1u64 << o).sum();
+                    prop_assert_eq!(f.nodes[k as usize].free_pages() + on, per);
+                }
                 prop_assert_eq!(f.content.entries(0, PAGES), content.iter().map(|(&p, &v)| (p, v)).collect::<Vec<_>>());
                 let tags: BTreeMap<u64, u16> = f.stale.iter().map(|(&p, &t)| (u64::from(p), t)).collect();
                 prop_assert_eq!(&tags, &stale);
@@ -448,12 +632,12 @@ mod prop {
     /// `check()` refuses an RMP entry on a free frame and content beyond the host.
     #[test]
     fn check_finds_broken_frames() {
-        let mut f = HostFrames::new(16);
-        let pfn = f.alloc.alloc(0).unwrap();
+        let mut f = HostFrames::new(16, 1);
+        let pfn = f.alloc_from(&[0], 0).unwrap();
         f.rmp.insert(pfn, (0, 0));
         assert_eq!(f.check(), Ok(()));
         let mut freed = f.clone();
-        freed.alloc.free(pfn, 0);
+        freed.nodes[0].free(pfn, 0);
         assert!(
             freed
                 .check()

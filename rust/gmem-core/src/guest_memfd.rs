@@ -16,9 +16,11 @@ use smallvec::SmallVec;
 
 use crate::bit_attr_map::BitAttrMap;
 use crate::error::{Result, einval, err, errno};
+use crate::frames::Placement;
 use crate::host::{Fd, Host, Loc};
 use crate::mapping::{MapKind, mmap_length};
 use crate::memslot::FilePage;
+use crate::numa::SharedPolicy;
 use crate::sparse::{Dense, SparseVec};
 use crate::vm::ZeroPolicy;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
@@ -88,6 +90,9 @@ pub struct Gmem {
     pub(crate) vmm_map: Option<usize>,
     /// Released: the fd is closed and no mapping is left; pages are gone.
     pub(crate) released: bool,
+    /// The inode's NUMA policy over file pages (6.19: `struct gmem_inode.policy`, set by
+    /// `mbind()` on a mapping of the file): it places every page allocated later.
+    pub(crate) policy: SharedPolicy,
 }
 
 impl Gmem {
@@ -387,6 +392,7 @@ impl Host {
             mappings: Vec::new(),
             vmm_map: None,
             released: false,
+            policy: SharedPolicy::default(),
         });
         Ok(id)
     }
@@ -406,10 +412,11 @@ impl Host {
                 order = 0;
             }
         }
-        let pfn = self.take_frames(Some(vm), order)?;
-        let f = &mut self.files[file];
         let n = 1u64 << order;
         let head = off & !(n - 1);
+        // kvm_gmem_get_folio(): the shared policy at the folio's index.
+        let pfn = self.take_frames(Some(vm), order, Placement::File(file, head))?;
+        let f = &mut self.files[file];
         if order == 0 {
             f.set_page(off, pfn, false);
         } else {
@@ -758,7 +765,7 @@ impl Host {
     /// the page cache and the double-backing counts updated once. Returns the frame runs
     /// `(file page, first frame, pages)`, or `None`, with nothing changed, when the host
     /// cannot supply all `n` frames (the caller then goes page by page, to fail where the
-    /// kernel would).
+    /// kernel would) or has several NUMA nodes.
     pub(crate) fn gmem_get_pfn_run(
         &mut self,
         vm: usize,
@@ -770,7 +777,12 @@ impl Host {
         debug_assert!(self.frames.stale.is_empty());
         debug_assert!(self.files[f].order == 0 && self.files[f].pages.is_default_in(off, off + n));
         let owner = self.files[f].vm;
-        let blocks = self.frames.alloc.alloc_pages(n).ok()?;
+        // One NUMA node: its allocator in one step. Several: each page's policy decides
+        // its node, so the caller goes page by page.
+        let [node] = &mut self.frames.nodes[..] else {
+            return None;
+        };
+        let blocks = node.alloc_pages(n).ok()?;
         let cost = self.costs.alloc(0) * n;
         self.vms[owner].stats.allocated(n, cost);
         let zero = self.vms[vm].opts.zero == ZeroPolicy::OnUse;

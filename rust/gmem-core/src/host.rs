@@ -12,6 +12,7 @@ use crate::frames::HostFrames;
 use crate::guest_memfd::Gmem;
 use crate::mapping::{AddressSpace, MapKind, Mapping};
 use crate::metrics::Stats;
+use crate::numa::MAX_NUMNODES;
 use crate::platform::VmType;
 use crate::strategy::StrategyKind;
 use crate::vm::Vm;
@@ -83,11 +84,29 @@ pub struct Host {
 }
 
 impl Host {
-    /// A host with `memory` bytes of RAM.
+    /// A host with `memory` bytes of RAM on one NUMA node.
     pub fn new(memory: u64) -> Result<Self> {
+        Self::with_nodes(memory, 1)
+    }
+
+    /// A host with `memory` bytes of RAM split evenly over `nodes` NUMA nodes, node `k`
+    /// holding frames `k * memory / nodes ..` (each its own buddy allocator). `nodes`
+    /// must be `1..=MAX_NUMNODES` (64) and `memory` a positive multiple of `nodes` pages,
+    /// so each node holds the same whole number of pages; otherwise `EINVAL`.
+    pub fn with_nodes(memory: u64, nodes: u32) -> Result<Self> {
+        if nodes == 0 || nodes > MAX_NUMNODES {
+            return Err(einval(format!(
+                "{nodes} NUMA nodes: a host has 1 to {MAX_NUMNODES}"
+            )));
+        }
         if memory == 0 || !memory.is_multiple_of(PAGE_SIZE) {
             return Err(einval(format!(
                 "host memory {memory:#x} must be a positive multiple of the page size"
+            )));
+        }
+        if !(memory >> PAGE_SHIFT).is_multiple_of(u64::from(nodes)) {
+            return Err(einval(format!(
+                "host memory {memory:#x} does not split into {nodes} nodes of whole pages"
             )));
         }
         let pages = memory >> PAGE_SHIFT;
@@ -97,7 +116,7 @@ impl Host {
             )));
         }
         let mut h = Self {
-            frames: HostFrames::new(pages),
+            frames: HostFrames::new(pages, nodes),
             costs: CostModel::default(),
             vms: Vec::new(),
             files: Vec::new(),
@@ -129,11 +148,11 @@ impl Host {
     }
 
     pub fn total_pages(&self) -> u64 {
-        self.frames.alloc.total_pages()
+        self.frames.total_pages()
     }
 
     pub fn free_pages(&self) -> u64 {
-        self.frames.alloc.free_pages()
+        self.frames.free_pages()
     }
 
     pub fn costs(&self) -> &CostModel {

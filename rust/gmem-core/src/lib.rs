@@ -23,6 +23,7 @@
 //! | [`vm`] | a VM: memslots, attributes, stage-2, counters; the stage-2 zap |
 //! | [`direct_map`] | the kernel direct map and `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` (series v12) |
 //! | [`frames`] | host frames (`HostFrames`: allocator, content, stale-data tags, RMP) and what VMs are charged for them |
+//! | [`numa`] | NUMA memory policies: `mbind` modes, the shared policy of an inode, each allocation's node choice |
 //! | [`footprint`] | pages backing each VM, and double backing |
 //! | [`events`] | the batch runner (`Host::apply`) behind the event arrays |
 //! | [`check`] | the invariants (`Host::check`) |
@@ -87,6 +88,7 @@ pub mod mapping;
 pub mod memslot;
 pub mod memslot_v1;
 pub mod metrics;
+pub mod numa;
 pub mod pagedir;
 pub mod platform;
 pub mod snapshot;

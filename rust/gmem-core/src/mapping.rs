@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap;
 
 use crate::error::{Result, einval, err, errno};
 use crate::host::Host;
+use crate::numa::SharedPolicy;
 use crate::sparse::SparseVec;
 use crate::{PAGE_SHIFT, PAGE_SIZE};
 
@@ -42,6 +43,10 @@ pub struct Mapping {
     pub kind: MapKind,
     /// Unmapped: gone from the address space; kept only while pinned pages remain.
     pub unmapped: bool,
+    /// NUMA policy of an anonymous mapping's pages, by page index: the shared policy of
+    /// the shmem inode the kernel makes for `MAP_SHARED | MAP_ANONYMOUS`. Empty for a
+    /// guest_memfd mapping, whose policy is the file's (`Gmem::policy`).
+    pub(crate) policy: SharedPolicy,
 }
 
 impl Mapping {
@@ -100,6 +105,7 @@ impl AddressSpace {
             pages,
             kind,
             unmapped: false,
+            policy: SharedPolicy::default(),
         });
         self.va.insert(addr, id);
         id

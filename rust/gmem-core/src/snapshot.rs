@@ -15,7 +15,7 @@ use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
 /// Bumped whenever the encoded layout changes.
-pub const FORMAT_VERSION: u32 = 11;
+pub const FORMAT_VERSION: u32 = 12;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 impl Host {
@@ -114,6 +114,8 @@ impl Host {
         if !self.frames.content.shape_ok() || self.files.iter().any(|f| !f.content.shape_ok()) {
             return Err(bad("frame content store misshapen"));
         }
+        // The NUMA layout before `check()`: everything there finds a frame's node by it.
+        self.frames.check().map_err(|e| bad(&e))?;
         if self
             .space
             .va

@@ -87,11 +87,13 @@ pub(crate) struct PyHost {
 
 #[pymethods]
 impl PyHost {
-    /// Host(memory, *, costs=None): `memory` bytes of RAM (page aligned).
+    /// Host(memory, *, nodes=1, costs=None): `memory` bytes of RAM (page aligned), split
+    /// evenly over `nodes` NUMA nodes (1 to 64; `memory` a multiple of `nodes` pages).
     #[new]
-    #[pyo3(signature = (memory, *, costs = None))]
-    fn new(memory: u64, costs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
-        let mut host = Host::new(memory).map_err(|e| PyValueError::new_err(e.to_string()))?;
+    #[pyo3(signature = (memory, *, nodes = 1, costs = None))]
+    fn new(memory: u64, nodes: u32, costs: Option<&Bound<'_, PyDict>>) -> PyResult<Self> {
+        let mut host =
+            Host::with_nodes(memory, nodes).map_err(|e| PyValueError::new_err(e.to_string()))?;
         if let Some(c) = costs {
             set_costs(&mut host, c)?;
         }
@@ -136,6 +138,46 @@ impl PyHost {
         d.set_item("pages_allocated", h.total_pages() - h.free_pages())?;
         d.set_item("heap_bytes", h.heap_bytes())?;
         Ok(d)
+    }
+
+    /// Number of NUMA nodes.
+    #[getter]
+    fn nodes(&self) -> u32 {
+        self.shared.lock().nr_nodes()
+    }
+
+    /// One dict per NUMA node, node 0 first: node, total_pages, free_pages,
+    /// allocated_pages, and free_blocks / allocated_blocks (block counts per order 0..18).
+    fn node_stats<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let stats = self.shared.detached(py, |h| Ok(h.node_stats()))?;
+        stats
+            .into_iter()
+            .map(|n| {
+                let d = PyDict::new(py);
+                d.set_item("node", n.node)?;
+                d.set_item("total_pages", n.total_pages)?;
+                d.set_item("free_pages", n.free_pages)?;
+                d.set_item("allocated_pages", n.allocated_pages)?;
+                d.set_item("free_blocks", n.free_blocks)?;
+                d.set_item("allocated_blocks", n.allocated_blocks)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
+    /// set_mempolicy(mode, nodes=None): the VMM's own NUMA policy (set_mempolicy(2)): it
+    /// places every page allocated where no mbind policy is set, guest faults included.
+    #[pyo3(signature = (mode, nodes = None))]
+    #[allow(clippy::needless_pass_by_value)] // PyO3 extracts sequences as owned Vec
+    fn set_mempolicy(&self, mode: u32, nodes: Option<Vec<i64>>) -> PyResult<()> {
+        let ids = crate::mapping::node_ids(nodes);
+        Ok(self.shared.call(|h| h.set_mempolicy(mode, &ids))?)
+    }
+
+    /// get_mempolicy() -> (mode, nodes): the VMM's own policy; `(MPOL_DEFAULT, [])` when
+    /// none is set.
+    fn get_mempolicy(&self) -> (u32, Vec<u32>) {
+        self.shared.lock().get_task_mempolicy()
     }
 
     /// The cost model, ns per step.
