@@ -60,15 +60,23 @@ def _poisoned(s: dict[str, Any]) -> bool:
     return bool(s.get("hwpoisoned_pages"))
 
 
+def _no_direct_map(s: dict[str, Any]) -> bool:
+    return bool(s.get("direct_map_removals"))
+
+
 #: Rows shown only when some run of the comparison needs them, each with the test a
 #: summary passes to need it: (summary key, column title, scale, test). Stage-2 exits
 #: (the faults the guest took, not those `KVM_PRE_FAULT_MEMORY` installed ahead of it)
-#: when a run pre-faulted; the cost of memory failures when pages were poisoned.
+#: when a run pre-faulted; the cost of memory failures when pages were poisoned; the
+#: direct-map work of `GUEST_MEMFD_FLAG_NO_DIRECT_MAP` files when pages left the direct map.
 CONDITIONAL_COUNTERS: tuple[tuple[str, str, float, Callable[[dict[str, Any]], bool]], ...] = (
     ("guest_stage2_faults", "stage-2 exits", 1, _prefaulted),
     ("hwpoisoned_pages", "hwpoisoned", 1, _poisoned),
     ("hwpoison_lost_pages", "content lost", 1, _poisoned),
     ("hwpoison_refused", "EHWPOISON", 1, _poisoned),
+    ("direct_map_removals", "direct-map removals", 1, _no_direct_map),
+    ("direct_map_flushes", "direct-map flushes", 1, _no_direct_map),
+    ("direct_map_splits", "direct-map splits", 1, _no_direct_map),
 )
 
 

@@ -16,6 +16,7 @@ from gmem.config import ConfigError, RunConfig, check_vm_type
 from gmem.experiment import run_experiment
 from gmem.guest import build_vm, make_host
 from gmem.policies import run
+from gmem.reports import comparison_frame
 from gmem.streams import events
 from gmem.sweep import expand_grid
 from gmem.workloads import (
@@ -118,6 +119,21 @@ def test_every_design_runs_it_alike():
         for r in results
     ]
     assert all(row == rows[0] for row in rows)
+
+
+def test_compare_table_shows_the_direct_map_work():
+    config = RunConfig(workload="secret-hiding", vm_type="default", pages=PAGES, params=SMALL)
+    results = run_experiment(config, ["dual", "inplace"], jobs=1)
+    frame = comparison_frame(results)
+    for title, key in [
+        ("direct-map removals", "direct_map_removals"),
+        ("direct-map flushes", "direct_map_flushes"),
+        ("direct-map splits", "direct_map_splits"),
+    ]:
+        assert frame[title].tolist() == [r.summary[key] for r in results]
+        assert (frame[title] > 0).all()
+    plain = comparison_frame(run_experiment(RunConfig(pages=1024), ["dual"], jobs=1))
+    assert "direct-map removals" not in plain.columns
 
 
 def test_config_refuses_mismatched_vm_types():
