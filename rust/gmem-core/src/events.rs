@@ -346,18 +346,25 @@ impl Host {
         late: bool,
         memo: &mut SlotMemo,
     ) -> Option<(Option<Lookup>, Option<Loc>)> {
+        // On the raw code: a few compares, where a match on `Op` is a jump table.
+        const CONVERT_PRIVATE: u8 = Op::ConvertPrivate as u8;
+        const CONVERT_SHARED: u8 = Op::ConvertShared as u8;
+        const READ_PRIVATE: u8 = Op::GuestReadPrivate as u8;
+        const WRITE_PRIVATE: u8 = Op::GuestWritePrivate as u8;
+        const READ_SHARED: u8 = Op::GuestReadShared as u8;
+        const WRITE_SHARED: u8 = Op::GuestWriteShared as u8;
         if npages != 1 {
             return None;
         }
         let v = &self.vms[vm];
-        match Op::from_u8(op) {
-            Some(Op::ConvertPrivate | Op::ConvertShared) if !late => {
+        match op {
+            CONVERT_PRIVATE | CONVERT_SHARED if !late => {
                 if !v.strategy.file_attrs() {
                     v.attrs.prefetch(gfn);
                 }
                 v.s2.prefetch(gfn, false);
             }
-            Some(Op::GuestReadPrivate | Op::GuestWritePrivate) => {
+            READ_PRIVATE | WRITE_PRIVATE => {
                 if !late {
                     v.s2.prefetch_bits(gfn);
                     return None;
@@ -373,7 +380,7 @@ impl Host {
                 }
                 return Some((None, loc));
             }
-            Some(Op::GuestReadShared | Op::GuestWriteShared) => {
+            READ_SHARED | WRITE_SHARED => {
                 if !late {
                     v.s2.prefetch(gfn, true);
                     return None;
