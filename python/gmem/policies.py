@@ -524,9 +524,10 @@ class PrefaultOnConvert(Policy):
     whole guest that starts every workload is QEMU's own at memslot creation, not a page
     state change, and is not pre-faulted. As with `DiscardEager`, the pre-fault is queued
     with the conversion, so it also runs if the conversion fails (it then maps the pages
-    as their unchanged attribute says). Mappings it installs count in ``stage2_faults``
-    but not in ``guest_stage2_faults`` and cost ``prefault_map`` instead of
-    ``stage2_map``; ``prefault_calls`` counts the events added.
+    as their unchanged attribute says). Pages it maps count in ``prefaulted_pages``,
+    not in ``stage2_faults`` (no exit: the guest's touches find them mapped), and cost
+    ``prefault_map`` instead of ``stage2_map``; ``prefault_calls`` counts the events
+    added.
     """
 
     name = "prefault"

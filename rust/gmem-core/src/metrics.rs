@@ -45,12 +45,11 @@ stats_struct! {
     stage2_4k,
     stage2_2m,
     stage2_1g,
-    /// Stage-2 faults that installed a mapping (a guest access's, or
-    /// `KVM_PRE_FAULT_MEMORY`'s ahead of the guest).
+    /// Stage-2 faults a guest access took that installed a mapping (each an exit to KVM;
+    /// KVM's `pf_taken`, which `KVM_PRE_FAULT_MEMORY`'s prefetch faults do not count).
     stage2_faults,
-    /// Of `stage2_faults`, those a guest access took (a stage-2 exit); the rest were
-    /// installed ahead of the guest by `KVM_PRE_FAULT_MEMORY`.
-    guest_stage2_faults,
+    /// Pages mapped ahead of the guest by `KVM_PRE_FAULT_MEMORY` (no exit taken).
+    prefaulted_pages,
     splits,
     merges,
     eagain,
@@ -141,8 +140,11 @@ impl Stats {
     /// `KVM_PRE_FAULT_MEMORY`'s ahead of the guest.
     #[inline]
     pub(crate) fn stage2_fault(&mut self, guest: bool, ns: u64) {
-        self.stage2_faults += 1;
-        self.guest_stage2_faults += u64::from(guest);
+        if guest {
+            self.stage2_faults += 1;
+        } else {
+            self.prefaulted_pages += 1;
+        }
         self.modelled_ns += ns;
     }
 
@@ -151,7 +153,6 @@ impl Stats {
     #[inline]
     pub(crate) fn stage2_faulted(&mut self, n: u64, ns: u64) {
         self.stage2_faults += n;
-        self.guest_stage2_faults += n;
         self.modelled_ns += ns;
     }
 
