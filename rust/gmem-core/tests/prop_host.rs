@@ -11,41 +11,15 @@
 //! batch. Closing guest_memfds, merge passes and snapshot round trips are mixed in.
 
 mod common;
+mod strategies;
 
 use common::{
-    Event, GFN_LIMIT, GFN_SPAN, Guest, MAX_PAGES, VmSpec, ample_pages, apply_checked, build, combos,
+    Event, GFN_LIMIT, GFN_SPAN, Guest, VmSpec, ample_pages, apply_checked, build, combos,
 };
 use gmem_core::error::errno;
-use gmem_core::vm::{FaultPolicy, MergePolicy, Options, ZeroPolicy};
 use gmem_core::{GmemArg, Host, MemRegion, Op, PAGE_SIZE, StrategyKind, VmType};
 use proptest::prelude::*;
-
-fn vm_spec() -> impl Strategy<Value = VmSpec> {
-    let opts = (
-        prop_oneof![3 => Just(FaultPolicy::Exit), 1 => Just(FaultPolicy::Convert)],
-        prop_oneof![Just(MergePolicy::Eager), Just(MergePolicy::Deferred)],
-        prop_oneof![
-            3 => Just(ZeroPolicy::OnUse),
-            1 => Just(ZeroPolicy::OnFree),
-            1 => Just(ZeroPolicy::Never)
-        ],
-    )
-        .prop_map(|(fault, merge, zero)| Options { fault, merge, zero });
-    (
-        1u64..=MAX_PAGES,
-        prop::bool::weighted(0.25),
-        any::<bool>(),
-        prop::bool::weighted(0.25),
-        opts,
-    )
-        .prop_map(|(pages, huge, mmap, plain_slot, opts)| VmSpec {
-            pages,
-            huge,
-            mmap,
-            plain_slot,
-            opts,
-        })
-}
+use strategies::vm_spec;
 
 fn event() -> impl Strategy<Value = Event> {
     let op = prop_oneof![24 => 0u8..Op::COUNT, 1 => Op::COUNT..=u8::MAX];

@@ -8,38 +8,12 @@
 
 #[allow(dead_code)] // each test crate uses part of the shared setup
 mod common;
+mod strategies;
 
-use common::{Event, GFN_SPAN, MAX_PAGES, VmSpec, ample_pages, apply_checked, build, combos};
-use gmem_core::vm::{FaultPolicy, MergePolicy, Options, ZeroPolicy};
+use common::{Event, GFN_SPAN, MAX_PAGES, ample_pages, apply_checked, build, combos};
 use gmem_core::{Host, Op, PAGE_SIZE};
 use proptest::prelude::*;
-
-fn vm_spec() -> impl Strategy<Value = VmSpec> {
-    let opts = (
-        prop_oneof![3 => Just(FaultPolicy::Exit), 1 => Just(FaultPolicy::Convert)],
-        prop_oneof![Just(MergePolicy::Eager), Just(MergePolicy::Deferred)],
-        prop_oneof![
-            3 => Just(ZeroPolicy::OnUse),
-            1 => Just(ZeroPolicy::OnFree),
-            1 => Just(ZeroPolicy::Never)
-        ],
-    )
-        .prop_map(|(fault, merge, zero)| Options { fault, merge, zero });
-    (
-        1u64..=MAX_PAGES,
-        prop::bool::weighted(0.15),
-        any::<bool>(),
-        prop::bool::weighted(0.25),
-        opts,
-    )
-        .prop_map(|(pages, huge, mmap, plain_slot, opts)| VmSpec {
-            pages,
-            huge,
-            mmap,
-            plain_slot,
-            opts,
-        })
-}
+use strategies::vm_spec;
 
 /// Mostly guest accesses over ranges (the path under test), with conversions, punches,
 /// discards and host accesses between them to vary the state they meet.
