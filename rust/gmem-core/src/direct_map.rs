@@ -222,8 +222,7 @@ mod tests {
 #[cfg(test)]
 mod host_tests {
     use crate::error::{Error, errno};
-    use crate::host::MemRegion;
-    use crate::{GmemArg, Host, HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
+    use crate::{Host, HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
 
     const SECRET: u64 = uapi::GUEST_MEMFD_FLAG_MMAP
         | uapi::GUEST_MEMFD_FLAG_INIT_SHARED
@@ -236,30 +235,11 @@ mod host_tests {
         }
     }
 
-    fn bind(h: &mut Host, vm: usize, f: usize, size: u64) {
-        let anon = h.mmap_anonymous(size).unwrap();
-        h.set_user_memory_region2(
-            vm,
-            MemRegion {
-                slot: 0,
-                flags: uapi::KVM_MEM_GUEST_MEMFD,
-                guest_phys_addr: 0,
-                memory_size: size,
-                userspace_addr: h.mapping(anon).addr,
-                guest_memfd: GmemArg::Fd(i64::from(h.file(f).fd().unwrap())),
-                guest_memfd_offset: 0,
-                shared_guest_memfd: GmemArg::None,
-                shared_offset: None,
-            },
-        )
-        .unwrap();
-    }
-
     fn secret_guest() -> (Host, usize, usize) {
         let mut h = Host::new(16 << 20).unwrap();
         let vm = h.create_vm(VmType::Default, StrategyKind::Dual);
         let f = h.create_guest_memfd(vm, 4 << 20, SECRET, 0).unwrap();
-        bind(&mut h, vm, f, 4 << 20);
+        h.bind_at_zero(vm, f, 4 << 20);
         (h, vm, f)
     }
 
@@ -344,7 +324,7 @@ mod host_tests {
         let vm = h.create_vm(VmType::Default, StrategyKind::Dual);
         let flags = uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
         let f = h.create_guest_memfd(vm, 1 << 20, flags, 0).unwrap();
-        bind(&mut h, vm, f, 1 << 20);
+        h.bind_at_zero(vm, f, 1 << 20);
         h.guest_access(vm, 0, false, Some(1)).unwrap();
         let s = h.stats(vm);
         assert_eq!(s.direct_map_removals + s.direct_map_flushes, 0);
@@ -371,7 +351,7 @@ mod host_tests {
         let f = h
             .create_guest_memfd(vm, 1 << 20, uapi::GUEST_MEMFD_FLAG_NO_DIRECT_MAP, 0)
             .unwrap();
-        bind(&mut h, vm, f, 1 << 20);
+        h.bind_at_zero(vm, f, 1 << 20);
         let p = uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE;
         h.set_memory_attributes(vm, 0, 1 << 20, p, 0).unwrap();
         // Still in the direct map: populated, then removed at the first mapping.

@@ -665,24 +665,7 @@ pub(crate) mod tests {
         let vm = h.create_vm(VmType::Snp, StrategyKind::Dual);
         h.vms[vm].opts.zero = zero;
         let f = h.create_guest_memfd(vm, 4 << 20, 0, 0).unwrap();
-        let m = h.mmap_anonymous(4 << 20).unwrap();
-        let fd = i64::from(h.file(f).fd.unwrap());
-        let addr = h.mapping(m).addr;
-        h.set_user_memory_region2(
-            vm,
-            MemRegion {
-                slot: 0,
-                flags: uapi::KVM_MEM_GUEST_MEMFD,
-                guest_phys_addr: 0,
-                memory_size: 4 << 20,
-                userspace_addr: addr,
-                guest_memfd: GmemArg::Fd(fd),
-                guest_memfd_offset: 0,
-                shared_guest_memfd: GmemArg::None,
-                shared_offset: None,
-            },
-        )
-        .unwrap();
+        h.bind_at_zero(vm, f, 4 << 20);
         h.set_memory_attributes(vm, 0, 1 << 20, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
             .unwrap();
         h.guest_access(vm, 0x1000, true, Some(7)).unwrap();

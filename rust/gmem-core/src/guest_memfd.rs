@@ -1006,7 +1006,7 @@ fn hwpoisoned(off: u64) -> crate::error::Error {
 #[cfg(test)]
 mod hwpoison_tests {
     use crate::error::{Error, HostFaultKind, errno};
-    use crate::host::{GmemArg, Host, MemRegion};
+    use crate::host::Host;
     use crate::vm::ZeroPolicy;
     use crate::{HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
 
@@ -1029,24 +1029,7 @@ mod hwpoison_tests {
             flags |= uapi::GUEST_MEMFD_FLAG_HUGETLB;
         }
         let f = h.create_guest_memfd(vm, 2 << 20, flags, order).unwrap();
-        let m = h.mmap_anonymous(2 << 20).unwrap();
-        let fd = i64::from(h.file(f).fd().unwrap());
-        let addr = h.mapping(m).addr;
-        h.set_user_memory_region2(
-            vm,
-            MemRegion {
-                slot: 0,
-                flags: uapi::KVM_MEM_GUEST_MEMFD,
-                guest_phys_addr: 0,
-                memory_size: 2 << 20,
-                userspace_addr: addr,
-                guest_memfd: GmemArg::Fd(fd),
-                guest_memfd_offset: 0,
-                shared_guest_memfd: GmemArg::None,
-                shared_offset: None,
-            },
-        )
-        .unwrap();
+        h.bind_at_zero(vm, f, 2 << 20);
         h.convert(vm, 256, 512, false).unwrap();
         h.convert(vm, 0, 256, true).unwrap();
         h.strict = true;

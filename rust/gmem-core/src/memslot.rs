@@ -395,3 +395,29 @@ impl Host {
         }
     }
 }
+
+#[cfg(test)]
+impl Host {
+    /// Unit tests' layout: memslot 0 at gpa 0, `size` bytes, private side guest_memfd
+    /// `f` from offset 0, `userspace_addr` new anonymous memory (returned: its mapping).
+    pub(crate) fn bind_at_zero(&mut self, vm: usize, f: usize, size: u64) -> usize {
+        let anon = self.mmap_anonymous(size).expect("mmap");
+        let fd = i64::from(self.file(f).fd().expect("open guest_memfd"));
+        self.set_user_memory_region2(
+            vm,
+            MemRegion {
+                slot: 0,
+                flags: uapi::KVM_MEM_GUEST_MEMFD,
+                guest_phys_addr: 0,
+                memory_size: size,
+                userspace_addr: self.mapping(anon).addr,
+                guest_memfd: GmemArg::Fd(fd),
+                guest_memfd_offset: 0,
+                shared_guest_memfd: GmemArg::None,
+                shared_offset: None,
+            },
+        )
+        .expect("guest_memfd memslot");
+        anon
+    }
+}

@@ -32,8 +32,7 @@ impl Platform for DefaultVm {
 #[cfg(test)]
 mod tests {
     use crate::error::{Error, errno};
-    use crate::host::MemRegion;
-    use crate::{GmemArg, Host, HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
+    use crate::{Host, HostOp, PAGE_SIZE, StrategyKind, VmType, uapi};
 
     const MMAP_SHARED: u64 = uapi::GUEST_MEMFD_FLAG_MMAP | uapi::GUEST_MEMFD_FLAG_INIT_SHARED;
 
@@ -50,22 +49,7 @@ mod tests {
         let mut h = Host::new(16 << 20).unwrap();
         let vm = h.create_vm(VmType::Default, strategy);
         let f = h.create_guest_memfd(vm, 1 << 20, flags, 0).unwrap();
-        let anon = h.mmap_anonymous(1 << 20).unwrap();
-        h.set_user_memory_region2(
-            vm,
-            MemRegion {
-                slot: 0,
-                flags: uapi::KVM_MEM_GUEST_MEMFD,
-                guest_phys_addr: 0,
-                memory_size: 1 << 20,
-                userspace_addr: h.mapping(anon).addr,
-                guest_memfd: GmemArg::Fd(i64::from(h.file(f).fd().unwrap())),
-                guest_memfd_offset: 0,
-                shared_guest_memfd: GmemArg::None,
-                shared_offset: None,
-            },
-        )
-        .unwrap();
+        h.bind_at_zero(vm, f, 1 << 20);
         (h, vm, f)
     }
 
