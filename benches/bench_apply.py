@@ -164,6 +164,63 @@ def test_apply_vs_numpy(benchmark, big_guest, intervals, op, frames, impl):
 
 
 @pytest.fixture(scope="module", params=gmem.STRATEGIES)
+def design_guest(request):
+    """A 2^24-page guest of each strategy, every page populated in order (`MappedGuest`),
+    fragmented to 10^5 intervals: the guest of the per-design single-page goal."""
+    g = MappedGuest(request.param, PAGES, PAGES)
+    g.fragment(10**5)
+    return g
+
+
+@pytest.mark.benchmark(group="single-page-vs-numpy")
+@pytest.mark.parametrize("op", ["convert", "read"])
+def test_single_page_vs_numpy(benchmark, design_guest, op):
+    """Every design: random single-page conversion (mapped private -> shared) or private
+    read (mapped) of `BATCH` pages in one `vm.apply` batch, each round paired with numpy's
+    scatter / gather of the same pages over a ``uint8`` table of `PAGES` entries
+    (``paired_ratio``, the goal's figure: at most 4x) and over a ``uint64`` table
+    (``paired_ratio_uint64``), both timed just before the round."""
+    g = design_guest
+    gfns = g.targets(BATCH, PAGES)
+    present = g.vm.stats()["attr_intervals"]
+    benchmark.extra_info.update(
+        strategy=g.vm.strategy, guest_pages=PAGES, attr_intervals=present, ops=int(gfns.size)
+    )
+    t8, t64 = np.zeros(PAGES, np.uint8), np.arange(PAGES, dtype=np.uint64)
+    v8, v64 = np.ones(gfns.size, np.uint8), np.arange(gfns.size, dtype=np.uint64)
+    if op == "convert":
+
+        def base8():
+            t8[gfns] = v8
+
+        def base64():
+            t64[gfns] = v64
+
+        batch = events(Op.CONVERT_SHARED, gfns)
+    else:
+
+        def base8():
+            return t8[gfns]
+
+        def base64():
+            return t64[gfns]
+
+        batch = events(Op.GUEST_READ_PRIVATE, gfns)
+    paired = Paired(base8, g.remap(gfns, gfns), others={"uint64": base64})
+    before = g.vm.stats()
+    status = benchmark.pedantic(g.vm.apply, args=(batch,), setup=paired, rounds=rounds(15))
+    assert not status.any()
+    paired.record(benchmark, "uint8")
+    after = g.vm.stats()
+    runs = benchmark.stats.stats.rounds if benchmark.stats else 1
+    benchmark.extra_info["stage2_zaps_per_event"] = (
+        after["stage2_zaps"] - before["stage2_zaps"]
+    ) / (runs * gfns.size)
+    paired.setup()
+    assert g.vm.stats()["attr_intervals"] == present, "targets not restored"
+
+
+@pytest.fixture(scope="module", params=gmem.STRATEGIES)
 def strategy_guest(request):
     """A 2^24-page guest of each strategy with a populated `WORKING_SET`."""
     return MappedGuest(request.param, PAGES, WORKING_SET)

@@ -175,21 +175,31 @@ class Paired:
     sample taken milliseconds before it. On a shared machine whose speed moves by 2-5x
     within minutes, two benchmarks run one after the other can see different machines; a
     pair cannot.
-    `record` stores the baseline's median and the median of the per-round ratios."""
+    `record` stores the baseline's median and the median of the per-round ratios.
+    ``others`` are further baselines (by name), timed the same way before ``baseline``
+    in each round; `record` stores their medians and ratios too."""
 
-    def __init__(self, baseline, setup=None):
+    def __init__(self, baseline, setup=None, others=None):
         self.baseline = baseline
         self.setup = setup
         self.samples: list[float] = []
+        self.others = dict(others or {})
+        self.other_samples: dict[str, list[float]] = {k: [] for k in self.others}
+
+    @staticmethod
+    def _time(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
     def __call__(self):
         # Untimed, timed, then the benchmark's own setup: each timed call comes right after
         # an untimed pass over its own data, with nothing else in between (a benchmark
         # whose setup does not touch its data should pass one that does).
-        self.baseline()
-        t0 = time.perf_counter()
-        self.baseline()
-        self.samples.append(time.perf_counter() - t0)
+        for name, fn in self.others.items():
+            self.other_samples[name].append(self._time(fn))
+        self.samples.append(self._time(self.baseline))
         if self.setup is not None:
             self.setup()
 
@@ -207,6 +217,12 @@ class Paired:
         benchmark.extra_info["paired_ratio"] = statistics.median(
             d / b for d, b in zip(data, base, strict=True)
         )
+        for other, samples in self.other_samples.items():
+            base = samples[-len(data) :]
+            benchmark.extra_info[f"paired_{other}_s"] = statistics.median(base)
+            benchmark.extra_info[f"paired_ratio_{other}"] = statistics.median(
+                d / b for d, b in zip(data, base, strict=True)
+            )
 
 
 def machine_probe() -> dict[str, float]:

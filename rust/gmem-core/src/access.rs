@@ -317,7 +317,7 @@ impl Host {
         let c = &mut self.files[f].content;
         let last = match write {
             Some(x) => {
-                c.fill_with(o0, o0 + n, |_| x);
+                c.fill(o0, o0 + n, x);
                 x
             }
             None => c.get(o0 + n - 1),

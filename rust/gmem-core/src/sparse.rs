@@ -31,22 +31,54 @@ pub struct ChunkMut<'a, T> {
     pub data: &'a mut [T],
 }
 
+/// A chunk as a store lends it out for reading: its `CHUNK` entries, or the one value
+/// (never the default) every entry of a uniform chunk holds.
+#[derive(Clone, Copy)]
+pub enum ChunkView<'a, T> {
+    Entries(&'a [T]),
+    Uniform(T),
+}
+
+impl<T: Copy> ChunkView<'_, T> {
+    /// Entry `i`.
+    #[inline]
+    pub fn at(&self, i: usize) -> T {
+        match self {
+            Self::Entries(d) => d[i],
+            Self::Uniform(v) => *v,
+        }
+    }
+}
+
 /// Where a [`SparseVec`] keeps its chunks, by chunk key (`index / CHUNK`).
 pub trait ChunkStore<T>: Default {
-    /// The `CHUNK` entries of chunk `key`, if held.
-    fn get(&self, key: u64) -> Option<&[T]>;
+    /// Chunk `key`, if held: its `CHUNK` entries, or the one value of a uniform chunk.
+    fn view(&self, key: u64) -> Option<ChunkView<'_, T>>;
     /// Entry `idx` (of chunk `idx / CHUNK`), if its chunk is held.
+    fn entry(&self, idx: u64) -> Option<&T>;
+    /// Entry `idx` if its chunk is held as entries (not uniform): where a prefetch goes.
     #[inline]
-    fn entry(&self, idx: u64) -> Option<&T> {
-        self.get(idx / CHUNK).map(|c| &c[(idx % CHUNK) as usize])
+    fn stored_entry(&self, idx: u64) -> Option<&T> {
+        self.entry(idx)
     }
+    /// Chunk `key` for writing, if held (a uniform chunk gets its entries back first).
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>>;
     /// Chunk `key`, created all-default (with a live count of 0) if absent.
     fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T>;
+    /// Make chunk `key` hold `v` (not the default) at every entry, as one value rather
+    /// than `CHUNK` entries, if the store can: returns the live count the chunk had (0
+    /// when absent), or `None` when the store keeps no uniform chunks.
+    fn put_uniform(&mut self, _key: u64, _v: T) -> Option<u32> {
+        None
+    }
     /// Drop chunk `key`; returns its live count, if it was held.
     fn remove(&mut self, key: u64) -> Option<u32>;
-    /// Chunks held.
+    /// Chunks held (uniform ones included).
     fn len(&self) -> usize;
+    /// Uniform chunks held.
+    fn uniform_len(&self) -> usize {
+        0
+    }
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -70,8 +102,14 @@ impl<T> Default for Hashed<T> {
 
 impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
     #[inline]
-    fn get(&self, key: u64) -> Option<&[T]> {
-        self.0.get(&key).map(|c| &*c.data)
+    fn view(&self, key: u64) -> Option<ChunkView<'_, T>> {
+        self.0.get(&key).map(|c| ChunkView::Entries(&c.data))
+    }
+    #[inline]
+    fn entry(&self, idx: u64) -> Option<&T> {
+        self.0
+            .get(&(idx / CHUNK))
+            .map(|c| &c.data[(idx % CHUNK) as usize])
     }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
@@ -127,15 +165,29 @@ const PAGE_KEYS: usize = pagedir::ENTRIES;
 /// number, so `apply` can prefetch an entry without a miss first. Memory follows the
 /// 2^18-index regions touched and the most chunks ever held at once (a freed chunk is
 /// reused), not the size of the space.
+///
+/// A chunk whose entries all hold one value (a 2 MiB run of pages a guest access wrote
+/// in one event) can be held as that value alone ([`ChunkStore::put_uniform`]): its
+/// directory entry names a slot of `uniform` instead of an arena block, and it gets its
+/// entries back on its first write. A 1 TiB guest written in 2 MiB runs keeps 16 bytes
+/// per run instead of 4 KiB.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
-    /// Pages of chunk number + 1 (0: no chunk), by `key / PAGE_KEYS`.
+    /// Pages of directory entries, by `key / PAGE_KEYS`: 0 no chunk; below `UNIFORM`,
+    /// arena block number + 1; from `UNIFORM` up, `UNIFORM` + the slot of `uniform`.
     dir: PageDir,
     arena: BlockArena<T>,
-    /// Live count of each chunk number.
+    /// Live count of each block number.
     live: Vec<u32>,
+    /// The value of each uniform chunk, by slot (free slots hold stale values).
+    uniform: Vec<T>,
+    /// Free slots of `uniform`.
+    uniform_free: Vec<u32>,
     held: usize,
 }
+
+/// Directory entries from this value up name uniform chunks.
+const UNIFORM: u32 = 1 << 31;
 
 impl<T> Default for Dense<T> {
     fn default() -> Self {
@@ -143,6 +195,8 @@ impl<T> Default for Dense<T> {
             dir: PageDir::default(),
             arena: BlockArena::default(),
             live: Vec::new(),
+            uniform: Vec::new(),
+            uniform_free: Vec::new(),
             held: 0,
         }
     }
@@ -155,16 +209,20 @@ impl<T> Dense<T> {
         (key / PAGE_KEYS as u64, (key % PAGE_KEYS as u64) as usize)
     }
 
-    /// The chunk number of `key`, if held.
+    /// The directory entry of `key` (0: none).
     #[inline]
-    fn number(&self, key: u64) -> Option<u32> {
+    fn dir_entry(&self, key: u64) -> u32 {
         let (p, i) = Self::split(key);
-        let c = self.dir.get(p)?[i];
-        (c != 0).then(|| c - 1)
+        self.dir.get(p).map_or(0, |page| page[i])
+    }
+
+    /// Frees uniform slot `u`.
+    fn free_uniform(&mut self, u: u32) {
+        self.uniform_free.push(u);
     }
 }
 
-impl<T: Copy + Default> Dense<T> {
+impl<T: Copy + Default + PartialEq> Dense<T> {
     #[inline]
     fn chunk_mut(&mut self, c: u32) -> ChunkMut<'_, T> {
         ChunkMut {
@@ -172,57 +230,137 @@ impl<T: Copy + Default> Dense<T> {
             data: self.arena.block_mut(c),
         }
     }
+
+    /// A block for a new chunk of `key` holding `fill` at every entry with a live count
+    /// of `live`; the directory entry of `key` names it. Returns the block number.
+    fn new_block(&mut self, key: u64, fill: T, live: u32) -> u32 {
+        let c = self.arena.alloc();
+        assert!(c < UNIFORM - 1, "fewer than 2^31 - 1 chunks");
+        // A new block holds defaults, a reused one what it held.
+        if c as usize == self.live.len() {
+            self.live.push(live);
+            if fill != T::default() {
+                self.arena.block_mut(c).fill(fill);
+            }
+        } else {
+            self.live[c as usize] = live;
+            self.arena.block_mut(c).fill(fill);
+        }
+        let (p, i) = Self::split(key);
+        self.dir.get_or_insert(p)[i] = c + 1;
+        c
+    }
+
+    /// The block of `key`, giving a uniform chunk its entries back first; `None` if
+    /// `key` holds no chunk.
+    fn block_of(&mut self, key: u64) -> Option<u32> {
+        match self.dir_entry(key) {
+            0 => None,
+            e if e < UNIFORM => Some(e - 1),
+            e => {
+                let u = e - UNIFORM;
+                let v = self.uniform[u as usize];
+                self.free_uniform(u);
+                Some(self.new_block(key, v, CHUNK as u32))
+            }
+        }
+    }
 }
 
-impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
+impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
     #[inline]
-    fn get(&self, key: u64) -> Option<&[T]> {
-        self.number(key).map(|c| self.arena.block(c))
+    fn view(&self, key: u64) -> Option<ChunkView<'_, T>> {
+        match self.dir_entry(key) {
+            0 => None,
+            e if e < UNIFORM => Some(ChunkView::Entries(self.arena.block(e - 1))),
+            e => Some(ChunkView::Uniform(self.uniform[(e - UNIFORM) as usize])),
+        }
     }
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, idx: u64) -> Option<&T> {
-        let c = self.number(idx / CHUNK)?;
-        Some(self.arena.entry(c, (idx % CHUNK) as usize))
+        let (p, i) = Self::split(idx / CHUNK);
+        let e = self.dir.get(p)?[i];
+        // One signed test on the way to a block entry, as the test for "none" was: the
+        // uniform and absent cases share the other branch.
+        #[allow(clippy::cast_possible_wrap)]
+        if (e as i32) > 0 {
+            return Some(self.arena.entry(e - 1, (idx % CHUNK) as usize));
+        }
+        // Absent (0 wraps to a slot past any held) or uniform.
+        self.uniform.get(e.wrapping_sub(UNIFORM) as usize)
+    }
+    #[allow(clippy::inline_always)] // on every prefetch; left to the inliner it stays a call
+    #[inline(always)]
+    fn stored_entry(&self, idx: u64) -> Option<&T> {
+        let (p, i) = Self::split(idx / CHUNK);
+        let e = self.dir.get(p)?[i];
+        #[allow(clippy::cast_possible_wrap)]
+        ((e as i32) > 0).then(|| self.arena.entry(e - 1, (idx % CHUNK) as usize))
     }
     #[inline]
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>> {
-        self.number(key).map(|c| self.chunk_mut(c))
+        self.block_of(key).map(|c| self.chunk_mut(c))
     }
     fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T> {
-        if let Some(c) = self.number(key) {
-            return self.chunk_mut(c);
-        }
-        let (p, i) = Self::split(key);
-        let c = self.arena.alloc();
-        if c as usize == self.live.len() {
-            self.live.push(0);
+        let c = if let Some(c) = self.block_of(key) {
+            c
         } else {
-            // A reused chunk: clear what it held.
-            self.live[c as usize] = 0;
-            self.arena.block_mut(c).fill(T::default());
-        }
-        let page = self.dir.get_or_insert(p);
-        page[i] = c.checked_add(1).expect("fewer than 2^32 - 1 chunks");
-        self.held += 1;
+            self.held += 1;
+            self.new_block(key, T::default(), 0)
+        };
         self.chunk_mut(c)
+    }
+    fn put_uniform(&mut self, key: u64, v: T) -> Option<u32> {
+        let old = match self.dir_entry(key) {
+            0 => {
+                self.held += 1;
+                0
+            }
+            e if e < UNIFORM => {
+                self.arena.release(e - 1);
+                self.live[(e - 1) as usize]
+            }
+            e => {
+                self.free_uniform(e - UNIFORM);
+                CHUNK as u32
+            }
+        };
+        let u = if let Some(u) = self.uniform_free.pop() {
+            self.uniform[u as usize] = v;
+            u
+        } else {
+            self.uniform.push(v);
+            u32::try_from(self.uniform.len() - 1).expect("fewer than 2^31 uniform chunks")
+        };
+        assert!(u < UNIFORM, "fewer than 2^31 uniform chunks");
+        let (p, i) = Self::split(key);
+        self.dir.get_or_insert(p)[i] = UNIFORM + u;
+        Some(old)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key);
         let page = self.dir.get_mut(p)?;
-        let c = std::mem::take(&mut page[i]);
-        if c == 0 {
+        let e = std::mem::take(&mut page[i]);
+        if e == 0 {
             return None;
         }
         if page.iter().all(|&c| c == 0) {
             self.dir.remove(p);
         }
         self.held -= 1;
-        self.arena.release(c - 1);
-        Some(self.live[c as usize - 1])
+        if e >= UNIFORM {
+            self.free_uniform(e - UNIFORM);
+            return Some(CHUNK as u32);
+        }
+        self.arena.release(e - 1);
+        Some(self.live[e as usize - 1])
     }
     fn len(&self) -> usize {
         self.held
+    }
+    fn uniform_len(&self) -> usize {
+        self.uniform.len() - self.uniform_free.len()
     }
     fn keys_in(&self, k0: u64, k1: u64) -> Vec<u64> {
         // Only the pages overlapping [k0, k1] (probed, or filtered from those held when
@@ -255,12 +393,14 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
     }
     fn shape_ok(&self) -> bool {
         let n = self.arena.len() as usize;
-        if !self.arena.shape_ok() || self.live.len() != n {
+        let nu = self.uniform.len();
+        if !self.arena.shape_ok() || self.live.len() != n || nu >= UNIFORM as usize {
             return false;
         }
-        // Every chunk number is held by one key or free, never both.
+        // Every block and every uniform slot is held by one key or free, never both; a
+        // uniform chunk never holds the default.
         let mut seen = vec![false; n];
-        let mut mark = |c: usize| c < n && !std::mem::replace(&mut seen[c], true);
+        let mut seen_u = vec![false; nu];
         let mut held = 0;
         if !self.dir.trimmed() {
             return false;
@@ -269,17 +409,37 @@ impl<T: Copy + Default> ChunkStore<T> for Dense<T> {
             if page.len() != PAGE_KEYS {
                 return false;
             }
-            for &c in page.iter().filter(|&&c| c != 0) {
+            for &e in page.iter().filter(|&&e| e != 0) {
                 held += 1;
-                if !mark(c as usize - 1) {
+                let ok = if e < UNIFORM {
+                    mark(&mut seen, e as usize - 1)
+                } else {
+                    let u = (e - UNIFORM) as usize;
+                    mark(&mut seen_u, u) && self.uniform[u] != T::default()
+                };
+                if !ok {
                     return false;
                 }
             }
         }
         held == self.held
-            && self.arena.free().iter().all(|&c| mark(c as usize))
-            && held + self.arena.free().len() == n
+            && self
+                .arena
+                .free()
+                .iter()
+                .all(|&c| mark(&mut seen, c as usize))
+            && self
+                .uniform_free
+                .iter()
+                .all(|&u| mark(&mut seen_u, u as usize))
+            && seen.iter().all(|&s| s)
+            && seen_u.iter().all(|&s| s)
     }
+}
+
+/// Marks `i` seen; false if out of range or seen already.
+fn mark(seen: &mut [bool], i: usize) -> bool {
+    i < seen.len() && !std::mem::replace(&mut seen[i], true)
 }
 
 /// A sparse array: fixed chunks of 512 entries allocated on first non-default store and
@@ -321,7 +481,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
     /// the entry is read once, a few events later (see `Stage2::prefetch`).
     #[inline]
     pub fn prefetch(&self, idx: u64) {
-        if let Some(e) = self.chunks.entry(idx) {
+        if let Some(e) = self.chunks.stored_entry(idx) {
             mem_prefetch::prefetch_read_data::<_, 0>(e);
         }
     }
@@ -365,7 +525,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         while idx < end {
             let key = idx / CHUNK;
             let base = key * CHUNK;
-            let hi = end.min(base + CHUNK);
+            let hi = end.min(base.saturating_add(CHUNK));
             let c = self.chunks.get_or_insert(key);
             let (mut gained, mut lost) = (0u32, 0u32);
             for i in idx..hi {
@@ -388,17 +548,45 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         }
     }
 
+    /// Store `v` at every index of `[start, end)`: O(chunks in the range). A chunk the
+    /// range covers whole holds `v` as one value where the store keeps uniform chunks
+    /// ([`ChunkStore::put_uniform`]).
+    pub fn fill(&mut self, start: u64, end: u64, v: T) {
+        if v == T::default() {
+            self.clear_range(start, end);
+            return;
+        }
+        let mut idx = start;
+        while idx < end {
+            let key = idx / CHUNK;
+            let base = key * CHUNK;
+            let hi = end.min(base.saturating_add(CHUNK));
+            if idx == base
+                && hi - base == CHUNK
+                && let Some(old) = self.chunks.put_uniform(key, v)
+            {
+                self.live += CHUNK - u64::from(old);
+                idx = hi;
+                continue;
+            }
+            self.fill_with(idx, hi, |_| v);
+            idx = hi;
+        }
+    }
+
     /// Whether every entry of `[start, end)` is the default: O(chunks in the range).
     pub fn is_default_in(&self, start: u64, end: u64) -> bool {
         let zero = T::default();
         self.chunk_keys(start, end).into_iter().all(|key| {
-            let c = self.chunks.get(key).expect("key from chunk_keys");
             let base = key * CHUNK;
             let (lo, hi) = (
                 start.max(base) - base,
                 end.min(base.saturating_add(CHUNK)) - base,
             );
-            c[lo as usize..hi as usize].iter().all(|v| *v == zero)
+            match self.chunks.view(key).expect("key from chunk_keys") {
+                ChunkView::Entries(c) => c[lo as usize..hi as usize].iter().all(|v| *v == zero),
+                ChunkView::Uniform(_) => false,
+            }
         })
     }
 
@@ -408,18 +596,18 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         let zero = T::default();
         let mut out: Vec<(u64, u64)> = Vec::new();
         for key in self.chunk_keys(start, end) {
-            let c = self.chunks.get(key).expect("key from chunk_keys");
+            let c = self.chunks.view(key).expect("key from chunk_keys");
             let base = key * CHUNK;
             let lo = start.max(base) - base;
             let hi = end.min(base.saturating_add(CHUNK)) - base;
             let mut i = lo;
             while i < hi {
-                if c[i as usize] == zero {
+                if c.at(i as usize) == zero {
                     i += 1;
                     continue;
                 }
                 let a = i;
-                while i < hi && c[i as usize] != zero {
+                while i < hi && c.at(i as usize) != zero {
                     i += 1;
                 }
                 match out.last_mut() {
@@ -437,11 +625,14 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         self.chunk_keys(start, end)
             .into_iter()
             .map(|key| {
-                let c = self.chunks.get(key).expect("key from chunk_keys");
                 let base = key * CHUNK;
                 let lo = (start.max(base) - base) as usize;
                 let hi = (end.min(base.saturating_add(CHUNK)) - base) as usize;
-                c[lo..hi].iter().filter(|v| **v != zero).count() as u64
+                let n = match self.chunks.view(key).expect("key from chunk_keys") {
+                    ChunkView::Entries(c) => c[lo..hi].iter().filter(|v| **v != zero).count(),
+                    ChunkView::Uniform(_) => hi - lo,
+                };
+                n as u64
             })
             .sum()
     }
@@ -469,12 +660,12 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         let mut out = Vec::new();
         let zero = T::default();
         for key in self.chunk_keys(start, end) {
-            let c = self.chunks.get(key).expect("key from chunk_keys");
+            let c = self.chunks.view(key).expect("key from chunk_keys");
             let base = key * CHUNK;
             let lo = start.max(base) - base;
             let hi = end.min(base.saturating_add(CHUNK)) - base;
             for i in lo..hi {
-                let v = c[i as usize];
+                let v = c.at(i as usize);
                 if v != zero {
                     out.push((base + i, v));
                 }
@@ -512,9 +703,18 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         self.chunks.shape_ok()
     }
 
-    /// Approximate heap bytes held.
+    /// Chunks held as one value ([`ChunkStore::put_uniform`]).
+    pub fn uniform_chunks(&self) -> usize {
+        self.chunks.uniform_len()
+    }
+
+    /// Approximate heap bytes held: a chunk of entries, `CHUNK` entries and 32 bytes of
+    /// bookkeeping; a uniform chunk, its value and 8 bytes.
     pub fn heap_bytes(&self) -> usize {
-        self.chunks.len() * (CHUNK as usize * std::mem::size_of::<T>() + 32)
+        let uniform = self.chunks.uniform_len();
+        let entries = self.chunks.len() - uniform;
+        let size = std::mem::size_of::<T>();
+        entries * (CHUNK as usize * size + 32) + uniform * (size + 8)
     }
 }
 
@@ -559,6 +759,45 @@ mod tests {
         assert_eq!(d.entries(0, u64::MAX).len(), 1997);
         d.clear_range(0, 2000);
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn uniform_chunks_hold_one_value() {
+        let mut d: SparseVec<u64, Dense<u64>> = SparseVec::new();
+        // 2^20 entries from index 100: 2047 whole chunks held as one value each, the two
+        // partial ones at the ends as entries.
+        d.fill(100, 100 + (1 << 20), 7);
+        assert_eq!(d.len(), 1 << 20);
+        assert_eq!(d.uniform_chunks(), 2047);
+        assert_eq!(d.heap_bytes(), 2 * (512 * 8 + 32) + 2047 * 16);
+        assert_eq!(
+            (d.get(99), d.get(100), d.get(5000), d.get(100 + (1 << 20))),
+            (0, 7, 7, 0)
+        );
+        assert_eq!(d.runs_in(0, u64::MAX), vec![(100, 100 + (1 << 20))]);
+        assert_eq!(d.count_in(1000, 3000), 2000);
+        assert!(!d.is_default_in(1024, 1025) && d.is_default_in(0, 100));
+        // A write into a uniform chunk gives it its entries back; the others stay.
+        assert_eq!(d.set(1030, 9), 7);
+        assert_eq!((d.get(1029), d.get(1030), d.get(1031)), (7, 9, 7));
+        assert_eq!(d.uniform_chunks(), 2046);
+        assert_eq!(d.set(1536, 0), 7);
+        assert_eq!(d.len(), (1 << 20) - 1);
+        // Refilling over entries and over uniform chunks; a default fill clears.
+        d.fill(0, 1 << 21, 3);
+        assert_eq!(d.uniform_chunks(), 4096);
+        assert_eq!(d.len(), 1 << 21);
+        assert!(d.shape_ok());
+        d.fill(512, 1 << 21, 0);
+        assert_eq!(d.len(), 512);
+        assert_eq!(d.uniform_chunks(), 1);
+        d.clear_range(0, 512);
+        assert!(d.is_empty() && d.shape_ok());
+        assert_eq!(d.heap_bytes(), 0);
+        // A hashed store has no uniform chunks: the same fill, as entries.
+        let mut h: SparseVec<u64> = SparseVec::new();
+        h.fill(0, 1024, 5);
+        assert_eq!((h.uniform_chunks(), h.len(), h.get(1023)), (0, 1024, 5));
     }
 
     #[test]

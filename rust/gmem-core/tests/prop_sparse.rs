@@ -49,6 +49,10 @@ enum Op {
     Set(u64, u32),
     Clear(u64, u64),
     Entries(u64, u64),
+    /// `fill(a, a + n, v)`: whole chunks among them, held as one value by a dense store.
+    Fill(u64, u64, u32),
+    /// `runs_in`, `count_in` and `is_default_in` over a range.
+    Scan(u64, u64),
 }
 
 fn op(chunks: &'static [u64]) -> impl Strategy<Value = Op> {
@@ -56,6 +60,8 @@ fn op(chunks: &'static [u64]) -> impl Strategy<Value = Op> {
         8 => (index(chunks), value()).prop_map(|(i, v)| Op::Set(i, v)),
         1 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Clear(a, b)),
         2 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Entries(a, b)),
+        2 => (index(chunks), 0..3 * CHUNK, value()).prop_map(|(a, n, v)| Op::Fill(a, n, v)),
+        1 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Scan(a, b)),
     ]
 }
 
@@ -64,6 +70,18 @@ fn model_entries(model: &BTreeMap<u64, u32>, start: u64, end: u64) -> Vec<(u64, 
         return Vec::new();
     }
     model.range(start..end).map(|(&k, &v)| (k, v)).collect()
+}
+
+/// The runs of consecutive keys of `model` in `[start, end)`.
+fn model_runs(model: &BTreeMap<u64, u32>, start: u64, end: u64) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (k, _) in model_entries(model, start, end) {
+        match out.last_mut() {
+            Some(r) if r.1 == k => r.1 = k + 1,
+            _ => out.push((k, k + 1)),
+        }
+    }
+    out
 }
 
 fn compare<S: ChunkStore<u32>>(
@@ -76,9 +94,15 @@ fn compare<S: ChunkStore<u32>>(
         prop_assert_eq!(v.get(k), val, "get({:#x})", k);
     }
     // Chunks are released when they return to all-default: memory follows live chunks.
+    // A uniform chunk (the dense store's, after a fill) holds its value and 8 bytes.
     let mut chunks: Vec<u64> = model.keys().map(|k| k / CHUNK).collect();
     chunks.dedup();
-    prop_assert_eq!(v.heap_bytes(), chunks.len() * (CHUNK as usize * 4 + 32));
+    let uniform = v.uniform_chunks();
+    prop_assert!(uniform <= chunks.len());
+    prop_assert_eq!(
+        v.heap_bytes(),
+        (chunks.len() - uniform) * (CHUNK as usize * 4 + 32) + uniform * (4 + 8)
+    );
     prop_assert_eq!(
         v.all(),
         model.iter().map(|(&k, &v)| (k, v)).collect::<Vec<_>>()
@@ -114,6 +138,24 @@ fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64]) -> Result<(), TestCaseE
                     a,
                     b
                 );
+            }
+            Op::Fill(a, n, val) => {
+                let b = a.saturating_add(n);
+                v.fill(a, b, val);
+                for k in a..b {
+                    if val == 0 {
+                        model.remove(&k);
+                    } else {
+                        model.insert(k, val);
+                    }
+                }
+            }
+            Op::Scan(a, b) => {
+                let runs = model_runs(&model, a, b);
+                prop_assert_eq!(v.runs_in(a, b), runs.clone(), "runs_in({:#x}, {:#x})", a, b);
+                let n: u64 = runs.iter().map(|r| r.1 - r.0).sum();
+                prop_assert_eq!(v.count_in(a, b), n);
+                prop_assert_eq!(v.is_default_in(a, b), n == 0);
             }
         }
         compare(&v, &model)?;
