@@ -4,8 +4,9 @@
 //!
 //! `cargo run --release -p gmem-core --example drive -- [strategy] [log2 pages] [events]`
 //!
-//! `... --example drive -- goal [log2 pages] [events] [rounds] [runs|scattered]` runs the
-//! scenario of the `apply-vs-numpy` benchmark instead: a `dual` guest, all private and
+//! `... --example drive -- goal [log2 pages] [events] [rounds] [runs|scattered] [strategy]`
+//! runs the scenario of the `apply-vs-numpy` benchmark instead: a guest (`dual` unless
+//! named), all private and
 //! mapped (populated in order, so frames come in runs, or in random order), fragmented to
 //! ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of mapped
 //! private pages (remapped, untimed, between rounds) and private reads of them.
@@ -121,12 +122,12 @@ fn timed_read(h: &mut Host, vm: usize, o: &[u8], g: &[u64], n: &[u64], v: &[u64]
     h.apply(vm, o, g, n, v, None).expect("apply")
 }
 
-fn goal(log2: u32, events: usize, rounds: usize, scattered: bool) {
+fn goal(strategy: StrategyKind, log2: u32, events: usize, rounds: usize, scattered: bool) {
     let pages = 1u64 << log2;
-    let (mut h, vm) = guest(StrategyKind::Dual, pages);
-    let bytes = pages << 12;
-    h.set_memory_attributes(vm, 0, bytes, uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
-        .expect("private");
+    let (mut h, vm) = guest(strategy, pages);
+    // Private through the strategy's own path (in-place VMs convert through their
+    // guest_memfd).
+    h.convert(vm, 0, pages, true).expect("private");
     // Populate: private writes in 512-page events (frames in runs), or one page per
     // event in random order (`scattered`: frames follow no pattern).
     let st = if scattered {
@@ -266,7 +267,9 @@ fn main() {
         let events = args.get(3).map_or(100_000, |s| s.parse().expect("events"));
         let rounds = args.get(4).map_or(7, |s| s.parse().expect("rounds"));
         let scattered = args.get(5).map(String::as_str) == Some("scattered");
-        goal(log2, events, rounds, scattered);
+        let strategy =
+            StrategyKind::parse(args.get(6).map_or("dual", String::as_str)).expect("strategy");
+        goal(strategy, log2, events, rounds, scattered);
         return;
     }
     let strategy =

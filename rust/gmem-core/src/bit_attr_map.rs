@@ -188,6 +188,10 @@ impl BitAttrMap {
         if start >= end {
             return None;
         }
+        if end - start == 1 {
+            // One index: its value (a single-page conversion's "already there?" check).
+            return Some(self.get(start));
+        }
         let (head, (m0, m1), tail) = Self::pieces(start, end);
         let mut bit: Option<u64> = None;
         let mut agree = |b: Option<u64>| -> bool {

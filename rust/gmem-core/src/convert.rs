@@ -1,10 +1,13 @@
 //! The conversion path shared by every strategy, and the backing work strategies call.
 
+use std::cell::OnceCell;
+
 use smallvec::SmallVec;
 
 use crate::error::{Result, einval};
 use crate::guest_memfd::Zap;
 use crate::host::Host;
+use crate::memslot::Memslot;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 /// A gfn range of one memslot and the private-side file range behind it.
@@ -22,26 +25,71 @@ impl BoundPart {
     }
 }
 
+/// The bound parts of one conversion's range ([`Host::bound_parts`]), found once and
+/// shared by the conversion's steps (the check, the gate, the backing work): `convert`
+/// hands over the parts it found, and a step that needs them when it did not finds them
+/// on first use. Memslots do not change during a conversion.
+pub(crate) struct Parts {
+    pub vm: usize,
+    pub start: u64,
+    pub end: u64,
+    found: OnceCell<SmallVec<[BoundPart; 2]>>,
+}
+
+impl Parts {
+    /// The parts of `[start, end)` of `vm`, not found yet.
+    pub fn new(vm: usize, start: u64, end: u64) -> Self {
+        Self {
+            vm,
+            start,
+            end,
+            found: OnceCell::new(),
+        }
+    }
+
+    /// Find the parts now, in `h`.
+    pub fn find(&self, h: &Host) {
+        self.get(h);
+    }
+
+    /// The parts found so far: all of them once found, else none.
+    pub fn known(&self) -> &[BoundPart] {
+        self.found.get().map_or(&[], |p| p)
+    }
+
+    /// The parts, found in `h` on first use.
+    pub fn get(&self, h: &Host) -> &[BoundPart] {
+        self.found
+            .get_or_init(|| h.bound_parts(self.vm, self.start, self.end))
+    }
+}
+
 impl Host {
     /// The live private-side bindings covering `[start, end)`, in gfn order.
     pub(crate) fn bound_parts(&self, vm: usize, start: u64, end: u64) -> SmallVec<[BoundPart; 2]> {
         let v = &self.vms[vm];
+        let part = |s: &Memslot| {
+            let b = s.gmem?;
+            if !b.live {
+                return None;
+            }
+            let (g0, g1) = (start.max(s.base_gfn), end.min(s.end_gfn()));
+            Some(BoundPart {
+                g0,
+                g1,
+                file: b.file,
+                o0: b.pgoff + (g0 - s.base_gfn),
+            })
+        };
+        // The usual case, a range inside one memslot: one lookup.
+        if let Some(s) = v.slot_at(start)
+            && end <= s.end_gfn()
+        {
+            return part(s).into_iter().collect();
+        }
         v.slots_in(start, end)
             .into_iter()
-            .filter_map(|id| {
-                let s = &v.slots[&id];
-                let b = s.gmem?;
-                if !b.live {
-                    return None;
-                }
-                let (g0, g1) = (start.max(s.base_gfn), end.min(s.end_gfn()));
-                Some(BoundPart {
-                    g0,
-                    g1,
-                    file: b.file,
-                    o0: b.pgoff + (g0 - s.base_gfn),
-                })
-            })
+            .filter_map(|id| part(&v.slots[&id]))
             .collect()
     }
 
@@ -52,21 +100,6 @@ impl Host {
         } else {
             0
         }
-    }
-
-    /// Remove from the host's page tables every file page that gfns `[start, end)` are
-    /// bound to (the private side of their memslots); returns those parts.
-    pub(crate) fn unmap_bound_parts(
-        &mut self,
-        vm: usize,
-        start: u64,
-        end: u64,
-    ) -> SmallVec<[BoundPart; 2]> {
-        let parts = self.bound_parts(vm, start, end);
-        for p in &parts {
-            self.unmap_file_range(p.file, p.o0, p.o1());
-        }
-        parts
     }
 
     /// `KVM_SET_MEMORY_ATTRIBUTES`: checks in the order of mainline
@@ -133,18 +166,20 @@ impl Host {
             0
         };
         let strategy = self.vms[vm].strategy;
-        let parts = if strategy.file_attrs() {
-            self.bound_parts(vm, start, end)
-        } else {
-            SmallVec::new()
-        };
-        if parts.is_empty() && !strategy.has_gate() {
+        // Designs with file attributes store them through the bound parts; the others find
+        // them later only if a step asks (`Parts`).
+        let parts = Parts::new(vm, start, end);
+        if strategy.file_attrs() {
+            parts.find(self);
+        }
+        let known = parts.known();
+        if known.is_empty() && !strategy.has_gate() {
             // One walk stores the value and says whether anything changed.
             let changed = self.vms[vm].attrs.set_count(start, end, value);
             if changed == 0 {
                 return Ok(());
             }
-            self.finish_convert(vm, start, end, private, changed);
+            self.finish_convert(private, changed, &parts);
             return Ok(());
         }
         // The VM map holds what no bound file holds: the gaps between bound parts. In
@@ -153,7 +188,7 @@ impl Host {
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         if !strategy.in_place_mode() {
             let mut at = start;
-            for p in &parts {
+            for p in known {
                 if p.g0 > at {
                     gaps.push((at, p.g0));
                 }
@@ -168,32 +203,33 @@ impl Host {
         let unchanged = gaps
             .iter()
             .all(|&(a, b)| self.vms[vm].attrs.uniform(a, b) == Some(value))
-            && parts.iter().all(|p| {
+            && known.iter().all(|p| {
                 let a = self.files[p.file].attrs.as_ref().expect("file attrs");
                 a.uniform(p.o0, p.o1()) == Some(value)
             });
         if unchanged {
             return Ok(());
         }
-        strategy.gate(self, vm, start, end, private)?;
+        strategy.gate(self, vm, start, end, private, &parts)?;
         let mut changed = 0;
         for &(a, b) in &gaps {
             changed += self.vms[vm].attrs.set_count(a, b, value);
         }
-        for p in &parts {
+        for p in known {
             self.scrub_changing(vm, p.file, p.o0, p.o1(), value);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
-        self.finish_convert(vm, start, end, private, changed);
+        self.finish_convert(private, changed, &parts);
         Ok(())
     }
 
     /// Zap stale mappings, do the strategy's backing work, count.
-    fn finish_convert(&mut self, vm: usize, start: u64, end: u64, private: bool, changed: u64) {
+    fn finish_convert(&mut self, private: bool, changed: u64, parts: &Parts) {
+        let Parts { vm, start, end, .. } = *parts;
         let strategy = self.vms[vm].strategy;
         self.zap(vm, start, end, Some(!private));
-        strategy.after_convert(self, vm, start, end, private);
+        strategy.after_convert(self, vm, start, end, private, parts);
         let c = if strategy.file_attrs() {
             // The in-place series' maple tree: one range store.
             self.costs.attr_range

@@ -487,6 +487,14 @@ fn move_content(
     d0: u64,
     n: u64,
 ) {
+    if n == 1 {
+        // One page (a single-page conversion's punch): no list to build.
+        let v = src.set(s0, 0);
+        if v != 0 {
+            dst.set(d0, v);
+        }
+        return;
+    }
     let moved = src.entries(s0, s0 + n);
     if moved.is_empty() {
         return;

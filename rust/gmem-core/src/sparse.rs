@@ -6,6 +6,7 @@
 //! ahead by `apply`).
 
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use crate::arena::{BLOCK, BlockArena};
 use crate::pagedir::{self, PageDir};
@@ -648,11 +649,20 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
 
     /// Chunk keys intersecting `[start, end)`, in order, found in O(min(chunks in range,
     /// chunks allocated)).
-    fn chunk_keys(&self, start: u64, end: u64) -> Vec<u64> {
+    fn chunk_keys(&self, start: u64, end: u64) -> SmallVec<[u64; 2]> {
         if start >= end {
-            return Vec::new();
+            return SmallVec::new();
         }
-        self.chunks.keys_in(start / CHUNK, (end - 1) / CHUNK)
+        let (k0, k1) = (start / CHUNK, (end - 1) / CHUNK);
+        if k0 == k1 {
+            // One chunk (a page's entry, a short run): a probe, no list to build.
+            let mut one = SmallVec::new();
+            if self.chunks.view(k0).is_some() {
+                one.push(k0);
+            }
+            return one;
+        }
+        SmallVec::from_vec(self.chunks.keys_in(k0, k1))
     }
 
     /// The non-default entries in `[start, end)`, in index order.

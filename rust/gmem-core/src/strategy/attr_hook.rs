@@ -7,6 +7,7 @@
 //! (`same_page.rs`).
 
 use super::{SharedSide, Strategy, shared_by_file_attr};
+use crate::convert::Parts;
 use crate::host::Host;
 use crate::uapi;
 
@@ -22,11 +23,11 @@ impl Strategy for AttrHook {
         Some(0)
     }
 
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+    fn after_convert(h: &mut Host, vm: usize, _: u64, _: u64, private: bool, parts: &Parts) {
         if private {
-            h.count_surviving_pins(vm, start, end);
+            h.count_surviving_pins(vm, parts);
         }
-        h.convert_same_page(vm, start, end, private);
+        h.convert_same_page(vm, private, parts);
     }
 
     /// The file's attribute decides where a gfn binds the offset (its attributes start
@@ -41,9 +42,9 @@ impl Strategy for AttrHook {
 impl Host {
     /// A pin taken before the conversion survives it; each such page is a page the host
     /// still reaches while private.
-    fn count_surviving_pins(&mut self, vm: usize, start: u64, end: u64) {
+    fn count_surviving_pins(&mut self, vm: usize, parts: &Parts) {
         let mut n = 0;
-        for p in self.bound_parts(vm, start, end) {
+        for p in parts.get(self) {
             n += self.files[p.file].pins_in(p.o0, p.o1()).len() as u64;
         }
         self.vms[vm].stats.violations += n;

@@ -8,6 +8,7 @@
 //! file itself ([`Host::shared_file_page`]).
 
 use super::{SharedSide, Strategy};
+use crate::convert::Parts;
 use crate::host::Host;
 
 pub struct Dual;
@@ -17,7 +18,7 @@ impl Strategy for Dual {
     const SHARED_SIDE: SharedSide = SharedSide::Userspace;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, _: &Parts) {
         // The page changes under the guest: where the platform promises in-place content,
         // each page with content the other side does not hold is a broken promise.
         h.count_lost_content(vm, start, end, private, true);

@@ -11,6 +11,7 @@
 //! tracking (`KVM_CAP_MEMORY_ATTRIBUTES` reports 0).
 
 use super::{SharedSide, Strategy, shared_by_file_attr};
+use crate::convert::Parts;
 use crate::error::{Error, Result, einval, err, errno};
 use crate::guest_memfd::Zap;
 use crate::host::Host;
@@ -35,15 +36,22 @@ impl Strategy for Inplace {
         })
     }
 
-    fn gate(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
+    fn gate(
+        h: &mut Host,
+        vm: usize,
+        _start: u64,
+        _end: u64,
+        private: bool,
+        parts: &Parts,
+    ) -> Result<()> {
         if private {
-            h.refuse_if_pinned(vm, start, end)?;
+            h.refuse_if_pinned(vm, parts)?;
         }
         Ok(())
     }
 
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
-        h.convert_same_page(vm, start, end, private);
+    fn after_convert(h: &mut Host, vm: usize, _: u64, _: u64, private: bool, parts: &Parts) {
+        h.convert_same_page(vm, private, parts);
     }
 
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
@@ -54,9 +62,12 @@ impl Strategy for Inplace {
 impl Host {
     /// The gate: unmap the range from host page tables, then refuse with `EAGAIN` if a
     /// page is still referenced (pinned) — before any attribute changes.
-    fn refuse_if_pinned(&mut self, vm: usize, start: u64, end: u64) -> Result<()> {
-        let parts = self.unmap_bound_parts(vm, start, end);
-        for p in &parts {
+    fn refuse_if_pinned(&mut self, vm: usize, parts: &Parts) -> Result<()> {
+        let parts = parts.get(self);
+        for p in parts {
+            self.unmap_file_range(p.file, p.o0, p.o1());
+        }
+        for p in parts {
             if let Some(first) = self.first_pinned(p.file, p.o0, p.o1()) {
                 return Err(self.busy(vm, p.g0 + (first - p.o0)));
             }

@@ -33,6 +33,7 @@ mod same_page;
 mod two_offsets;
 mod two_sided;
 
+use crate::convert::Parts;
 use crate::error::{Result, einval, err, errno};
 use crate::guest_memfd::FileBinding;
 use crate::host::Host;
@@ -178,8 +179,9 @@ impl StrategyKind {
         start: u64,
         end: u64,
         private: bool,
+        parts: &Parts,
     ) -> Result<()> {
-        with_design!(self, D => D::gate(h, vm, start, end, private))
+        with_design!(self, D => D::gate(h, vm, start, end, private, parts))
     }
 
     /// `Strategy::after_convert` of the design.
@@ -191,8 +193,9 @@ impl StrategyKind {
         start: u64,
         end: u64,
         private: bool,
+        parts: &Parts,
     ) {
-        with_design!(self, D => D::after_convert(h, vm, start, end, private));
+        with_design!(self, D => D::after_convert(h, vm, start, end, private, parts));
     }
 
     /// [`Strategy::host_may_map`] of the design; on a VM without private memory, whatever
@@ -245,14 +248,22 @@ pub(crate) trait Strategy {
     }
 
     /// Decide, before any state changes, whether converting `[start, end)` may go ahead
-    /// (only designs with [`Strategy::HAS_GATE`] ever refuse).
-    fn gate(_h: &mut Host, _vm: usize, _start: u64, _end: u64, _private: bool) -> Result<()> {
+    /// (only designs with [`Strategy::HAS_GATE`] ever refuse). `parts`: the range's bound
+    /// parts, found once for the whole conversion.
+    fn gate(
+        _h: &mut Host,
+        _vm: usize,
+        _start: u64,
+        _end: u64,
+        _private: bool,
+        _parts: &Parts,
+    ) -> Result<()> {
         Ok(())
     }
 
     /// The design's backing work once attributes are stored and stale stage-2 entries are
     /// zapped.
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool);
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts);
 
     /// Whether [`Strategy::host_may_map`] depends on the memslots bound to the file, so
     /// that deleting one can take pages out of the host's reach.

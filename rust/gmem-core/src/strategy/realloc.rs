@@ -4,6 +4,7 @@
 //! content is lost. The host may map a page while the gfn bound there is shared.
 
 use super::{SharedSide, Strategy, shared_by_bound_gfn};
+use crate::convert::Parts;
 use crate::host::Host;
 
 pub struct Realloc;
@@ -14,10 +15,10 @@ impl Strategy for Realloc {
     const SHARED_SIDE: SharedSide = SharedSide::SameFile;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts) {
         // The side entered is a fresh page: any content of the side left is lost.
         h.count_lost_content(vm, start, end, private, false);
-        h.free_gfn_range(vm, start, end);
+        h.free_gfn_range(parts);
     }
 
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
@@ -27,8 +28,8 @@ impl Strategy for Realloc {
 
 impl Host {
     /// Free the pages behind the converted gfns; the next access allocates anew.
-    pub(crate) fn free_gfn_range(&mut self, vm: usize, start: u64, end: u64) {
-        for p in self.bound_parts(vm, start, end) {
+    pub(crate) fn free_gfn_range(&mut self, parts: &Parts) {
+        for p in parts.get(self) {
             self.punch(p.file, p.o0, p.o1());
         }
     }

@@ -1,13 +1,14 @@
 //! The in-place backing work that `inplace` and `attr_hook` share: the page stays where
 //! it is; a conversion changes who may reach it.
 
+use crate::convert::Parts;
 use crate::host::Host;
 use crate::vm::MergePolicy;
 
 impl Host {
     /// The conversion's backing work over every bound part.
-    pub(crate) fn convert_same_page(&mut self, vm: usize, start: u64, end: u64, private: bool) {
-        for p in self.bound_parts(vm, start, end) {
+    pub(crate) fn convert_same_page(&mut self, vm: usize, private: bool, parts: &Parts) {
+        for p in parts.get(self) {
             self.same_page_work(vm, p.file, p.o0, p.o1(), private);
         }
     }

@@ -7,6 +7,7 @@
 
 use super::{SharedSide, Strategy, shared_by_bound_gfn};
 use crate::PAGE_SHIFT;
+use crate::convert::Parts;
 use crate::error::{Result, einval, err, errno};
 use crate::host::{GmemArg, Host};
 use crate::memslot::Binding;
@@ -19,12 +20,14 @@ impl Strategy for TwoOffsets {
     const SHARED_SIDE: SharedSide = SharedSide::SecondRange;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool) {
+    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts) {
         h.count_lost_content(vm, start, end, private, true);
         h.huge_private_side(vm, start, end, private);
         if private {
             // The private range's pages leave the host's reach with their gfns.
-            h.unmap_bound_parts(vm, start, end);
+            for p in parts.get(h) {
+                h.unmap_file_range(p.file, p.o0, p.o1());
+            }
         }
     }
 
