@@ -354,6 +354,20 @@ class FaultHandling(Policy):
         vm.set_options(fault_policy=self.mode)
 
 
+def _overlaps_any(events: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Whether each event's range ``[gfn, gfn + npages)`` overlaps the range of some event
+    selected by ``mask``: O(n log m) for m selected."""
+    gfn, end = events["gfn"], events["gfn"] + events["npages"]
+    order = np.argsort(gfn[mask], kind="stable")
+    starts = gfn[mask][order]
+    # The furthest end among the selected ranges starting at or before each start.
+    reach = np.maximum.accumulate(end[mask][order])
+    k = np.searchsorted(starts, end, side="left")  # selected ranges starting before `end`
+    hit = k > 0
+    hit[hit] = reach[k[hit] - 1] > gfn[hit]
+    return hit
+
+
 class RetryEagain(Policy):
     """Retry conversions refused with ``EAGAIN`` at the end of the batch, up to
     ``max_rounds`` times.
@@ -386,6 +400,9 @@ class RetryEagain(Policy):
             self.dropped += n
             return None
         conv = np.isin(events["op"], CONVERSION_OPS) & ((status == 0) | refused)
+        # Only conversions overlapping a refused range can be the last writer of a refused
+        # page: the rest of the batch (most of it) stays out of the segment tree.
+        conv &= _overlaps_any(events, refused)
         cev, crefused = events[conv], refused[conv]
         bounds, last = last_writer(cev["gfn"], cev["gfn"] + cev["npages"])
         key = np.full(len(last), -1, np.int64)

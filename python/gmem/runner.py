@@ -198,7 +198,10 @@ class Runner:
         )
 
     def _count_status(self, status: np.ndarray) -> None:
-        codes, counts = np.unique(status, return_counts=True)
+        failed = status[status != 0]
+        if len(failed) < len(status):
+            self._status_codes[0] = self._status_codes.get(0, 0) + len(status) - len(failed)
+        codes, counts = np.unique(failed, return_counts=True)
         for c, k in zip(codes.tolist(), counts.tolist(), strict=True):
             self._status_codes[c] = self._status_codes.get(c, 0) + k
 

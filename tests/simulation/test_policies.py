@@ -161,6 +161,52 @@ def test_retry_eagain_skips_pages_changed_later():
     assert r.counters() == {"eagain_retried": 3, "eagain_superseded": 0, "eagain_dropped": 3}
 
 
+retry_batches = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 4]),  # conversions, a read and a write among them
+        st.integers(0, 300),
+        st.integers(1, 30),
+        st.sampled_from([0, 0, EAGAIN, -14]),
+    ),
+    min_size=1,
+    max_size=80,
+)
+
+
+@given(retry_batches)
+def test_retry_eagain_matches_brute_force(spec):
+    """What a retry round asks for, page by page: every page whose last conversion in the
+    batch (of those that succeeded or were refused) was refused, with that conversion's
+    op; and the counters: refused conversions retried (some page still theirs) or
+    superseded."""
+    ops, gfn, n, status = zip(*spec, strict=True)
+    ev = events(ops, gfn, n)
+    st_ = np.array(status, np.int32)
+    last: dict[int, int] = {}
+    for i, (o, g, k, s_) in enumerate(spec):
+        if o in (0, 1) and s_ in (0, EAGAIN):
+            for x in range(g, g + k):
+                last[x] = i
+    want = {x: spec[i][0] for x, i in last.items() if spec[i][3] == EAGAIN}
+    r = RetryEagain(max_rounds=2)
+    out = r.after_batch(None, ev, st_, 0)
+    got: dict[int, int] = {}
+    if out is not None:
+        for o, g, k in out[["op", "gfn", "npages"]].tolist():
+            for x in range(g, g + k):
+                assert x not in got, "runs overlap"
+                got[x] = o
+        # Runs are maximal: two adjacent runs differ in op.
+        for a, b in zip(out[:-1].tolist(), out[1:].tolist(), strict=True):
+            assert a[1] + a[2] < b[1] or a[0] != b[0]
+    assert got == want
+    refused = sum(1 for o, *_, s_ in spec if s_ == EAGAIN)
+    kept = len({i for i in last.values() if spec[i][3] == EAGAIN})
+    if refused:
+        assert r.counters()["eagain_retried"] == kept
+        assert r.counters()["eagain_superseded"] == refused - kept
+
+
 def test_compose_and_validation():
     p = DiscardEager() + CoalesceConversions() + Policy()
     assert isinstance(p, Compose)
