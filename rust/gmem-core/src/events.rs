@@ -361,6 +361,11 @@ impl Host {
             CONVERT_PRIVATE | CONVERT_SHARED if !late => {
                 if !v.strategy.file_attrs() {
                     v.attrs.prefetch(gfn);
+                } else if let Some((f, off)) = memo.file_page(v, gfn)
+                    && let Some(a) = &self.files[f].attrs
+                {
+                    // The in-place designs store the attribute per file offset.
+                    a.prefetch(off);
                 }
                 v.s2.prefetch(gfn, false);
             }
