@@ -147,18 +147,24 @@ def test_apply_vs_numpy(benchmark, big_guest, intervals, op, frames, impl):
     batch = events(Op.CONVERT_SHARED if op == "convert" else Op.GUEST_READ_PRIVATE, gfns)
     # numpy's scatter / gather of the same pages, timed just before every round; then the
     # remap, whose reads of the targets are gmem's untimed pass over its own data.
-    paired = Paired(numpy_op, g.remap(gfns, gfns))
+    _time_paired(benchmark, g, batch, Paired(numpy_op, g.remap(gfns, gfns)), "numpy", present)
+
+
+def _time_paired(benchmark, g, batch, paired, name: str, present: int) -> None:
+    """Time `vm.apply` of ``batch`` on the mapped guest ``g`` (15 rounds, each after
+    ``paired``'s baselines and remap), record the baselines under ``name`` and the stage-2
+    zaps per event, then leave the targets private and mapped, so that the next case finds
+    the guest with the ``present`` intervals it asks for (not 2 more per page this one
+    converted)."""
     before = g.vm.stats()
     status = benchmark.pedantic(g.vm.apply, args=(batch,), setup=paired, rounds=rounds(15))
     assert not status.any()
-    paired.record(benchmark, "numpy")
+    paired.record(benchmark, name)
     after = g.vm.stats()
     runs = benchmark.stats.stats.rounds if benchmark.stats else 1
     benchmark.extra_info["stage2_zaps_per_event"] = (
         after["stage2_zaps"] - before["stage2_zaps"]
-    ) / (runs * gfns.size)
-    # Leave the targets private and mapped, so that the next case finds the guest with
-    # the intervals it asks for (not 2 more per page this one converted).
+    ) / (runs * len(batch))
     paired.setup()
     assert g.vm.stats()["attr_intervals"] == present, "targets not restored"
 
@@ -207,17 +213,7 @@ def test_single_page_vs_numpy(benchmark, design_guest, op):
 
         batch = events(Op.GUEST_READ_PRIVATE, gfns)
     paired = Paired(base8, g.remap(gfns, gfns), others={"uint64": base64})
-    before = g.vm.stats()
-    status = benchmark.pedantic(g.vm.apply, args=(batch,), setup=paired, rounds=rounds(15))
-    assert not status.any()
-    paired.record(benchmark, "uint8")
-    after = g.vm.stats()
-    runs = benchmark.stats.stats.rounds if benchmark.stats else 1
-    benchmark.extra_info["stage2_zaps_per_event"] = (
-        after["stage2_zaps"] - before["stage2_zaps"]
-    ) / (runs * gfns.size)
-    paired.setup()
-    assert g.vm.stats()["attr_intervals"] == present, "targets not restored"
+    _time_paired(benchmark, g, batch, paired, "uint8", present)
 
 
 @pytest.fixture(scope="module", params=gmem.STRATEGIES)

@@ -86,13 +86,9 @@ impl Leaves {
     /// Drop leaf `l`'s bitmap, returning it.
     fn remove(&mut self, l: u64) -> Option<[u64; WORDS]> {
         let (p, i) = Self::split(l);
-        let page = self.dir.get_mut(p)?;
-        let e = std::mem::take(&mut page[i]);
+        let e = self.dir.take(p, i);
         if e == 0 {
             return None;
-        }
-        if page.iter().all(|&x| x == 0) {
-            self.dir.remove(p);
         }
         self.free.push(e - 1);
         Some(self.slab[e as usize - 1])

@@ -69,6 +69,19 @@ impl PageDir {
         }
     }
 
+    /// Clear entry `i` of page `p`, dropping the page once all its entries are zero;
+    /// returns what the entry held (0 if nothing, or if the page is absent).
+    pub fn take(&mut self, p: u64, i: usize) -> u32 {
+        let Some(page) = self.get_mut(p) else {
+            return 0;
+        };
+        let e = std::mem::take(&mut page[i]);
+        if e != 0 && page.iter().all(|&x| x == 0) {
+            self.remove(p);
+        }
+        e
+    }
+
     /// An upper bound of the pages held (array slots and hashed pages).
     pub fn span(&self) -> usize {
         self.near.len() + self.far.len()

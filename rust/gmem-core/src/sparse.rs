@@ -341,13 +341,9 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
         let (p, i) = Self::split(key);
-        let page = self.dir.get_mut(p)?;
-        let e = std::mem::take(&mut page[i]);
+        let e = self.dir.take(p, i);
         if e == 0 {
             return None;
-        }
-        if page.iter().all(|&c| c == 0) {
-            self.dir.remove(p);
         }
         self.held -= 1;
         if e >= UNIFORM {
