@@ -49,19 +49,22 @@ impl Leaves {
         )
     }
 
-    #[inline]
+    #[allow(clippy::inline_always)] // on every conversion; left to the inliner it stays a call
+    #[inline(always)]
     fn slot(&self, l: u64) -> Option<usize> {
         let (p, i) = Self::split(l);
         let e = self.dir.get(p)?[i];
         (e != 0).then(|| e as usize - 1)
     }
 
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn get(&self, l: u64) -> Option<&[u64; WORDS]> {
         self.slot(l).map(|s| &self.slab[s])
     }
 
-    #[inline]
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
     fn get_mut(&mut self, l: u64) -> Option<&mut [u64; WORDS]> {
         self.slot(l).map(|s| &mut self.slab[s])
     }
@@ -263,7 +266,8 @@ impl BitAttrMap {
 
     /// Hint the cache about `idx`'s word, ahead of a `get` or a store there (a batch issues
     /// it a few events early, so that the misses of several events overlap).
-    #[inline]
+    #[allow(clippy::inline_always)] // in `apply`'s look-ahead; left to the inliner it stays a call
+    #[inline(always)]
     pub fn prefetch(&self, idx: u64) {
         if !self.leaves.is_empty()
             && let Some(b) = self.leaves.get(idx >> LEAF_SHIFT)
