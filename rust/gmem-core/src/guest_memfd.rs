@@ -249,6 +249,13 @@ impl Gmem {
     /// Present pages in `[start, end)` as `(file page, pfn)`, intact folios expanded
     /// lazily by the caller through `folios_in`.
     pub fn small_pages_in(&self, start: u64, end: u64) -> Vec<(u64, u32)> {
+        if start < end && end - start == 1 {
+            // One page: one lookup, no scan.
+            return match self.pages.get(start) {
+                0 => Vec::new(),
+                e => vec![(start, (e & !UPTODATE) - 1)],
+            };
+        }
         self.pages
             .entries(start, end)
             .into_iter()

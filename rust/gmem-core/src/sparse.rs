@@ -683,6 +683,11 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
     /// Reset `[start, end)` to default, dropping whole chunks where the range covers them:
     /// O(chunks touched), not O(indices).
     pub fn clear_range(&mut self, start: u64, end: u64) {
+        if start < end && end - start == 1 {
+            // One index (a single page's punch): no chunk list.
+            self.set(start, T::default());
+            return;
+        }
         for key in self.chunk_keys(start, end) {
             let base = key * CHUNK;
             if start <= base && base.checked_add(CHUNK).is_some_and(|e| end >= e) {
