@@ -6,6 +6,7 @@ use crate::error::{Error, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
 use crate::stage2::Leaf;
+use crate::strategy::ConvertTouches;
 use crate::vm::Vm;
 
 /// Event operations (`gmem.Op`).
@@ -359,13 +360,26 @@ impl Host {
         let v = &self.vms[vm];
         match op {
             CONVERT_PRIVATE | CONVERT_SHARED if !late => {
-                if !v.strategy.file_attrs() {
-                    v.attrs.prefetch(gfn);
-                } else if let Some((f, off)) = memo.file_page(v, gfn)
-                    && let Some(a) = &self.files[f].attrs
-                {
-                    // The in-place designs store the attribute per file offset.
-                    a.prefetch(off);
+                // What the design's conversion of one page reads: one choice, made by
+                // constants per design.
+                match v.strategy.convert_touches() {
+                    ConvertTouches::VmAttrs => v.attrs.prefetch(gfn),
+                    ConvertTouches::FileAttrs => {
+                        // The in-place designs store the attribute per file offset.
+                        if let Some((f, off)) = memo.file_page(v, gfn)
+                            && let Some(a) = &self.files[f].attrs
+                        {
+                            a.prefetch(off);
+                        }
+                    }
+                    ConvertTouches::VmAttrsAndPage => {
+                        // `realloc` frees the page: its page cache entry and content too.
+                        v.attrs.prefetch(gfn);
+                        if let Some((f, off)) = memo.file_page(v, gfn) {
+                            self.files[f].pages.prefetch(off);
+                            self.files[f].content.prefetch(off);
+                        }
+                    }
                 }
                 v.s2.prefetch(gfn, false);
             }

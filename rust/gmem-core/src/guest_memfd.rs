@@ -69,7 +69,7 @@ pub struct Gmem {
     /// Intact huge folios: head file page -> (pfn, uptodate).
     pub(crate) folios: BTreeMap<u64, (u32, bool)>,
     /// Order-0 pages: file page -> `pfn + 1 | UPTODATE`.
-    pub(crate) pages: SparseVec<u32>,
+    pub(crate) pages: SparseVec<u32, Dense<u32>>,
     /// Pages held by the page cache, in 4 KiB pages.
     pub(crate) nr_pages: u64,
     /// The content of the frames in the page cache, by file page. A frame's content lives

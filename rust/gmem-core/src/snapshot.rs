@@ -114,6 +114,9 @@ impl Host {
         if !self.frames.content.shape_ok() || self.files.iter().any(|f| !f.content.shape_ok()) {
             return Err(bad("frame content store misshapen"));
         }
+        if self.files.iter().any(|f| !f.pages.shape_ok()) {
+            return Err(bad("guest_memfd page cache store misshapen"));
+        }
         // The NUMA layout before `check()`: everything there finds a frame's node by it.
         self.frames.check().map_err(|e| bad(&e))?;
         if self

@@ -132,6 +132,21 @@ impl StrategyKind {
         with_design!(self, D => D::SHARED_SIDE)
     }
 
+    /// What a single-page conversion of the design reads besides stage-2 (what `apply`
+    /// prefetches ahead of it).
+    #[inline]
+    pub(crate) fn convert_touches(self) -> ConvertTouches {
+        with_design!(self, D => {
+            if D::FILE_ATTRS {
+                ConvertTouches::FileAttrs
+            } else if D::FREES_ON_CONVERT {
+                ConvertTouches::VmAttrsAndPage
+            } else {
+                ConvertTouches::VmAttrs
+            }
+        })
+    }
+
     /// Whether a gfn can be backed twice (a private page and a distinct shared one).
     #[inline]
     pub(crate) fn may_double_back(self) -> bool {
@@ -214,6 +229,17 @@ impl StrategyKind {
     }
 }
 
+/// What a single-page conversion reads besides stage-2 ([`StrategyKind::convert_touches`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ConvertTouches {
+    /// The VM's attribute map.
+    VmAttrs,
+    /// The bound file's attribute map.
+    FileAttrs,
+    /// The VM's attribute map, and the page cache entry and content of the page freed.
+    VmAttrsAndPage,
+}
+
 /// One conversion design. Implemented by a unit type per design and called through
 /// [`StrategyKind`]'s static dispatch.
 pub(crate) trait Strategy {
@@ -264,6 +290,10 @@ pub(crate) trait Strategy {
     /// The design's backing work once attributes are stored and stale stage-2 entries are
     /// zapped.
     fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts);
+
+    /// Whether a conversion frees the pages it converts (their page cache entries and
+    /// content are touched by every conversion).
+    const FREES_ON_CONVERT: bool = false;
 
     /// Whether [`Strategy::host_may_map`] depends on the memslots bound to the file, so
     /// that deleting one can take pages out of the host's reach.

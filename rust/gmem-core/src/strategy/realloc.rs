@@ -13,6 +13,7 @@ impl Strategy for Realloc {
     const NAME: &'static str = "realloc";
     const REACH_BY_BINDING: bool = true;
     const SHARED_SIDE: SharedSide = SharedSide::SameFile;
+    const FREES_ON_CONVERT: bool = true;
 
     #[inline]
     fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts) {
