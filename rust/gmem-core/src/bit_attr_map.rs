@@ -5,8 +5,8 @@
 //! numbers says whether each leaf is all-clear, all-set or mixed; only mixed leaves own a
 //! 512-byte bitmap, found by leaf number through a two-level directory (`Leaves`). A
 //! single-page conversion in a fragmented region is two loads from small cached arrays
-//! and a bit flip (so `apply` can prefetch the bitmap word without a miss first); a range conversion touches its two edge leaves, the interval map
-//! and the mixed leaves it covers — never one step per page. Uniformity over an aligned
+//! and a bit flip (so `apply` can prefetch the bitmap word without a miss first); a range
+//! conversion touches its two edge leaves, the interval map and the mixed leaves it covers — never one step per page. Uniformity over an aligned
 //! huge range (the kernel's "mixed" rule) is a few word compares. Indices are
 //! `[0, u64::MAX)`: gfns and file offsets stay far below.
 
@@ -41,19 +41,10 @@ struct Leaves {
 }
 
 impl Leaves {
-    #[inline]
-    fn split(l: u64) -> (u64, usize) {
-        (
-            l / pagedir::ENTRIES as u64,
-            (l % pagedir::ENTRIES as u64) as usize,
-        )
-    }
-
     #[allow(clippy::inline_always)] // on every conversion; left to the inliner it stays a call
     #[inline(always)]
     fn slot(&self, l: u64) -> Option<usize> {
-        let (p, i) = Self::split(l);
-        let e = self.dir.get(p)?[i];
+        let e = self.dir.at(l);
         (e != 0).then(|| e as usize - 1)
     }
 
@@ -82,13 +73,13 @@ impl Leaves {
             self.slab.push(*b);
             u32::try_from(self.slab.len()).expect("fewer than 2^32 mixed leaves") - 1
         };
-        let (p, i) = Self::split(l);
+        let (p, i) = pagedir::split(l);
         self.dir.get_or_insert(p)[i] = s + 1;
     }
 
     /// Drop leaf `l`'s bitmap, returning it.
     fn remove(&mut self, l: u64) -> Option<[u64; WORDS]> {
-        let (p, i) = Self::split(l);
+        let (p, i) = pagedir::split(l);
         let e = self.dir.take(p, i);
         if e == 0 {
             return None;

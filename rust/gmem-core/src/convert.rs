@@ -93,6 +93,13 @@ impl Host {
             .collect()
     }
 
+    /// Remove from the host's page tables every file page of `parts`.
+    pub(crate) fn unmap_parts(&mut self, parts: &[BoundPart]) {
+        for p in parts {
+            self.unmap_file_range(p.file, p.o0, p.o1());
+        }
+    }
+
     /// Whether `gfn` is private, as an attribute value.
     pub fn get_memory_attributes(&self, vm: usize, gfn: u64) -> u64 {
         if self.gfn_private(vm, gfn) {

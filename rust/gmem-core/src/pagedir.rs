@@ -15,6 +15,12 @@ pub const ENTRIES: usize = 512;
 /// space.
 pub const NEAR: u64 = 1 << 13;
 
+/// The page and the entry within it of directory index `n`.
+#[inline]
+pub fn split(n: u64) -> (u64, usize) {
+    (n / ENTRIES as u64, (n % ENTRIES as u64) as usize)
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PageDir {
     near: Vec<Option<Box<[u32]>>>,
@@ -22,6 +28,14 @@ pub struct PageDir {
 }
 
 impl PageDir {
+    /// The entry at directory index `n` (0 where its page is absent).
+    #[allow(clippy::inline_always)] // on every lookup of the stores built on it
+    #[inline(always)]
+    pub fn at(&self, n: u64) -> u32 {
+        let (p, i) = split(n);
+        self.get(p).map_or(0, |page| page[i])
+    }
+
     /// Page `p`, if held.
     #[inline]
     pub fn get(&self, p: u64) -> Option<&[u32]> {

@@ -204,17 +204,11 @@ impl<T> Default for Dense<T> {
 }
 
 impl<T> Dense<T> {
-    /// (page, slot) of `key`.
-    #[inline]
-    fn split(key: u64) -> (u64, usize) {
-        (key / PAGE_KEYS as u64, (key % PAGE_KEYS as u64) as usize)
-    }
-
     /// The directory entry of `key` (0: none).
-    #[inline]
+    #[allow(clippy::inline_always)] // on every read
+    #[inline(always)]
     fn dir_entry(&self, key: u64) -> u32 {
-        let (p, i) = Self::split(key);
-        self.dir.get(p).map_or(0, |page| page[i])
+        self.dir.at(key)
     }
 
     /// Frees uniform slot `u`.
@@ -247,7 +241,7 @@ impl<T: Copy + Default + PartialEq> Dense<T> {
             self.live[c as usize] = live;
             self.arena.block_mut(c).fill(fill);
         }
-        let (p, i) = Self::split(key);
+        let (p, i) = pagedir::split(key);
         self.dir.get_or_insert(p)[i] = c + 1;
         c
     }
@@ -280,8 +274,7 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     fn entry(&self, idx: u64) -> Option<&T> {
-        let (p, i) = Self::split(idx / CHUNK);
-        let e = self.dir.get(p)?[i];
+        let e = self.dir_entry(idx / CHUNK);
         // One signed test on the way to a block entry, as the test for "none" was: the
         // uniform and absent cases share the other branch.
         #[allow(clippy::cast_possible_wrap)]
@@ -294,8 +287,7 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
     #[allow(clippy::inline_always)] // on every prefetch; left to the inliner it stays a call
     #[inline(always)]
     fn stored_entry(&self, idx: u64) -> Option<&T> {
-        let (p, i) = Self::split(idx / CHUNK);
-        let e = self.dir.get(p)?[i];
+        let e = self.dir_entry(idx / CHUNK);
         #[allow(clippy::cast_possible_wrap)]
         ((e as i32) > 0).then(|| self.arena.entry(e - 1, (idx % CHUNK) as usize))
     }
@@ -335,12 +327,12 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
             u32::try_from(self.uniform.len() - 1).expect("fewer than 2^31 uniform chunks")
         };
         assert!(u < UNIFORM, "fewer than 2^31 uniform chunks");
-        let (p, i) = Self::split(key);
+        let (p, i) = pagedir::split(key);
         self.dir.get_or_insert(p)[i] = UNIFORM + u;
         Some(old)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
-        let (p, i) = Self::split(key);
+        let (p, i) = pagedir::split(key);
         let e = self.dir.take(p, i);
         if e == 0 {
             return None;

@@ -64,9 +64,7 @@ impl Host {
     /// page is still referenced (pinned) — before any attribute changes.
     fn refuse_if_pinned(&mut self, vm: usize, parts: &Parts) -> Result<()> {
         let parts = parts.get(self);
-        for p in parts {
-            self.unmap_file_range(p.file, p.o0, p.o1());
-        }
+        self.unmap_parts(parts);
         for p in parts {
             if let Some(first) = self.first_pinned(p.file, p.o0, p.o1()) {
                 return Err(self.busy(vm, p.g0 + (first - p.o0)));

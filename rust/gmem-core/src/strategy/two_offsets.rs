@@ -25,9 +25,7 @@ impl Strategy for TwoOffsets {
         h.huge_private_side(vm, start, end, private);
         if private {
             // The private range's pages leave the host's reach with their gfns.
-            for p in parts.get(h) {
-                h.unmap_file_range(p.file, p.o0, p.o1());
-            }
+            h.unmap_parts(parts.get(h));
         }
     }
 
