@@ -798,7 +798,7 @@ impl Host {
         for (pfn, len) in blocks {
             self.files[f]
                 .pages
-                .fill_with(o, o + len, |i| (pfn + (i - o) as u32 + 1) | UPTODATE);
+                .fill_counting(o, o + len, (pfn + 1) | UPTODATE);
             self.admit_content(f, o, pfn, len);
             if zero {
                 self.files[f].content.clear_range(o, o + len);

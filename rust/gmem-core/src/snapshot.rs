@@ -15,7 +15,7 @@ use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
 /// Bumped whenever the encoded layout changes.
-pub const FORMAT_VERSION: u32 = 13;
+pub const FORMAT_VERSION: u32 = 14;
 const HEADER: usize = 8 + 4 + 8 + 4;
 
 impl Host {

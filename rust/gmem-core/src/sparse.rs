@@ -32,51 +32,84 @@ pub struct ChunkMut<'a, T> {
     pub data: &'a mut [T],
 }
 
-/// A chunk as a store lends it out for reading: its `CHUNK` entries, or the one value
-/// (never the default) every entry of a uniform chunk holds.
+/// What a [`SparseVec`] stores: a plain number. A run of consecutive values (the frames
+/// of a 2 MiB run behind the pages of a file) is a start and a step of one.
+pub trait Entry: Copy + Default + PartialEq {
+    /// `self + i`, wrapping.
+    #[must_use]
+    fn plus(self, i: u64) -> Self;
+    /// Whether `self + n` fits without wrapping.
+    fn counts_to(self, n: u64) -> bool;
+}
+
+impl Entry for u32 {
+    #[inline]
+    #[allow(clippy::cast_possible_truncation)] // wrapping, as the sum does
+    fn plus(self, i: u64) -> Self {
+        self.wrapping_add(i as u32)
+    }
+    fn counts_to(self, n: u64) -> bool {
+        u32::try_from(n).is_ok_and(|n| self.checked_add(n).is_some())
+    }
+}
+
+impl Entry for u64 {
+    #[inline]
+    fn plus(self, i: u64) -> Self {
+        self.wrapping_add(i)
+    }
+    fn counts_to(self, n: u64) -> bool {
+        self.checked_add(n).is_some()
+    }
+}
+
+/// A chunk as a store lends it out for reading: its `CHUNK` entries, the one value (never
+/// the default) every entry of a uniform chunk holds, or the first value of a counting
+/// chunk, whose entry `i` holds that value + `i` (never wrapping, so never the default).
 #[derive(Clone, Copy)]
 pub enum ChunkView<'a, T> {
     Entries(&'a [T]),
     Uniform(T),
+    Counting(T),
 }
 
-impl<T: Copy> ChunkView<'_, T> {
+impl<T: Entry> ChunkView<'_, T> {
     /// Entry `i`.
     #[inline]
     pub fn at(&self, i: usize) -> T {
         match self {
             Self::Entries(d) => d[i],
             Self::Uniform(v) => *v,
+            Self::Counting(v) => v.plus(i as u64),
         }
     }
 }
 
 /// Where a [`SparseVec`] keeps its chunks, by chunk key (`index / CHUNK`).
 pub trait ChunkStore<T>: Default {
-    /// Chunk `key`, if held: its `CHUNK` entries, or the one value of a uniform chunk.
+    /// Chunk `key`, if held: its `CHUNK` entries, or the one value of a uniform or
+    /// counting chunk.
     fn view(&self, key: u64) -> Option<ChunkView<'_, T>>;
     /// Entry `idx` (of chunk `idx / CHUNK`), if its chunk is held.
-    fn entry(&self, idx: u64) -> Option<&T>;
+    fn entry(&self, idx: u64) -> Option<T>;
     /// Entry `idx` if its chunk is held as entries (not uniform): where a prefetch goes.
-    #[inline]
-    fn stored_entry(&self, idx: u64) -> Option<&T> {
-        self.entry(idx)
-    }
+    fn stored_entry(&self, idx: u64) -> Option<&T>;
     /// Chunk `key` for writing, if held (a uniform chunk gets its entries back first).
     fn get_mut(&mut self, key: u64) -> Option<ChunkMut<'_, T>>;
     /// Chunk `key`, created all-default (with a live count of 0) if absent.
     fn get_or_insert(&mut self, key: u64) -> ChunkMut<'_, T>;
-    /// Make chunk `key` hold `v` (not the default) at every entry, as one value rather
-    /// than `CHUNK` entries, if the store can: returns the live count the chunk had (0
-    /// when absent), or `None` when the store keeps no uniform chunks.
-    fn put_uniform(&mut self, _key: u64, _v: T) -> Option<u32> {
+    /// Make chunk `key` hold `v` (not the default) at every entry, or with `counting`
+    /// `v + i` at entry `i` (`v` must count to `v + CHUNK - 1` without wrapping), as one
+    /// value rather than `CHUNK` entries, if the store can: returns the live count the
+    /// chunk had (0 when absent), or `None` when the store keeps no such chunks.
+    fn put_uniform(&mut self, _key: u64, _v: T, _counting: bool) -> Option<u32> {
         None
     }
     /// Drop chunk `key`; returns its live count, if it was held.
     fn remove(&mut self, key: u64) -> Option<u32>;
     /// Chunks held (uniform ones included).
     fn len(&self) -> usize;
-    /// Uniform chunks held.
+    /// Chunks held as one value (uniform or counting).
     fn uniform_len(&self) -> usize {
         0
     }
@@ -101,13 +134,17 @@ impl<T> Default for Hashed<T> {
     }
 }
 
-impl<T: Copy + Default> ChunkStore<T> for Hashed<T> {
+impl<T: Entry> ChunkStore<T> for Hashed<T> {
     #[inline]
     fn view(&self, key: u64) -> Option<ChunkView<'_, T>> {
         self.0.get(&key).map(|c| ChunkView::Entries(&c.data))
     }
     #[inline]
-    fn entry(&self, idx: u64) -> Option<&T> {
+    fn entry(&self, idx: u64) -> Option<T> {
+        self.stored_entry(idx).copied()
+    }
+    #[inline]
+    fn stored_entry(&self, idx: u64) -> Option<&T> {
         self.0
             .get(&(idx / CHUNK))
             .map(|c| &c.data[(idx % CHUNK) as usize])
@@ -168,27 +205,40 @@ const PAGE_KEYS: usize = pagedir::ENTRIES;
 /// reused), not the size of the space.
 ///
 /// A chunk whose entries all hold one value (a 2 MiB run of pages a guest access wrote
-/// in one event) can be held as that value alone ([`ChunkStore::put_uniform`]): its
-/// directory entry names a slot of `uniform` instead of an arena block, and it gets its
-/// entries back on its first write. A 1 TiB guest written in 2 MiB runs keeps 16 bytes
-/// per run instead of 4 KiB.
+/// in one event), or count up by one from a value (the page cache entries of a 2 MiB run
+/// of frames allocated in one step), can be held as that value alone
+/// ([`ChunkStore::put_uniform`]): its directory entry names a slot of `uniform` instead
+/// of an arena block, and it gets its entries back on its first write. A 1 TiB guest
+/// written in 2 MiB runs keeps 16 bytes per run instead of 4 KiB, its page cache 12
+/// bytes per run instead of 2 KiB.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Dense<T> {
     /// Pages of directory entries, by `key / PAGE_KEYS`: 0 no chunk; below `UNIFORM`,
-    /// arena block number + 1; from `UNIFORM` up, `UNIFORM` + the slot of `uniform`.
+    /// arena block number + 1; from `UNIFORM` up, `UNIFORM` + the slot of `uniform`, +
+    /// `COUNTING` for a counting chunk.
     dir: PageDir,
     arena: BlockArena<T>,
     /// Live count of each block number.
     live: Vec<u32>,
-    /// The value of each uniform chunk, by slot (free slots hold stale values).
+    /// The value of each uniform chunk, the first value of each counting one, by slot
+    /// (free slots hold stale values).
     uniform: Vec<T>,
     /// Free slots of `uniform`.
     uniform_free: Vec<u32>,
     held: usize,
 }
 
-/// Directory entries from this value up name uniform chunks.
+/// Directory entries from this value up name uniform or counting chunks.
 const UNIFORM: u32 = 1 << 31;
+/// The bit of such an entry that makes its chunk counting; the bits below are the slot.
+const COUNTING: u32 = 1 << 30;
+
+/// The slot of `uniform` and whether the chunk counts, of directory entry `e >= UNIFORM`.
+#[inline]
+fn run_slot(e: u32) -> (usize, bool) {
+    let u = e - UNIFORM;
+    ((u & !COUNTING) as usize, u & COUNTING != 0)
+}
 
 impl<T> Default for Dense<T> {
     fn default() -> Self {
@@ -211,13 +261,13 @@ impl<T> Dense<T> {
         self.dir.at(key)
     }
 
-    /// Frees uniform slot `u`.
-    fn free_uniform(&mut self, u: u32) {
-        self.uniform_free.push(u);
+    /// Frees the uniform slot of directory entry `e >= UNIFORM`.
+    fn free_uniform(&mut self, e: u32) {
+        self.uniform_free.push(run_slot(e).0 as u32);
     }
 }
 
-impl<T: Copy + Default + PartialEq> Dense<T> {
+impl<T: Entry> Dense<T> {
     #[inline]
     fn chunk_mut(&mut self, c: u32) -> ChunkMut<'_, T> {
         ChunkMut {
@@ -226,20 +276,26 @@ impl<T: Copy + Default + PartialEq> Dense<T> {
         }
     }
 
-    /// A block for a new chunk of `key` holding `fill` at every entry with a live count
-    /// of `live`; the directory entry of `key` names it. Returns the block number.
-    fn new_block(&mut self, key: u64, fill: T, live: u32) -> u32 {
+    /// A block for a new chunk of `key` holding `fill` at every entry (with `counting`,
+    /// `fill + i` at entry `i`) with a live count of `live`; the directory entry of `key`
+    /// names it. Returns the block number.
+    fn new_block(&mut self, key: u64, fill: T, counting: bool, live: u32) -> u32 {
         let c = self.arena.alloc();
         assert!(c < UNIFORM - 1, "fewer than 2^31 - 1 chunks");
         // A new block holds defaults, a reused one what it held.
-        if c as usize == self.live.len() {
+        let fresh = c as usize == self.live.len();
+        if fresh {
             self.live.push(live);
-            if fill != T::default() {
-                self.arena.block_mut(c).fill(fill);
-            }
         } else {
             self.live[c as usize] = live;
-            self.arena.block_mut(c).fill(fill);
+        }
+        let b = self.arena.block_mut(c);
+        if counting {
+            for (i, x) in (0..).zip(b.iter_mut()) {
+                *x = fill.plus(i);
+            }
+        } else if fill != T::default() || !fresh {
+            b.fill(fill);
         }
         let (p, i) = pagedir::split(key);
         self.dir.get_or_insert(p)[i] = c + 1;
@@ -253,36 +309,47 @@ impl<T: Copy + Default + PartialEq> Dense<T> {
             0 => None,
             e if e < UNIFORM => Some(e - 1),
             e => {
-                let u = e - UNIFORM;
-                let v = self.uniform[u as usize];
-                self.free_uniform(u);
-                Some(self.new_block(key, v, CHUNK as u32))
+                let (u, counting) = run_slot(e);
+                let v = self.uniform[u];
+                self.free_uniform(e);
+                Some(self.new_block(key, v, counting, CHUNK as u32))
             }
         }
     }
 }
 
-impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
+impl<T: Entry> ChunkStore<T> for Dense<T> {
     #[inline]
     fn view(&self, key: u64) -> Option<ChunkView<'_, T>> {
         match self.dir_entry(key) {
             0 => None,
             e if e < UNIFORM => Some(ChunkView::Entries(self.arena.block(e - 1))),
-            e => Some(ChunkView::Uniform(self.uniform[(e - UNIFORM) as usize])),
+            e => {
+                let (u, counting) = run_slot(e);
+                let v = self.uniform[u];
+                Some(if counting {
+                    ChunkView::Counting(v)
+                } else {
+                    ChunkView::Uniform(v)
+                })
+            }
         }
     }
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
-    fn entry(&self, idx: u64) -> Option<&T> {
+    fn entry(&self, idx: u64) -> Option<T> {
         let e = self.dir_entry(idx / CHUNK);
         // One signed test on the way to a block entry, as the test for "none" was: the
-        // uniform and absent cases share the other branch.
+        // uniform, counting and absent cases share the other branch.
         #[allow(clippy::cast_possible_wrap)]
         if (e as i32) > 0 {
-            return Some(self.arena.entry(e - 1, (idx % CHUNK) as usize));
+            return Some(*self.arena.entry(e - 1, (idx % CHUNK) as usize));
         }
-        // Absent (0 wraps to a slot past any held) or uniform.
-        self.uniform.get(e.wrapping_sub(UNIFORM) as usize)
+        // Absent (0 wraps to a slot, 2^31, past any held: slots stay below 2^30), uniform
+        // (step 0) or counting (step 1).
+        let u = e.wrapping_sub(UNIFORM);
+        let v = *self.uniform.get((u & !COUNTING) as usize)?;
+        Some(v.plus(u64::from(u >> 30) * (idx % CHUNK)))
     }
     #[allow(clippy::inline_always)] // on every prefetch; left to the inliner it stays a call
     #[inline(always)]
@@ -300,11 +367,12 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
             c
         } else {
             self.held += 1;
-            self.new_block(key, T::default(), 0)
+            self.new_block(key, T::default(), false, 0)
         };
         self.chunk_mut(c)
     }
-    fn put_uniform(&mut self, key: u64, v: T) -> Option<u32> {
+    fn put_uniform(&mut self, key: u64, v: T, counting: bool) -> Option<u32> {
+        debug_assert!(v != T::default() && (!counting || v.counts_to(CHUNK - 1)));
         let old = match self.dir_entry(key) {
             0 => {
                 self.held += 1;
@@ -315,7 +383,7 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
                 self.live[(e - 1) as usize]
             }
             e => {
-                self.free_uniform(e - UNIFORM);
+                self.free_uniform(e);
                 CHUNK as u32
             }
         };
@@ -324,11 +392,11 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
             u
         } else {
             self.uniform.push(v);
-            u32::try_from(self.uniform.len() - 1).expect("fewer than 2^31 uniform chunks")
+            u32::try_from(self.uniform.len() - 1).expect("fewer than 2^30 uniform chunks")
         };
-        assert!(u < UNIFORM, "fewer than 2^31 uniform chunks");
+        assert!(u < COUNTING, "fewer than 2^30 uniform chunks");
         let (p, i) = pagedir::split(key);
-        self.dir.get_or_insert(p)[i] = UNIFORM + u;
+        self.dir.get_or_insert(p)[i] = UNIFORM + u + if counting { COUNTING } else { 0 };
         Some(old)
     }
     fn remove(&mut self, key: u64) -> Option<u32> {
@@ -339,7 +407,7 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
         }
         self.held -= 1;
         if e >= UNIFORM {
-            self.free_uniform(e - UNIFORM);
+            self.free_uniform(e);
             return Some(CHUNK as u32);
         }
         self.arena.release(e - 1);
@@ -383,11 +451,11 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
     fn shape_ok(&self) -> bool {
         let n = self.arena.len() as usize;
         let nu = self.uniform.len();
-        if !self.arena.shape_ok() || self.live.len() != n || nu >= UNIFORM as usize {
+        if !self.arena.shape_ok() || self.live.len() != n || nu >= COUNTING as usize {
             return false;
         }
         // Every block and every uniform slot is held by one key or free, never both; a
-        // uniform chunk never holds the default.
+        // uniform chunk never holds the default, a counting one never wraps to it.
         let mut seen = vec![false; n];
         let mut seen_u = vec![false; nu];
         let mut held = 0;
@@ -403,8 +471,10 @@ impl<T: Copy + Default + PartialEq> ChunkStore<T> for Dense<T> {
                 let ok = if e < UNIFORM {
                     mark(&mut seen, e as usize - 1)
                 } else {
-                    let u = (e - UNIFORM) as usize;
-                    mark(&mut seen_u, u) && self.uniform[u] != T::default()
+                    let (u, counting) = run_slot(e);
+                    mark(&mut seen_u, u)
+                        && self.uniform[u] != T::default()
+                        && (!counting || self.uniform[u].counts_to(CHUNK - 1))
                 };
                 if !ok {
                     return false;
@@ -445,13 +515,13 @@ pub struct SparseVec<T, S = Hashed<T>> {
     _t: std::marker::PhantomData<T>,
 }
 
-impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> Default for SparseVec<T, S> {
+impl<T: Entry, S: ChunkStore<T>> Default for SparseVec<T, S> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
+impl<T: Entry, S: ChunkStore<T>> SparseVec<T, S> {
     pub fn new() -> Self {
         Self {
             chunks: S::default(),
@@ -463,7 +533,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
     #[allow(clippy::inline_always)] // on every read; left to the inliner it stays a call
     #[inline(always)]
     pub fn get(&self, idx: u64) -> T {
-        self.chunks.entry(idx).copied().unwrap_or_default()
+        self.chunks.entry(idx).unwrap_or_default()
     }
 
     /// Hint the cache about `idx`'s entry (see `BitAttrMap::prefetch`), non-temporally:
@@ -552,13 +622,43 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
             let hi = end.min(base.saturating_add(CHUNK));
             if idx == base
                 && hi - base == CHUNK
-                && let Some(old) = self.chunks.put_uniform(key, v)
+                && let Some(old) = self.chunks.put_uniform(key, v, false)
             {
                 self.live += CHUNK - u64::from(old);
                 idx = hi;
                 continue;
             }
             self.fill_with(idx, hi, |_| v);
+            idx = hi;
+        }
+    }
+
+    /// Store `first + (i - start)` at every `i` of `[start, end)` (the page cache entries
+    /// of a run of frames): O(chunks in the range). A chunk the range covers whole is held
+    /// as its first value where the store keeps counting chunks. A run that would wrap is
+    /// stored entry by entry.
+    pub fn fill_counting(&mut self, start: u64, end: u64, first: T) {
+        if start >= end {
+            return;
+        }
+        if first == T::default() || !first.counts_to(end - start - 1) {
+            self.fill_with(start, end, |i| first.plus(i - start));
+            return;
+        }
+        let mut idx = start;
+        while idx < end {
+            let key = idx / CHUNK;
+            let base = key * CHUNK;
+            let hi = end.min(base.saturating_add(CHUNK));
+            let v = first.plus(idx - start);
+            if idx == base
+                && hi - base == CHUNK
+                && let Some(old) = self.chunks.put_uniform(key, v, true)
+            {
+                self.live += CHUNK - u64::from(old);
+            } else {
+                self.fill_with(idx, hi, |i| v.plus(i - idx));
+            }
             idx = hi;
         }
     }
@@ -574,7 +674,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
             );
             match self.chunks.view(key).expect("key from chunk_keys") {
                 ChunkView::Entries(c) => c[lo as usize..hi as usize].iter().all(|v| *v == zero),
-                ChunkView::Uniform(_) => false,
+                ChunkView::Uniform(_) | ChunkView::Counting(_) => false,
             }
         })
     }
@@ -619,7 +719,7 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
                 let hi = (end.min(base.saturating_add(CHUNK)) - base) as usize;
                 let n = match self.chunks.view(key).expect("key from chunk_keys") {
                     ChunkView::Entries(c) => c[lo..hi].iter().filter(|v| **v != zero).count(),
-                    ChunkView::Uniform(_) => hi - lo,
+                    ChunkView::Uniform(_) | ChunkView::Counting(_) => hi - lo,
                 };
                 n as u64
             })
@@ -706,13 +806,13 @@ impl<T: Copy + Default + PartialEq, S: ChunkStore<T>> SparseVec<T, S> {
         self.chunks.shape_ok()
     }
 
-    /// Chunks held as one value ([`ChunkStore::put_uniform`]).
+    /// Chunks held as one value, uniform or counting ([`ChunkStore::put_uniform`]).
     pub fn uniform_chunks(&self) -> usize {
         self.chunks.uniform_len()
     }
 
     /// Approximate heap bytes held: a chunk of entries, `CHUNK` entries and 32 bytes of
-    /// bookkeeping; a uniform chunk, its value and 8 bytes.
+    /// bookkeeping; a uniform or counting chunk, its value and 8 bytes.
     pub fn heap_bytes(&self) -> usize {
         let uniform = self.chunks.uniform_len();
         let entries = self.chunks.len() - uniform;
@@ -801,6 +901,49 @@ mod tests {
         let mut h: SparseVec<u64> = SparseVec::new();
         h.fill(0, 1024, 5);
         assert_eq!((h.uniform_chunks(), h.len(), h.get(1023)), (0, 1024, 5));
+    }
+
+    #[test]
+    fn counting_chunks_hold_their_first_value() {
+        let mut d: SparseVec<u32, Dense<u32>> = SparseVec::new();
+        // 1536 entries from 256 counting from 10: chunks 1 and 2 whole (one value each),
+        // the halves of chunks 0 and 3 as entries.
+        d.fill_counting(256, 256 + 1536, 10);
+        assert_eq!((d.len(), d.uniform_chunks()), (1536, 2));
+        assert_eq!(d.heap_bytes(), 2 * (512 * 4 + 32) + 2 * 12);
+        assert_eq!(
+            (
+                d.get(255),
+                d.get(256),
+                d.get(512),
+                d.get(1500),
+                d.get(1791),
+                d.get(1792)
+            ),
+            (0, 10, 266, 1254, 1545, 0)
+        );
+        assert_eq!(d.runs_in(0, 4096), vec![(256, 1792)]);
+        assert_eq!(d.count_in(600, 700), 100);
+        assert!(!d.is_default_in(700, 701));
+        let e = d.entries(1020, 1030);
+        assert_eq!(e.first(), Some(&(1020, 774)));
+        assert_eq!(e.last(), Some(&(1029, 783)));
+        // A write gives the chunk its entries back, counting as before.
+        assert_eq!(d.set(1000, 0), 754);
+        assert_eq!((d.get(999), d.get(1000), d.get(1001)), (753, 0, 755));
+        assert_eq!(d.uniform_chunks(), 1);
+        assert!(d.shape_ok());
+        // A run that would wrap past u32::MAX is stored as entries, wrapping as `plus`.
+        let mut w: SparseVec<u32, Dense<u32>> = SparseVec::new();
+        w.fill_counting(0, 1024, u32::MAX - 511);
+        assert_eq!((w.uniform_chunks(), w.len()), (0, 1023));
+        assert_eq!((w.get(511), w.get(512), w.get(513)), (u32::MAX, 0, 1));
+        // The hashed store keeps entries.
+        let mut h: SparseVec<u32> = SparseVec::new();
+        h.fill_counting(0, 1024, 1);
+        assert_eq!((h.uniform_chunks(), h.get(1023)), (0, 1024));
+        d.clear_range(0, 4096);
+        assert!(d.is_empty() && d.shape_ok() && d.heap_bytes() == 0);
     }
 
     #[test]

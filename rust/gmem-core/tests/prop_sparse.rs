@@ -44,6 +44,12 @@ fn value() -> impl Strategy<Value = u32> {
     prop_oneof![2 => Just(0u32), 3 => 1u32..4, 1 => Just(u32::MAX)]
 }
 
+/// The first value of a counting fill: small, near the top of u32 (the run wraps through
+/// the default), or 0 (the run starts at the default).
+fn counting_start() -> impl Strategy<Value = u32> {
+    prop_oneof![4 => 1u32..1000, 1 => u32::MAX - 600..=u32::MAX, 1 => Just(0u32)]
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Set(u64, u32),
@@ -51,6 +57,9 @@ enum Op {
     Entries(u64, u64),
     /// `fill(a, a + n, v)`: whole chunks among them, held as one value by a dense store.
     Fill(u64, u64, u32),
+    /// `fill_counting(a, a + n, v)`: entry `a + i` holds `v + i` (wrapping); whole chunks
+    /// among them held as their first value by a dense store when they do not wrap.
+    FillCounting(u64, u64, u32),
     /// `runs_in`, `count_in` and `is_default_in` over a range.
     Scan(u64, u64),
 }
@@ -61,6 +70,8 @@ fn op(chunks: &'static [u64]) -> impl Strategy<Value = Op> {
         1 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Clear(a, b)),
         2 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Entries(a, b)),
         2 => (index(chunks), 0..3 * CHUNK, value()).prop_map(|(a, n, v)| Op::Fill(a, n, v)),
+        2 => (index(chunks), 0..3 * CHUNK, counting_start())
+            .prop_map(|(a, n, v)| Op::FillCounting(a, n, v)),
         1 => (bound(chunks), bound(chunks)).prop_map(|(a, b)| Op::Scan(a, b)),
     ]
 }
@@ -147,6 +158,18 @@ fn run<S: ChunkStore<u32>>(ops: Vec<Op>, probes: &[u64]) -> Result<(), TestCaseE
                         model.remove(&k);
                     } else {
                         model.insert(k, val);
+                    }
+                }
+            }
+            Op::FillCounting(a, n, val) => {
+                let b = a.saturating_add(n);
+                v.fill_counting(a, b, val);
+                for k in a..b {
+                    let x = val.wrapping_add((k - a) as u32);
+                    if x == 0 {
+                        model.remove(&k);
+                    } else {
+                        model.insert(k, x);
                     }
                 }
             }
