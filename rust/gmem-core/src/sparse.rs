@@ -308,13 +308,19 @@ impl<T: Entry> Dense<T> {
         match self.dir_entry(key) {
             0 => None,
             e if e < UNIFORM => Some(e - 1),
-            e => {
-                let (u, counting) = run_slot(e);
-                let v = self.uniform[u];
-                self.free_uniform(e);
-                Some(self.new_block(key, v, counting, CHUNK as u32))
-            }
+            e => Some(self.expand(key, e)),
         }
+    }
+
+    /// Give the uniform or counting chunk `key` (directory entry `e`) its entries: a
+    /// block, whose number it returns. Out of line: once per such chunk.
+    #[cold]
+    #[inline(never)]
+    fn expand(&mut self, key: u64, e: u32) -> u32 {
+        let (u, counting) = run_slot(e);
+        let v = self.uniform[u];
+        self.free_uniform(e);
+        self.new_block(key, v, counting, CHUNK as u32)
     }
 }
 
