@@ -8,6 +8,7 @@ use crate::error::{Result, einval};
 use crate::guest_memfd::Zap;
 use crate::host::Host;
 use crate::memslot::Memslot;
+use crate::strategy::Strategy;
 use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 /// A gfn range of one memslot and the private-side file range behind it.
@@ -167,33 +168,46 @@ impl Host {
             }
             return Ok(());
         }
+        // One dispatch on the design: its steps and constants below are known at compile
+        // time.
+        let strategy = self.vms[vm].strategy;
+        strategy.convert(self, vm, start, end, private)
+    }
+
+    /// [`Host::convert`] of a VM with private memory, for design `D`.
+    pub(crate) fn convert_as<D: Strategy>(
+        &mut self,
+        vm: usize,
+        start: u64,
+        end: u64,
+        private: bool,
+    ) -> Result<()> {
         let value = if private {
             uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
         } else {
             0
         };
-        let strategy = self.vms[vm].strategy;
         // Designs with file attributes store them through the bound parts; the others find
         // them later only if a step asks (`Parts`).
         let parts = Parts::new(vm, start, end);
-        if strategy.file_attrs() {
+        if D::FILE_ATTRS {
             parts.find(self);
         }
         let known = parts.known();
-        if known.is_empty() && !strategy.has_gate() {
+        if (!D::FILE_ATTRS || known.is_empty()) && !D::HAS_GATE {
             // One walk stores the value and says whether anything changed.
             let changed = self.vms[vm].attrs.set_count(start, end, value);
             if changed == 0 {
                 return Ok(());
             }
-            self.finish_convert(private, changed, &parts);
+            self.finish_convert::<D>(private, changed, &parts);
             return Ok(());
         }
         // The VM map holds what no bound file holds: the gaps between bound parts. In
         // in-place mode a conversion is the guest_memfd ioctl on the bound files: the gaps
         // keep no attribute.
         let mut gaps: Vec<(u64, u64)> = Vec::new();
-        if !strategy.in_place_mode() {
+        if D::GMEM_ATTRIBUTES == 0 {
             let mut at = start;
             for p in known {
                 if p.g0 > at {
@@ -217,7 +231,7 @@ impl Host {
         if unchanged {
             return Ok(());
         }
-        strategy.gate(self, vm, start, end, private, &parts)?;
+        D::gate(self, vm, start, end, private, &parts)?;
         let mut changed = 0;
         for &(a, b) in &gaps {
             changed += self.vms[vm].attrs.set_count(a, b, value);
@@ -227,17 +241,16 @@ impl Host {
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
-        self.finish_convert(private, changed, &parts);
+        self.finish_convert::<D>(private, changed, &parts);
         Ok(())
     }
 
     /// Zap stale mappings, do the strategy's backing work, count.
-    fn finish_convert(&mut self, private: bool, changed: u64, parts: &Parts) {
+    fn finish_convert<D: Strategy>(&mut self, private: bool, changed: u64, parts: &Parts) {
         let Parts { vm, start, end, .. } = *parts;
-        let strategy = self.vms[vm].strategy;
         self.zap(vm, start, end, Some(!private));
-        strategy.after_convert(self, vm, start, end, private, parts);
-        let c = if strategy.file_attrs() {
+        D::after_convert(self, vm, start, end, private, parts);
+        let c = if D::FILE_ATTRS {
             // The in-place series' maple tree: one range store.
             self.costs.attr_range
         } else {

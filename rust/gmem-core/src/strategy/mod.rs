@@ -119,14 +119,6 @@ impl StrategyKind {
         with_design!(self, D => D::FILE_ATTRS)
     }
 
-    /// Whether the design's `Strategy::gate` can refuse a conversion (the in-place
-    /// series' refcount check); the conversion path then checks for a no-op before asking,
-    /// instead of storing first.
-    #[inline]
-    pub(crate) fn has_gate(self) -> bool {
-        with_design!(self, D => D::HAS_GATE)
-    }
-
     #[inline]
     pub fn shared_side(self) -> SharedSide {
         with_design!(self, D => D::SHARED_SIDE)
@@ -186,36 +178,20 @@ impl StrategyKind {
     }
 
     /// `Strategy::gate` of the design.
+    /// [`Host::convert`] on a VM of this design with private memory: one dispatch for
+    /// the whole conversion.
     #[inline]
-    pub(crate) fn gate(
+    pub(crate) fn convert(
         self,
         h: &mut Host,
         vm: usize,
         start: u64,
         end: u64,
         private: bool,
-        parts: &Parts,
     ) -> Result<()> {
-        with_design!(self, D => D::gate(h, vm, start, end, private, parts))
+        with_design!(self, D => h.convert_as::<D>(vm, start, end, private))
     }
 
-    /// `Strategy::after_convert` of the design.
-    #[inline]
-    pub(crate) fn after_convert(
-        self,
-        h: &mut Host,
-        vm: usize,
-        start: u64,
-        end: u64,
-        private: bool,
-        parts: &Parts,
-    ) {
-        with_design!(self, D => D::after_convert(h, vm, start, end, private, parts));
-    }
-
-    /// [`Strategy::host_may_map`] of the design; on a VM without private memory, whatever
-    /// the design, mainline's rule (`kvm_gmem_fault_user_mapping()`: INIT_SHARED files
-    /// only), as nothing can make an offset shared later.
     pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
         if !h.vms[h.files[file].vm].vm_type.has_private_mem() {
             return h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
