@@ -29,7 +29,7 @@ impl Host {
         }
         // Memslots and bindings agree.
         for s in v.slots.values() {
-            if v.by_gfn.get(&s.base_gfn) != Some(&s.id) {
+            if v.by_gfn.get(s.base_gfn) != Some(s.id) {
                 return Err(broken(format!(
                     "memslot {} missing from the gfn index",
                     s.id

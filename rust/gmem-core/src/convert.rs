@@ -86,7 +86,11 @@ impl Host {
         if let Some(s) = v.slot_at(start)
             && end <= s.end_gfn()
         {
-            return part(s).into_iter().collect();
+            let mut one = SmallVec::new();
+            if let Some(p) = part(s) {
+                one.push(p);
+            }
+            return one;
         }
         v.slots_in(start, end)
             .into_iter()

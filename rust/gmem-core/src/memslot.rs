@@ -378,7 +378,7 @@ impl Host {
         let gone = self.cover_slot(vm, id, false);
         self.vms[vm].stats.pages_allocated -= gone;
         let slot = self.vms[vm].slots.remove(&id).expect("exists");
-        self.vms[vm].by_gfn.remove(&slot.base_gfn);
+        self.vms[vm].by_gfn.remove(slot.base_gfn);
         for b in [slot.gmem, slot.shared].into_iter().flatten() {
             if b.live {
                 self.files[b.file].bindings.remove(&b.pgoff);

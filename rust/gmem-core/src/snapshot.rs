@@ -95,7 +95,7 @@ impl Host {
                     return Err(bad("memslot refers to a missing guest_memfd"));
                 }
             }
-            if v.by_gfn.values().any(|id| !v.slots.contains_key(id)) {
+            if !v.by_gfn.sorted() || v.by_gfn.ids().any(|id| !v.slots.contains_key(&id)) {
                 return Err(bad("gfn index refers to a missing memslot"));
             }
         }

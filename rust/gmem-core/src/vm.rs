@@ -105,6 +105,68 @@ impl Default for Options {
     }
 }
 
+/// Memslot ids by base gfn, sorted by it (memslots never overlap): a binary search over
+/// one small array per lookup, on every conversion and fault, where a `BTreeMap` range
+/// walk cost ~100 instructions. Inserting keeps the order by shifting (memslots are few:
+/// at most `KVM_USER_MEM_SLOTS` per address space, and usually added in gfn order, at the
+/// end).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SlotIndex(Vec<(u64, u32)>);
+
+impl SlotIndex {
+    /// Entries with a base below `gfn`.
+    #[inline]
+    fn below(&self, gfn: u64) -> usize {
+        self.0.partition_point(|&(b, _)| b < gfn)
+    }
+
+    /// Index `base` as slot `id` (replacing any slot there).
+    pub(crate) fn insert(&mut self, base: u64, id: u32) {
+        let i = self.below(base);
+        match self.0.get_mut(i) {
+            Some(e) if e.0 == base => e.1 = id,
+            _ => self.0.insert(i, (base, id)),
+        }
+    }
+
+    /// Forget the slot at `base`.
+    pub(crate) fn remove(&mut self, base: u64) {
+        let i = self.below(base);
+        if self.0.get(i).is_some_and(|e| e.0 == base) {
+            self.0.remove(i);
+        }
+    }
+
+    /// The slot whose base is `base`.
+    pub(crate) fn get(&self, base: u64) -> Option<u32> {
+        let i = self.below(base);
+        self.0.get(i).filter(|e| e.0 == base).map(|e| e.1)
+    }
+
+    /// The slot with the highest base at or below `gfn`.
+    #[inline]
+    pub(crate) fn at_or_before(&self, gfn: u64) -> Option<u32> {
+        let i = self.0.partition_point(|&(b, _)| b <= gfn);
+        i.checked_sub(1).map(|i| self.0[i].1)
+    }
+
+    /// Slots with a base in `[start, end)`, in gfn order.
+    pub(crate) fn within(&self, start: u64, end: u64) -> impl Iterator<Item = u32> + '_ {
+        let (a, b) = (self.below(start), self.below(end.max(start)));
+        self.0[a..b].iter().map(|e| e.1)
+    }
+
+    /// Every slot id.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.0.iter().map(|e| e.1)
+    }
+
+    /// Whether the bases strictly increase (for an index read from a snapshot).
+    pub(crate) fn sorted(&self) -> bool {
+        self.0.windows(2).all(|w| w[0].0 < w[1].0)
+    }
+}
+
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Vm {
     pub(crate) fd: i32,
@@ -114,7 +176,7 @@ pub struct Vm {
     pub(crate) strategy: StrategyKind,
     pub(crate) slots: BTreeMap<u32, Memslot>,
     /// base gfn -> slot id (memslots never overlap).
-    pub(crate) by_gfn: BTreeMap<u64, u32>,
+    pub(crate) by_gfn: SlotIndex,
     /// VM-scoped attributes (mainline `mem_attr_array`), default shared.
     pub(crate) attrs: BitAttrMap,
     pub(crate) s2: Stage2,
@@ -166,7 +228,7 @@ impl Vm {
             vm_type,
             strategy,
             slots: BTreeMap::new(),
-            by_gfn: BTreeMap::new(),
+            by_gfn: SlotIndex::default(),
             attrs: BitAttrMap::new(0),
             s2: Stage2::new(),
             stats: Stats::default(),
@@ -181,8 +243,8 @@ impl Vm {
     /// The memslot containing `gfn`.
     #[inline]
     pub fn slot_at(&self, gfn: u64) -> Option<&Memslot> {
-        let (_, id) = self.by_gfn.range(..=gfn).next_back()?;
-        let s = &self.slots[id];
+        let id = self.by_gfn.at_or_before(gfn)?;
+        let s = &self.slots[&id];
         s.contains(gfn).then_some(s)
     }
 
@@ -190,12 +252,14 @@ impl Vm {
     /// allocation, for the usual handful).
     pub fn slots_in(&self, start: u64, end: u64) -> SmallVec<[u32; 4]> {
         let mut out = SmallVec::new();
-        if let Some((_, id)) = self.by_gfn.range(..start).next_back()
-            && self.slots[id].end_gfn() > start
+        if let Some(id) = start
+            .checked_sub(1)
+            .and_then(|g| self.by_gfn.at_or_before(g))
+            && self.slots[&id].end_gfn() > start
         {
-            out.push(*id);
+            out.push(id);
         }
-        out.extend(self.by_gfn.range(start..end).map(|(_, id)| *id));
+        out.extend(self.by_gfn.within(start, end));
         out
     }
 
