@@ -236,11 +236,13 @@ impl Host {
         events: &impl Events,
         mut details: Option<&mut Vec<Detail>>,
     ) -> Result<Vec<i32>> {
+        const CONVERT_PRIVATE: u8 = Op::ConvertPrivate as u8;
+        const CONVERT_SHARED: u8 = Op::ConvertShared as u8;
         let n = events.len();
         // Statuses are written only for events that fail.
         let mut out = vec![0; n];
-        // A guest access to a page mapped as it asks skips the generic dispatch, unless
-        // the caller wants details or a check after every event.
+        // A guest access to a page mapped as it asks and a single-page conversion skip the
+        // generic dispatch, unless the caller wants details or a check after every event.
         let fast = details.is_none() && !self.strict;
         // Events done by that fast path, added to the VM's count at the end (the fast
         // path never runs in strict mode, the only way out of the loop before the end).
@@ -272,6 +274,15 @@ impl Host {
                 }
             }
             let (op, gfn, np, value) = events.get(i);
+            if fast && np == 1 && op <= CONVERT_SHARED && gfn < GFN_LIMIT - 1 {
+                // A single-page conversion: what `event` would do, without its dispatch
+                // (the look-ahead keeps no lookup for a conversion).
+                if let Err(e) = self.convert(vm, gfn, gfn + 1, op == CONVERT_PRIVATE) {
+                    out[i] = e.status();
+                }
+                fast_events += 1;
+                continue;
+            }
             let ahead = known[i % AHEAD]
                 .take()
                 .filter(|a| a.gfn == gfn && a.generation == self.vms[vm].s2.generation());
