@@ -466,7 +466,9 @@ impl BitAttrMap {
         self.set_count_range(start, end, value)
     }
 
-    /// [`BitAttrMap::set_count`] beyond its one-index case.
+    /// [`BitAttrMap::set_count`] beyond its one-index case (out of line, as
+    /// `Stage2::zap_range` is).
+    #[inline(never)]
     fn set_count_range(&mut self, start: u64, end: u64, value: u64) -> u64 {
         if start >= end {
             return 0;

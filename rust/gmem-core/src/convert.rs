@@ -207,6 +207,22 @@ impl Host {
             self.finish_convert::<D>(private, changed, &parts);
             return Ok(());
         }
+        if let [p] = known
+            && end - start == 1
+        {
+            // One page of one bound file (a random single-page conversion): its attribute
+            // is one bit, and if it changes, the page changes hands.
+            let a = self.files[p.file].attrs.as_ref().expect("file attrs");
+            if a.get(p.o0) == value {
+                return Ok(());
+            }
+            D::gate(self, vm, start, end, private, &parts)?;
+            self.scrub_changing_page(vm, p.file, p.o0);
+            let f = self.files[p.file].attrs.as_mut().expect("file attrs");
+            let changed = f.set_count(p.o0, p.o0 + 1, value);
+            self.finish_convert::<D>(private, changed, &parts);
+            return Ok(());
+        }
         // The VM map holds what no bound file holds: the gaps between bound parts. In
         // in-place mode a conversion is the guest_memfd ioctl on the bound files: the gaps
         // keep no attribute.

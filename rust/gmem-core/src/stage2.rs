@@ -661,7 +661,9 @@ impl Stage2 {
         self.zap_range(start, end, filter)
     }
 
-    /// [`Stage2::zap`] beyond its one-page case.
+    /// [`Stage2::zap`] beyond its one-page case (out of line: the one-page case stays small
+    /// enough to inline into the conversion).
+    #[inline(never)]
     fn zap_range(&mut self, start: u64, end: u64, filter: Option<bool>) -> Zapped {
         let mut z = Zapped::default();
         if start >= end {

@@ -283,17 +283,40 @@ impl Host {
                     continue;
                 }
                 let end = (off + 1..r1).find(|&o| !changes(o)).unwrap_or(r1);
-                if !self.frames.stale.is_empty() {
-                    for o in off..end {
-                        let pfn = self.files[f].page(o).expect("present").pfn;
-                        self.frames.forget_stale(pfn, 0);
-                    }
-                }
-                self.files[f].content.clear_range(off, end);
+                self.scrub_run(f, off, end);
                 zeroed += end - off;
                 off = end;
             }
         }
+        self.count_scrubbed(vm, zeroed);
+    }
+
+    /// [`Host::scrub_changing`] of page `off` of `f`, known to change hands (a
+    /// single-page conversion that is not a no-op): one page cache lookup.
+    pub(crate) fn scrub_changing_page(&mut self, vm: usize, f: usize, off: u64) {
+        if self.vms[vm].vm_type.keeps_content()
+            || !self.files[f].page(off).is_some_and(|p| p.uptodate)
+        {
+            return;
+        }
+        self.scrub_run(f, off, off + 1);
+        self.count_scrubbed(vm, 1);
+    }
+
+    /// Clear the content of present pages `[o0, o1)` of `f`, forgetting their frames'
+    /// stale data tags.
+    fn scrub_run(&mut self, f: usize, o0: u64, o1: u64) {
+        if !self.frames.stale.is_empty() {
+            for o in o0..o1 {
+                let pfn = self.files[f].page(o).expect("present").pfn;
+                self.frames.forget_stale(pfn, 0);
+            }
+        }
+        self.files[f].content.clear_range(o0, o1);
+    }
+
+    /// Count `zeroed` pages cleared by a scrub.
+    fn count_scrubbed(&mut self, vm: usize, zeroed: u64) {
         if zeroed > 0 {
             let c = self.costs.zero(0) * zeroed;
             self.vms[vm].stats.zeroed(zeroed, c);
