@@ -48,6 +48,13 @@ impl Parts {
         }
     }
 
+    /// The parts of the one page `gfn` of `vm`, already known: `part`, or none.
+    pub fn page(vm: usize, gfn: u64, part: Option<BoundPart>) -> Self {
+        let p = Self::new(vm, gfn, gfn + 1);
+        let _ = p.found.set(part.into_iter().collect());
+        p
+    }
+
     /// Find the parts now, in `h`.
     pub fn find(&self, h: &Host) {
         self.get(h);
@@ -163,6 +170,14 @@ impl Host {
     /// shared: converting to shared changes nothing, to private is `EINVAL` (PRIVATE is
     /// not a supported attribute there).
     pub fn convert(&mut self, vm: usize, start: u64, end: u64, private: bool) -> Result<()> {
+        self.convert_parts(&Parts::new(vm, start, end), private)
+    }
+
+    /// [`Host::convert`] of the range of `parts`, whose bound parts a caller (a batch
+    /// converting one page) may have found already ([`Parts::page`]).
+    #[inline]
+    pub(crate) fn convert_parts(&mut self, parts: &Parts, private: bool) -> Result<()> {
+        let vm = parts.vm;
         if !self.vms[vm].vm_type.has_private_mem() {
             if private {
                 return Err(einval(format!(
@@ -175,17 +190,12 @@ impl Host {
         // One dispatch on the design: its steps and constants below are known at compile
         // time.
         let strategy = self.vms[vm].strategy;
-        strategy.convert(self, vm, start, end, private)
+        strategy.convert(self, parts, private)
     }
 
-    /// [`Host::convert`] of a VM with private memory, for design `D`.
-    pub(crate) fn convert_as<D: Strategy>(
-        &mut self,
-        vm: usize,
-        start: u64,
-        end: u64,
-        private: bool,
-    ) -> Result<()> {
+    /// [`Host::convert_parts`] on a VM with private memory, for design `D`.
+    pub(crate) fn convert_as<D: Strategy>(&mut self, parts: &Parts, private: bool) -> Result<()> {
+        let Parts { vm, start, end, .. } = *parts;
         let value = if private {
             uapi::KVM_MEMORY_ATTRIBUTE_PRIVATE
         } else {
@@ -193,7 +203,6 @@ impl Host {
         };
         // Designs with file attributes store them through the bound parts; the others find
         // them later only if a step asks (`Parts`).
-        let parts = Parts::new(vm, start, end);
         if D::FILE_ATTRS {
             parts.find(self);
         }
@@ -204,7 +213,7 @@ impl Host {
             if changed == 0 {
                 return Ok(());
             }
-            self.finish_convert::<D>(private, changed, &parts);
+            self.finish_convert::<D>(private, changed, parts);
             return Ok(());
         }
         if let [p] = known
@@ -216,11 +225,11 @@ impl Host {
             if a.get(p.o0) == value {
                 return Ok(());
             }
-            D::gate(self, vm, start, end, private, &parts)?;
+            D::gate(self, vm, start, end, private, parts)?;
             self.scrub_changing_page(vm, p.file, p.o0);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             let changed = f.set_count(p.o0, p.o0 + 1, value);
-            self.finish_convert::<D>(private, changed, &parts);
+            self.finish_convert::<D>(private, changed, parts);
             return Ok(());
         }
         // The VM map holds what no bound file holds: the gaps between bound parts. In
@@ -251,7 +260,7 @@ impl Host {
         if unchanged {
             return Ok(());
         }
-        D::gate(self, vm, start, end, private, &parts)?;
+        D::gate(self, vm, start, end, private, parts)?;
         let mut changed = 0;
         for &(a, b) in &gaps {
             changed += self.vms[vm].attrs.set_count(a, b, value);
@@ -261,7 +270,7 @@ impl Host {
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             changed += f.set_count(p.o0, p.o1(), value);
         }
-        self.finish_convert::<D>(private, changed, &parts);
+        self.finish_convert::<D>(private, changed, parts);
         Ok(())
     }
 

@@ -2,6 +2,7 @@
 
 use crate::PAGE_SHIFT;
 use crate::access::HostOp;
+use crate::convert::{BoundPart, Parts};
 use crate::error::{Error, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
@@ -251,6 +252,10 @@ impl Host {
         // an event reuses its lookup when no mapping changed since.
         let mut known: [Option<Ahead>; AHEAD] = [None; AHEAD];
         let mut memo = SlotMemo::default();
+        // The same for the event at hand, and what a conversion touches (the VM's design
+        // is fixed).
+        let mut now = SlotMemo::default();
+        let touches = self.vms[vm].strategy.convert_touches();
         for i in 0..n {
             // Software pipeline: hint the structures of the events `AHEAD` and `AHEAD / 2`
             // ahead, so that the cache misses of ~`AHEAD` random events overlap instead of
@@ -276,8 +281,24 @@ impl Host {
             let (op, gfn, np, value) = events.get(i);
             if fast && np == 1 && op <= CONVERT_SHARED && gfn < GFN_LIMIT - 1 {
                 // A single-page conversion: what `event` would do, without its dispatch
-                // (the look-ahead keeps no lookup for a conversion).
-                if let Err(e) = self.convert(vm, gfn, gfn + 1, op == CONVERT_PRIVATE) {
+                // (the look-ahead keeps no lookup for a conversion). The designs that work
+                // on the page's bound file find it through the batch's memo of the last
+                // memslot (events never change memslots).
+                let private = op == CONVERT_PRIVATE;
+                let r = if touches == ConvertTouches::VmAttrs {
+                    self.convert(vm, gfn, gfn + 1, private)
+                } else {
+                    let part = now
+                        .file_page(&self.vms[vm], gfn)
+                        .map(|(file, o0)| BoundPart {
+                            g0: gfn,
+                            g1: gfn + 1,
+                            file,
+                            o0,
+                        });
+                    self.convert_parts(&Parts::page(vm, gfn, part), private)
+                };
+                if let Err(e) = r {
                     out[i] = e.status();
                 }
                 fast_events += 1;

@@ -181,15 +181,8 @@ impl StrategyKind {
     /// [`Host::convert`] on a VM of this design with private memory: one dispatch for
     /// the whole conversion.
     #[inline]
-    pub(crate) fn convert(
-        self,
-        h: &mut Host,
-        vm: usize,
-        start: u64,
-        end: u64,
-        private: bool,
-    ) -> Result<()> {
-        with_design!(self, D => h.convert_as::<D>(vm, start, end, private))
+    pub(crate) fn convert(self, h: &mut Host, parts: &Parts, private: bool) -> Result<()> {
+        with_design!(self, D => h.convert_as::<D>(parts, private))
     }
 
     pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
