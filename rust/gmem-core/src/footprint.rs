@@ -139,11 +139,14 @@ impl Host {
     /// After allocating (or before freeing) file pages `[start, end)`, adjust the VMs'
     /// double-backing counts for the gfns bound there: per run of present pages.
     pub(crate) fn double_update_file(&mut self, file: usize, start: u64, end: u64, alloc: bool) {
+        // A guest_memfd binds only to memslots of its own VM (`kvm_gmem_bind()`), whose
+        // design says whether anything can be double-backed.
+        if !self.vms[self.files[file].vm].strategy.may_double_back() {
+            return;
+        }
         for (bs, b) in self.files[file].bindings_in(start, end) {
             let vm = b.vm;
-            if !self.vms[vm].strategy.may_double_back() {
-                continue;
-            }
+            debug_assert_eq!(vm, self.files[file].vm, "a binding of another VM");
             let slot = self.vms[vm].slots[&b.slot].clone();
             let (o0, o1) = (start.max(bs), end.min(b.end));
             let mut n = 0u64;
