@@ -225,7 +225,7 @@ impl Host {
             if a.get(p.o0) == value {
                 return Ok(());
             }
-            D::gate(self, vm, start, end, private, parts)?;
+            D::gate(self, private, parts)?;
             self.scrub_changing_page(vm, p.file, p.o0);
             let f = self.files[p.file].attrs.as_mut().expect("file attrs");
             let changed = f.set_count(p.o0, p.o0 + 1, value);
@@ -260,7 +260,7 @@ impl Host {
         if unchanged {
             return Ok(());
         }
-        D::gate(self, vm, start, end, private, parts)?;
+        D::gate(self, private, parts)?;
         let mut changed = 0;
         for &(a, b) in &gaps {
             changed += self.vms[vm].attrs.set_count(a, b, value);
@@ -278,7 +278,7 @@ impl Host {
     fn finish_convert<D: Strategy>(&mut self, private: bool, changed: u64, parts: &Parts) {
         let Parts { vm, start, end, .. } = *parts;
         self.zap(vm, start, end, Some(!private));
-        D::after_convert(self, vm, start, end, private, parts);
+        D::after_convert(self, private, parts);
         let c = if D::FILE_ATTRS {
             // The in-place series' maple tree: one range store.
             self.costs.attr_range

@@ -23,7 +23,8 @@ impl Strategy for AttrHook {
         Some(0)
     }
 
-    fn after_convert(h: &mut Host, vm: usize, _: u64, _: u64, private: bool, parts: &Parts) {
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
+        let vm = parts.vm;
         if private {
             h.count_surviving_pins(vm, parts);
         }

@@ -18,7 +18,8 @@ impl Strategy for Dual {
     const SHARED_SIDE: SharedSide = SharedSide::Userspace;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, _: &Parts) {
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
+        let Parts { vm, start, end, .. } = *parts;
         // The page changes under the guest: where the platform promises in-place content,
         // each page with content the other side does not hold is a broken promise.
         h.count_lost_content(vm, start, end, private, true);

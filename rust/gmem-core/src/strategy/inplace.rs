@@ -36,22 +36,15 @@ impl Strategy for Inplace {
         })
     }
 
-    fn gate(
-        h: &mut Host,
-        vm: usize,
-        _start: u64,
-        _end: u64,
-        private: bool,
-        parts: &Parts,
-    ) -> Result<()> {
+    fn gate(h: &mut Host, private: bool, parts: &Parts) -> Result<()> {
         if private {
-            h.refuse_if_pinned(vm, parts)?;
+            h.refuse_if_pinned(parts.vm, parts)?;
         }
         Ok(())
     }
 
-    fn after_convert(h: &mut Host, vm: usize, _: u64, _: u64, private: bool, parts: &Parts) {
-        h.convert_same_page(vm, private, parts);
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
+        h.convert_same_page(parts.vm, private, parts);
     }
 
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {

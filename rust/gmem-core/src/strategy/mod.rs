@@ -242,23 +242,16 @@ pub(crate) trait Strategy {
         None
     }
 
-    /// Decide, before any state changes, whether converting `[start, end)` may go ahead
-    /// (only designs with [`Strategy::HAS_GATE`] ever refuse). `parts`: the range's bound
-    /// parts, found once for the whole conversion.
-    fn gate(
-        _h: &mut Host,
-        _vm: usize,
-        _start: u64,
-        _end: u64,
-        _private: bool,
-        _parts: &Parts,
-    ) -> Result<()> {
+    /// Decide, before any state changes, whether converting the range of `parts` (its VM,
+    /// its gfns, its bound parts found once for the whole conversion) may go ahead (only
+    /// designs with [`Strategy::HAS_GATE`] ever refuse).
+    fn gate(_h: &mut Host, _private: bool, _parts: &Parts) -> Result<()> {
         Ok(())
     }
 
-    /// The design's backing work once attributes are stored and stale stage-2 entries are
-    /// zapped.
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts);
+    /// The design's backing work over the range of `parts` once attributes are stored and
+    /// stale stage-2 entries are zapped.
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts);
 
     /// Whether a conversion frees the pages it converts (their page cache entries and
     /// content are touched by every conversion).

@@ -16,7 +16,8 @@ impl Strategy for Realloc {
     const FREES_ON_CONVERT: bool = true;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts) {
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
+        let Parts { vm, start, end, .. } = *parts;
         // The side entered is a fresh page: any content of the side left is lost.
         h.count_lost_content(vm, start, end, private, false);
         h.free_gfn_range(parts);

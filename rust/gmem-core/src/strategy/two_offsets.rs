@@ -20,7 +20,8 @@ impl Strategy for TwoOffsets {
     const SHARED_SIDE: SharedSide = SharedSide::SecondRange;
 
     #[inline]
-    fn after_convert(h: &mut Host, vm: usize, start: u64, end: u64, private: bool, parts: &Parts) {
+    fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
+        let Parts { vm, start, end, .. } = *parts;
         h.count_lost_content(vm, start, end, private, true);
         h.huge_private_side(vm, start, end, private);
         if private {
