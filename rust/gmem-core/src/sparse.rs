@@ -621,22 +621,7 @@ impl<T: Entry, S: ChunkStore<T>> SparseVec<T, S> {
             self.clear_range(start, end);
             return;
         }
-        let mut idx = start;
-        while idx < end {
-            let key = idx / CHUNK;
-            let base = key * CHUNK;
-            let hi = end.min(base.saturating_add(CHUNK));
-            if idx == base
-                && hi - base == CHUNK
-                && let Some(old) = self.chunks.put_uniform(key, v, false)
-            {
-                self.live += CHUNK - u64::from(old);
-                idx = hi;
-                continue;
-            }
-            self.fill_with(idx, hi, |_| v);
-            idx = hi;
-        }
+        self.fill_run(start, end, v, false);
     }
 
     /// Store `first + (i - start)` at every `i` of `[start, end)` (the page cache entries
@@ -651,19 +636,27 @@ impl<T: Entry, S: ChunkStore<T>> SparseVec<T, S> {
             self.fill_with(start, end, |i| first.plus(i - start));
             return;
         }
+        self.fill_run(start, end, first, true);
+    }
+
+    /// [`SparseVec::fill`] (`counting` false) or [`SparseVec::fill_counting`] of a
+    /// non-default `first` that does not wrap: whole chunks as one value where the store
+    /// can, the others entry by entry.
+    fn fill_run(&mut self, start: u64, end: u64, first: T, counting: bool) {
+        let step = u64::from(counting);
         let mut idx = start;
         while idx < end {
             let key = idx / CHUNK;
             let base = key * CHUNK;
             let hi = end.min(base.saturating_add(CHUNK));
-            let v = first.plus(idx - start);
+            let v = first.plus((idx - start) * step);
             if idx == base
                 && hi - base == CHUNK
-                && let Some(old) = self.chunks.put_uniform(key, v, true)
+                && let Some(old) = self.chunks.put_uniform(key, v, counting)
             {
                 self.live += CHUNK - u64::from(old);
             } else {
-                self.fill_with(idx, hi, |i| v.plus(i - idx));
+                self.fill_with(idx, hi, |i| v.plus((i - idx) * step));
             }
             idx = hi;
         }
