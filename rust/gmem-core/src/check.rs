@@ -40,6 +40,13 @@ impl Host {
                     continue;
                 };
                 let f = &self.files[bd.file];
+                // `kvm_gmem_bind()`: a guest_memfd binds only to memslots of its own VM.
+                if f.vm != vm {
+                    return Err(broken(format!(
+                        "memslot {} bound to a guest_memfd of VM {}",
+                        s.id, f.vm
+                    )));
+                }
                 match f.bindings.get(&bd.pgoff) {
                     Some(fb)
                         if fb.vm == vm
@@ -427,7 +434,7 @@ impl Host {
 mod tests {
     use crate::host::Host;
     use crate::mapping::MapKind;
-    use crate::{StrategyKind, VmType, uapi};
+    use crate::{GmemArg, MemRegion, StrategyKind, VmType, uapi};
 
     #[test]
     fn check_finds_a_host_mapping_of_a_private_page() {
@@ -444,5 +451,34 @@ mod tests {
         }
         let e = h.check().unwrap_err().to_string();
         assert!(e.contains("reaches private page 0x1"), "{e}");
+    }
+
+    #[test]
+    fn check_finds_a_memslot_bound_to_another_vms_guest_memfd() {
+        let mut h = Host::new(64 << 20).unwrap();
+        let vm = h.create_vm(VmType::Tdx, StrategyKind::Dual);
+        let other = h.create_vm(VmType::Tdx, StrategyKind::Dual);
+        let f = h.create_guest_memfd(vm, 1 << 20, 0, 0).unwrap();
+        let g = h.create_guest_memfd(other, 1 << 20, 0, 0).unwrap();
+        let m = h.mmap_anonymous(1 << 20).unwrap();
+        let r = MemRegion {
+            slot: 0,
+            flags: uapi::KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr: 0,
+            memory_size: 1 << 20,
+            userspace_addr: h.mapping(m).addr,
+            guest_memfd: GmemArg::Fd(i64::from(h.file(f).fd.unwrap())),
+            guest_memfd_offset: 0,
+            shared_guest_memfd: GmemArg::None,
+            shared_offset: None,
+        };
+        h.set_user_memory_region2(vm, r).unwrap();
+        h.check().unwrap();
+        // State no ioctl makes (`kvm_gmem_bind()` refuses another VM's guest_memfd), as a
+        // crafted snapshot could hold it: the file is VM `other`'s.
+        h.files[f].vm = other;
+        h.files[g].vm = vm;
+        let e = h.check().unwrap_err().to_string();
+        assert!(e.contains("bound to a guest_memfd of VM"), "{e}");
     }
 }

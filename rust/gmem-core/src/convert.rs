@@ -206,8 +206,10 @@ impl Host {
         if D::FILE_ATTRS {
             parts.find(self);
         }
-        let known = parts.known();
-        if (!D::FILE_ATTRS || known.is_empty()) && !D::HAS_GATE {
+        // Only designs with file attributes store through the bound parts (a batch may
+        // have handed them over for the others' backing work).
+        let known = if D::FILE_ATTRS { parts.known() } else { &[] };
+        if known.is_empty() && !D::HAS_GATE {
             // One walk stores the value and says whether anything changed.
             let changed = self.vms[vm].attrs.set_count(start, end, value);
             if changed == 0 {

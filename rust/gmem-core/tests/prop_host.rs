@@ -169,6 +169,14 @@ proptest! {
                         prop_assert_eq!(host.stats(v), copy.stats(v));
                     }
                     prop_assert_eq!(host.free_pages(), copy.free_pages());
+                    for e in events.iter().filter(|e| e.gfn < GFN_SPAN + 8) {
+                        prop_assert_eq!(
+                            host.get_memory_attributes(vm, e.gfn),
+                            copy.get_memory_attributes(vm, e.gfn),
+                            "attributes of gfn {:#x}", e.gfn
+                        );
+                    }
+                    check(&copy, "the same batch with details")?;
                 }
             }
             check(&host, &format!("action {i}"))?;

@@ -177,7 +177,6 @@ impl StrategyKind {
         self.shared_side() == SharedSide::SecondRange
     }
 
-    /// `Strategy::gate` of the design.
     /// [`Host::convert`] on a VM of this design with private memory: one dispatch for
     /// the whole conversion.
     #[inline]
@@ -185,6 +184,9 @@ impl StrategyKind {
         with_design!(self, D => h.convert_as::<D>(parts, private))
     }
 
+    /// [`Strategy::host_may_map`] of the design; on a VM without private memory, whatever
+    /// the design, mainline's rule (`kvm_gmem_fault_user_mapping()`: INIT_SHARED files
+    /// only), as nothing can make an offset shared later.
     pub(crate) fn host_may_map(self, h: &Host, file: usize, off: u64) -> bool {
         if !h.vms[h.files[file].vm].vm_type.has_private_mem() {
             return h.files[file].flags & uapi::GUEST_MEMFD_FLAG_INIT_SHARED != 0;
