@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result, einval, err, errno};
+use crate::guest_memfd::UPTODATE;
 use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
@@ -116,6 +117,21 @@ impl Host {
         }
         if self.files.iter().any(|f| !f.pages.shape_ok()) {
             return Err(bad("guest_memfd page cache store misshapen"));
+        }
+        // Every page cache entry and folio names frames of this host (an entry is
+        // `pfn + 1 | UPTODATE`: `UPTODATE` alone names none).
+        let frames = self.frames.total_pages();
+        let names_frame = |e: u32| {
+            let p = e & !UPTODATE;
+            p != 0 && u64::from(p) <= frames
+        };
+        if self.files.iter().any(|f| {
+            !f.pages.all_entries(names_frame)
+                || f.folios
+                    .values()
+                    .any(|&(pfn, _)| u64::from(pfn) + f.folio_pages() > frames)
+        }) {
+            return Err(bad("guest_memfd page cache names a frame the host lacks"));
         }
         // The NUMA layout before `check()`: everything there finds a frame's node by it.
         self.frames.check().map_err(|e| bad(&e))?;
@@ -234,6 +250,38 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("version")
+        );
+    }
+
+    /// A page cache entry that names no frame of the host (`UPTODATE` alone, a frame past
+    /// the last) is refused at load, before anything decodes it.
+    #[test]
+    fn page_cache_entries_name_host_frames() {
+        let h = sample();
+        let (f, off) = (0..h.files.len())
+            .find_map(|f| {
+                h.files[f]
+                    .pages
+                    .entries(0, u64::MAX)
+                    .first()
+                    .map(|e| (f, e.0))
+            })
+            .expect("a page in some page cache");
+        let frames = u32::try_from(h.frames.total_pages()).unwrap();
+        for e in [UPTODATE, UPTODATE | (frames + 1), frames + 1] {
+            let mut g = h.clone();
+            g.files[f].pages.set(off, e);
+            let err = Host::from_snapshot(&g.to_snapshot().unwrap()).unwrap_err();
+            assert!(err.to_string().contains("names a frame"), "{e:#x}: {err}");
+        }
+        // The last frame is fine.
+        let mut g = h.clone();
+        g.files[f].pages.set(off, frames | UPTODATE);
+        let r = Host::from_snapshot(&g.to_snapshot().unwrap());
+        assert!(
+            r.as_ref()
+                .err()
+                .is_none_or(|e| !e.to_string().contains("names a frame"))
         );
     }
 }

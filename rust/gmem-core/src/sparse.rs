@@ -800,6 +800,22 @@ impl<T: Entry, S: ChunkStore<T>> SparseVec<T, S> {
             .collect()
     }
 
+    /// Whether `pred` holds for every non-default entry: one pass over the chunks held,
+    /// nothing collected (a uniform chunk's value asked once).
+    pub fn all_entries(&self, mut pred: impl FnMut(T) -> bool) -> bool {
+        let zero = T::default();
+        self.chunks
+            .keys_in(0, u64::MAX / CHUNK)
+            .into_iter()
+            .all(
+                |key| match self.chunks.view(key).expect("key from keys_in") {
+                    ChunkView::Entries(c) => c.iter().all(|&v| v == zero || pred(v)),
+                    ChunkView::Uniform(v) => pred(v),
+                    ChunkView::Counting(v) => (0..CHUNK).all(|i| pred(v.plus(i))),
+                },
+            )
+    }
+
     /// Whether the chunk store is consistent (see [`ChunkStore::shape_ok`]).
     pub fn shape_ok(&self) -> bool {
         self.chunks.shape_ok()
@@ -943,6 +959,24 @@ mod tests {
         assert_eq!((h.uniform_chunks(), h.get(1023)), (0, 1024));
         d.clear_range(0, 4096);
         assert!(d.is_empty() && d.shape_ok() && d.heap_bytes() == 0);
+    }
+
+    #[test]
+    fn all_entries_sees_every_kind_of_chunk() {
+        let mut d: SparseVec<u32, Dense<u32>> = SparseVec::new();
+        d.set(3, 7);
+        d.fill(512, 1024, 9);
+        d.fill_counting(1024, 1536, 100);
+        let mut seen = Vec::new();
+        assert!(d.all_entries(|v| {
+            seen.push(v);
+            true
+        }));
+        assert_eq!(seen.len(), 1 + 1 + 512);
+        assert!(seen.contains(&611) && !seen.contains(&0));
+        assert!(!d.all_entries(|v| v != 611));
+        assert!(!d.all_entries(|v| v != 9));
+        assert!(d.all_entries(|v| v >= 7));
     }
 
     #[test]
