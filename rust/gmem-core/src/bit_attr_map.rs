@@ -6,9 +6,10 @@
 //! 512-byte bitmap, found by leaf number through a two-level directory (`Leaves`). A
 //! single-page conversion in a fragmented region is two loads from small cached arrays
 //! and a bit flip (so `apply` can prefetch the bitmap word without a miss first); a range
-//! conversion touches its two edge leaves, the interval map and the mixed leaves it covers — never one step per page. Uniformity over an aligned
-//! huge range (the kernel's "mixed" rule) is a few word compares. Indices are
-//! `[0, u64::MAX)`: gfns and file offsets stay far below.
+//! conversion touches its two edge leaves, the interval map and the mixed leaves it
+//! covers — never one step per page. Uniformity over an aligned huge range (the kernel's
+//! "mixed" rule) is a few word compares. Indices are `[0, u64::MAX)`: gfns and file
+//! offsets stay far below.
 
 use crate::attr_map::AttrMap;
 use crate::pagedir::{self, PageDir};

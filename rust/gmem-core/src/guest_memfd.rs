@@ -27,6 +27,12 @@ use crate::{PAGE_SHIFT, PAGE_SIZE, uapi};
 
 pub const UPTODATE: u32 = 1 << 31;
 
+/// The frame a non-zero page cache entry (`pfn + 1 | UPTODATE`) names.
+#[inline]
+pub(crate) fn entry_frame(e: u32) -> u32 {
+    (e & !UPTODATE) - 1
+}
+
 /// A page-cache lookup result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRef {
@@ -139,7 +145,7 @@ impl Gmem {
         let e = self.pages.get(off);
         if e != 0 {
             return Some(PageRef {
-                pfn: (e & !UPTODATE) - 1,
+                pfn: entry_frame(e),
                 uptodate: e & UPTODATE != 0,
                 folio_head: None,
             });
@@ -197,14 +203,14 @@ impl Gmem {
         if e0 == 0 {
             return None;
         }
-        let pfn0 = (e0 & !UPTODATE) - 1;
+        let pfn0 = entry_frame(e0);
         if !u64::from(pfn0).is_multiple_of(n) {
             return None;
         }
         let mut fresh = Vec::new();
         for i in 0..n {
             let e = self.pages.get(head + i);
-            if e == 0 || (e & !UPTODATE) - 1 != pfn0 + i as u32 {
+            if e == 0 || entry_frame(e) != pfn0 + i as u32 {
                 return None;
             }
             if e & UPTODATE == 0 {
@@ -253,13 +259,13 @@ impl Gmem {
             // One page: one lookup, no scan.
             return match self.pages.get(start) {
                 0 => Vec::new(),
-                e => vec![(start, (e & !UPTODATE) - 1)],
+                e => vec![(start, entry_frame(e))],
             };
         }
         self.pages
             .entries(start, end)
             .into_iter()
-            .map(|(o, e)| (o, (e & !UPTODATE) - 1))
+            .map(|(o, e)| (o, entry_frame(e)))
             .collect()
     }
 

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::{Error, Result, einval, err, errno};
-use crate::guest_memfd::UPTODATE;
+use crate::guest_memfd::{UPTODATE, entry_frame};
 use crate::host::Host;
 
 const MAGIC: &[u8; 8] = b"GMEMSNAP";
@@ -121,10 +121,7 @@ impl Host {
         // Every page cache entry and folio names frames of this host (an entry is
         // `pfn + 1 | UPTODATE`: `UPTODATE` alone names none).
         let frames = self.frames.total_pages();
-        let names_frame = |e: u32| {
-            let p = e & !UPTODATE;
-            p != 0 && u64::from(p) <= frames
-        };
+        let names_frame = |e: u32| e & !UPTODATE != 0 && u64::from(entry_frame(e)) < frames;
         if self.files.iter().any(|f| {
             !f.pages.all_entries(names_frame)
                 || f.folios

@@ -24,11 +24,10 @@ impl Strategy for AttrHook {
     }
 
     fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
-        let vm = parts.vm;
         if private {
-            h.count_surviving_pins(vm, parts);
+            h.count_surviving_pins(parts);
         }
-        h.convert_same_page(vm, private, parts);
+        h.convert_same_page(private, parts);
     }
 
     /// The file's attribute decides where a gfn binds the offset (its attributes start
@@ -43,11 +42,11 @@ impl Strategy for AttrHook {
 impl Host {
     /// A pin taken before the conversion survives it; each such page is a page the host
     /// still reaches while private.
-    fn count_surviving_pins(&mut self, vm: usize, parts: &Parts) {
+    fn count_surviving_pins(&mut self, parts: &Parts) {
         let mut n = 0;
         for p in parts.get(self) {
             n += self.files[p.file].pins_in(p.o0, p.o1()).len() as u64;
         }
-        self.vms[vm].stats.violations += n;
+        self.vms[parts.vm].stats.violations += n;
     }
 }

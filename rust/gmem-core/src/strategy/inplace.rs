@@ -38,13 +38,13 @@ impl Strategy for Inplace {
 
     fn gate(h: &mut Host, private: bool, parts: &Parts) -> Result<()> {
         if private {
-            h.refuse_if_pinned(parts.vm, parts)?;
+            h.refuse_if_pinned(parts)?;
         }
         Ok(())
     }
 
     fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
-        h.convert_same_page(parts.vm, private, parts);
+        h.convert_same_page(private, parts);
     }
 
     fn host_may_map(h: &Host, file: usize, off: u64) -> bool {
@@ -55,7 +55,8 @@ impl Strategy for Inplace {
 impl Host {
     /// The gate: unmap the range from host page tables, then refuse with `EAGAIN` if a
     /// page is still referenced (pinned) — before any attribute changes.
-    fn refuse_if_pinned(&mut self, vm: usize, parts: &Parts) -> Result<()> {
+    fn refuse_if_pinned(&mut self, parts: &Parts) -> Result<()> {
+        let vm = parts.vm;
         let parts = parts.get(self);
         self.unmap_parts(parts);
         for p in parts {

@@ -7,7 +7,8 @@ use crate::vm::MergePolicy;
 
 impl Host {
     /// The conversion's backing work over every bound part.
-    pub(crate) fn convert_same_page(&mut self, vm: usize, private: bool, parts: &Parts) {
+    pub(crate) fn convert_same_page(&mut self, private: bool, parts: &Parts) {
+        let vm = parts.vm;
         for p in parts.get(self) {
             self.same_page_work(vm, p.file, p.o0, p.o1(), private);
         }
