@@ -105,6 +105,15 @@ fn apply(
     apply_checked(host, vm, events, details).map_err(TestCaseError::fail)
 }
 
+/// Every VM's counters and the host's free memory agree between `a` and `b`.
+fn same_counters(a: &Host, b: &Host) -> Result<(), TestCaseError> {
+    for v in 0..a.nr_vms() {
+        prop_assert_eq!(a.stats(v), b.stats(v));
+    }
+    prop_assert_eq!(a.free_pages(), b.free_pages());
+    Ok(())
+}
+
 fn check(host: &Host, what: &str) -> Result<(), TestCaseError> {
     host.check()
         .map_err(|e| TestCaseError::fail(format!("host.check() after {what}: {e}")))
@@ -153,10 +162,7 @@ proptest! {
                     let a = apply(&mut host, vm, &events, false)?;
                     let b = apply(&mut copy, vm, &events, false)?;
                     prop_assert_eq!(a, b, "restored host answers differently");
-                    for v in 0..host.nr_vms() {
-                        prop_assert_eq!(host.stats(v), copy.stats(v));
-                    }
-                    prop_assert_eq!(host.free_pages(), copy.free_pages());
+                    same_counters(&host, &copy)?;
                     host = copy;
                 }
                 Action::Paths { vm, events } => {
@@ -165,10 +171,7 @@ proptest! {
                     let a = apply(&mut host, vm, &events, false)?;
                     let b = apply(&mut copy, vm, &events, true)?;
                     prop_assert_eq!(a, b, "the fast paths answer differently");
-                    for v in 0..host.nr_vms() {
-                        prop_assert_eq!(host.stats(v), copy.stats(v));
-                    }
-                    prop_assert_eq!(host.free_pages(), copy.free_pages());
+                    same_counters(&host, &copy)?;
                     for e in events.iter().filter(|e| e.gfn < GFN_SPAN + 8) {
                         prop_assert_eq!(
                             host.get_memory_attributes(vm, e.gfn),
