@@ -4,12 +4,13 @@
 //!
 //! `cargo run --release -p gmem-core --example drive -- [strategy] [log2 pages] [events]`
 //!
-//! `... --example drive -- goal [log2 pages] [events] [rounds] [runs|scattered] [strategy]`
-//! runs the scenario of the `apply-vs-numpy` benchmark instead: a guest (`dual` unless
-//! named), all private and
-//! mapped (populated in order, so frames come in runs, or in random order), fragmented to
-//! ~10^5 and then ~10^6 intervals, and rounds of random single-page conversions of mapped
-//! private pages (remapped, untimed, between rounds) and private reads of them.
+//! `... --example drive -- goal [log2 pages] [events] [rounds] [runs|scattered] [strategy]
+//! [columns|packed]` runs the scenario of the `apply-vs-numpy` benchmark instead: a guest
+//! (`dual` unless named), all private and mapped (populated in order, so frames come in
+//! runs, or in random order), fragmented to ~10^5 and then ~10^6 intervals, and rounds of
+//! random single-page conversions of mapped private pages (remapped, untimed, between
+//! rounds) and private reads of them, given as columns or (`packed`) as the records
+//! `vm.apply` hands the core.
 //!
 //! `... --example drive -- boot [strategy] [log2 pages]` runs the `boot` workload's events
 //! on a TDX guest: the whole guest made private, every 2 MiB unit accepted by a guest
@@ -21,6 +22,7 @@ use std::time::Instant;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+use gmem_core::events::Packed;
 use gmem_core::{GmemArg, Host, MemRegion, StrategyKind, VmType, uapi};
 
 /// A host with one VM of `pages` pages: one guest_memfd memslot at gpa 0, laid out as
@@ -112,17 +114,67 @@ impl PerfCtl {
 
 /// The timed calls of `goal`, out of line so that `valgrind --tool=callgrind
 /// --collect-atstart=no --toggle-collect=drive::timed_convert` counts them alone.
+// (Each names itself, so that the linker does not fold the two into one.)
 #[inline(never)]
-fn timed_convert(h: &mut Host, vm: usize, o: &[u8], g: &[u64], n: &[u64], v: &[u64]) -> Vec<i32> {
-    h.apply(vm, o, g, n, v, None).expect("apply")
+fn timed_convert(h: &mut Host, vm: usize, b: &Batch) -> Vec<i32> {
+    std::hint::black_box("convert");
+    b.apply(h, vm)
 }
 
 #[inline(never)]
-fn timed_read(h: &mut Host, vm: usize, o: &[u8], g: &[u64], n: &[u64], v: &[u64]) -> Vec<i32> {
-    h.apply(vm, o, g, n, v, None).expect("apply")
+fn timed_read(h: &mut Host, vm: usize, b: &Batch) -> Vec<i32> {
+    std::hint::black_box("read");
+    b.apply(h, vm)
 }
 
-fn goal(strategy: StrategyKind, log2: u32, events: usize, rounds: usize, scattered: bool) {
+/// A timed batch: as columns (`Host::apply`), or as packed records, the memory of a
+/// `gmem.EVENT_DTYPE` array (what `vm.apply` hands the core).
+struct Batch {
+    ops: Vec<u8>,
+    gfns: Vec<u64>,
+    npages: Vec<u64>,
+    values: Vec<u64>,
+    packed: Option<Vec<u8>>,
+}
+
+impl Batch {
+    fn new(ops: Vec<u8>, gfns: &[u64], npages: &[u64], values: &[u64], packed: bool) -> Self {
+        let packed = packed.then(|| {
+            let mut b = Vec::with_capacity(ops.len() * Packed::RECORD);
+            for (i, &op) in ops.iter().enumerate() {
+                b.push(op);
+                for w in [gfns[i], npages[i], values[i]] {
+                    b.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            b
+        });
+        Self {
+            ops,
+            gfns: gfns.to_vec(),
+            npages: npages.to_vec(),
+            values: values.to_vec(),
+            packed,
+        }
+    }
+
+    fn apply(&self, h: &mut Host, vm: usize) -> Vec<i32> {
+        match &self.packed {
+            Some(b) => h.apply_events(vm, &Packed::new(b).expect("records"), None),
+            None => h.apply(vm, &self.ops, &self.gfns, &self.npages, &self.values, None),
+        }
+        .expect("apply")
+    }
+}
+
+fn goal(
+    strategy: StrategyKind,
+    log2: u32,
+    events: usize,
+    rounds: usize,
+    scattered: bool,
+    packed: bool,
+) {
     let pages = 1u64 << log2;
     let (mut h, vm) = guest(strategy, pages);
     // Private through the strategy's own path (in-place VMs convert through their
@@ -183,16 +235,16 @@ fn goal(strategy: StrategyKind, log2: u32, events: usize, rounds: usize, scatter
             .expect("apply");
         h.apply(vm, &vec![2; k], &targets, &ones, &zeros, None)
             .expect("apply");
-        let rd = vec![2; k];
+        let rd = Batch::new(vec![2; k], &targets, &ones, &zeros, packed);
         perf.switch("read", true);
         let t = Instant::now();
-        timed_read(&mut h, vm, &rd, &targets, &ones, &zeros);
+        timed_read(&mut h, vm, &rd);
         read.push(t.elapsed().as_nanos() as f64 / k as f64);
         perf.switch("read", false);
-        let cv = vec![1; k];
+        let cv = Batch::new(vec![1; k], &targets, &ones, &zeros, packed);
         perf.switch("convert", true);
         let t = Instant::now();
-        let st = timed_convert(&mut h, vm, &cv, &targets, &ones, &zeros);
+        let st = timed_convert(&mut h, vm, &cv);
         conv.push(t.elapsed().as_nanos() as f64 / k as f64);
         perf.switch("convert", false);
         assert!(st.iter().all(|&s| s == 0));
@@ -269,7 +321,8 @@ fn main() {
         let scattered = args.get(5).map(String::as_str) == Some("scattered");
         let strategy =
             StrategyKind::parse(args.get(6).map_or("dual", String::as_str)).expect("strategy");
-        goal(strategy, log2, events, rounds, scattered);
+        let packed = args.get(7).map(String::as_str) == Some("packed");
+        goal(strategy, log2, events, rounds, scattered, packed);
         return;
     }
     let strategy =

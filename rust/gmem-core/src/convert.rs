@@ -50,9 +50,16 @@ impl Parts {
 
     /// The parts of the one page `gfn` of `vm`, already known: `part`, or none.
     pub fn page(vm: usize, gfn: u64, part: Option<BoundPart>) -> Self {
-        let p = Self::new(vm, gfn, gfn + 1);
-        let _ = p.found.set(part.into_iter().collect());
-        p
+        let found = match part {
+            Some(p) => SmallVec::from_buf_and_len([p; 2], 1),
+            None => SmallVec::new(),
+        };
+        Self {
+            vm,
+            start: gfn,
+            end: gfn + 1,
+            found: OnceCell::from(found),
+        }
     }
 
     /// Find the parts now, in `h`.
