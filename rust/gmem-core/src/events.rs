@@ -456,20 +456,31 @@ impl Host {
         // changes mappings, and what was found before it is found again.
         let mut found: [Option<(usize, u64)>; READ_FAR] = [None; READ_FAR];
         let mut fresh = READ_NEAR;
+        // The same for the stage-2 slot found `READ_FAR` events ahead.
+        let mut slots: [Option<usize>; READ_FAR] = [None; READ_FAR];
+        let mut fresh_slots = READ_FAR;
         let mut fast_events = 0;
         for i in 0..n {
             if i + READ_FAR < n {
-                self.vms[vm].s2.prefetch_bits(events.gfn(i + READ_FAR));
+                let k = i + READ_FAR;
+                slots[k % READ_FAR] = self.vms[vm].s2.prefetch_bits(events.gfn(k));
             }
             let j = i + READ_NEAR;
             if j < n {
-                let page = self.mapped_private(vm, events.gfn(j), &mut memo);
+                let gfn = events.gfn(j);
+                let s2 = &self.vms[vm].s2;
+                let slot = if j < fresh_slots {
+                    s2.slot_of(gfn)
+                } else {
+                    slots[j % READ_FAR]
+                };
+                let page = self.mapped_private_in(vm, slot, gfn, &mut memo);
                 if write && let Some((f, off)) = page {
                     self.files[f].content.prefetch(off);
                 }
                 found[j % READ_FAR] = page;
             }
-            let (op, gfn, _, value) = events.get(i);
+            let gfn = events.gfn(i);
             let page = if i < fresh {
                 self.mapped_private(vm, gfn, &mut memo)
             } else {
@@ -480,17 +491,18 @@ impl Host {
                 && self.frames.stale.is_empty()
             {
                 if write {
-                    self.files[f].content.set(off, value);
+                    self.files[f].content.set(off, events.get(i).3);
                 }
                 fast_events += 1;
                 continue;
             }
+            let (op, _, _, value) = events.get(i);
             self.implicit = None;
             if let Err(e) = self.event(vm, op, gfn, 1, value, None) {
                 out[i] = e.status();
             }
             self.vms[vm].stats.events += 1;
-            fresh = j + 1;
+            (fresh, fresh_slots) = (j + 1, i + READ_FAR + 1);
         }
         self.vms[vm].stats.events += fast_events;
     }
@@ -531,8 +543,21 @@ impl Host {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn mapped_private(&self, vm: usize, gfn: u64, memo: &mut SlotMemo) -> Option<(usize, u64)> {
+        self.mapped_private_in(vm, self.vms[vm].s2.slot_of(gfn), gfn, memo)
+    }
+
+    /// [`Host::mapped_private`] with `gfn`'s stage-2 slot found beforehand.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn mapped_private_in(
+        &self,
+        vm: usize,
+        slot: Option<usize>,
+        gfn: u64,
+        memo: &mut SlotMemo,
+    ) -> Option<(usize, u64)> {
         let v = &self.vms[vm];
-        (v.s2.probe(gfn) == Some(true))
+        (v.s2.probe_in(slot, gfn) == Some(true))
             .then(|| memo.file_page(v, gfn))
             .flatten()
     }

@@ -313,12 +313,27 @@ impl Stage2 {
     #[allow(clippy::inline_always)]
     #[inline(always)]
     pub fn probe(&self, gfn: u64) -> Option<bool> {
+        self.probe_in(self.slot_of(gfn), gfn)
+    }
+
+    /// The slab index of `gfn`'s 2 MiB slot, if it exists: what [`Stage2::probe_in`]
+    /// takes. It holds while the table does not change ([`Stage2::generation`]).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn slot_of(&self, gfn: u64) -> Option<usize> {
+        self.index(gfn >> 9)
+    }
+
+    /// [`Stage2::probe`] with `gfn`'s slot found beforehand by [`Stage2::slot_of`].
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn probe_in(&self, slot: Option<usize>, gfn: u64) -> Option<bool> {
         if !self.l1g.is_empty()
             && let Some(&e) = self.l1g.get(&(gfn >> 18))
         {
             return Some(unpack(e).1);
         }
-        let s = self.index(gfn >> 9)?;
+        let s = slot?;
         match &self.slots[s] {
             Slot::Leaf(e) => Some(unpack(*e).1),
             Slot::Table { .. } | Slot::Run { .. } | Slot::File { .. } => {
@@ -331,14 +346,14 @@ impl Stage2 {
     }
 
     /// Hint the cache, non-temporally, about `gfn`'s slot bits only: what
-    /// [`Stage2::probe`] loads.
+    /// [`Stage2::probe`] loads. Returns the slot ([`Stage2::slot_of`]).
     #[allow(clippy::inline_always)]
     #[inline(always)]
-    pub fn prefetch_bits(&self, gfn: u64) {
-        if let Some(s) = self.index(gfn >> 9) {
-            let i = (gfn & 511) as usize;
-            mem_prefetch::prefetch_read_data::<_, 0>(&self.bits[s].0[i / 64]);
-        }
+    pub fn prefetch_bits(&self, gfn: u64) -> Option<usize> {
+        let s = self.index(gfn >> 9)?;
+        let i = (gfn & 511) as usize;
+        mem_prefetch::prefetch_read_data::<_, 0>(&self.bits[s].0[i / 64]);
+        Some(s)
     }
 
     /// Hint the cache about `gfn`'s slot bits and, with `entry`, its 4 KiB entry (see
