@@ -36,6 +36,10 @@ impl Strategy for Inplace {
         })
     }
 
+    // In line: the conversion calls it once per page (Callgrind, goal 20 40000 1
+    // scattered: inplace 32,782,158 -> 31,622,158; dual and two_offsets +3 per conversion
+    // from the inliner's new layout of `apply`).
+    #[inline]
     fn gate(h: &mut Host, private: bool, parts: &Parts) -> Result<()> {
         if private {
             h.refuse_if_pinned(parts)?;

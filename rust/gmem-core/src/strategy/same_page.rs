@@ -7,6 +7,7 @@ use crate::vm::MergePolicy;
 
 impl Host {
     /// The conversion's backing work over every bound part.
+    #[inline]
     pub(crate) fn convert_same_page(&mut self, private: bool, parts: &Parts) {
         let vm = parts.vm;
         for p in parts.get(self) {
