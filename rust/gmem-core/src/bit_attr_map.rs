@@ -446,25 +446,34 @@ impl BitAttrMap {
     /// If `value` would be a third distinct value of the map.
     #[inline]
     pub fn set_count(&mut self, start: u64, end: u64, value: u64) -> u64 {
-        // A mixed leaf exists only once both values are known.
         if start < end
             && end - start == 1
-            && let Some(bit) = self.known_bit(value)
-            && let Some(b) = self.leaves.get_mut(start >> LEAF_SHIFT)
+            && let Some(changed) = self.set_one(start, value)
         {
-            // One index in a mixed leaf (a random single-page conversion): one word.
-            let i = start % LEAF;
-            let (w, m) = ((i / 64) as usize, 1u64 << (i % 64));
-            if (b[w] & m != 0) == (bit == 1) {
-                return 0;
-            }
-            b[w] ^= m;
-            if all_of(b, w, bit) {
-                self.collapse(start >> LEAF_SHIFT, bit);
-            }
-            return 1;
+            return u64::from(changed);
         }
         self.set_count_range(start, end, value)
+    }
+
+    /// Store `value` at `idx` if `idx` lies in a mixed leaf (a random single-page
+    /// conversion: one word): `Some(changed)`. `None` when the leaf is uniform, and nothing
+    /// was stored ([`BitAttrMap::set_count`] does that case).
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
+    pub fn set_one(&mut self, idx: u64, value: u64) -> Option<bool> {
+        // A mixed leaf exists only once both values are known.
+        let bit = self.known_bit(value)?;
+        let b = self.leaves.get_mut(idx >> LEAF_SHIFT)?;
+        let i = idx % LEAF;
+        let (w, m) = ((i / 64) as usize, 1u64 << (i % 64));
+        if (b[w] & m != 0) == (bit == 1) {
+            return Some(false);
+        }
+        b[w] ^= m;
+        if all_of(b, w, bit) {
+            self.collapse(idx >> LEAF_SHIFT, bit);
+        }
+        Some(true)
     }
 
     /// [`BitAttrMap::set_count`] beyond its one-index case (out of line, as

@@ -230,14 +230,24 @@ impl Host {
         {
             // One page of one bound file (a random single-page conversion): its attribute
             // is one bit, and if it changes, the page changes hands.
-            let a = self.files[p.file].attrs.as_ref().expect("file attrs");
-            if a.get(p.o0) == value {
+            if D::HAS_GATE && private {
+                // The gate refuses before anything changes: ask the bit first.
+                let a = self.files[p.file].attrs.as_ref().expect("file attrs");
+                if a.get(p.o0) == value {
+                    return Ok(());
+                }
+                D::gate(self, private, parts)?;
+            }
+            // Test and store in one step (one word of a mixed leaf).
+            let a = self.files[p.file].attrs.as_mut().expect("file attrs");
+            let changed = match a.set_one(p.o0, value) {
+                Some(changed) => u64::from(changed),
+                None => a.set_count(p.o0, p.o0 + 1, value),
+            };
+            if changed == 0 {
                 return Ok(());
             }
-            D::gate(self, private, parts)?;
             self.scrub_changing_page(vm, p.file, p.o0);
-            let f = self.files[p.file].attrs.as_mut().expect("file attrs");
-            let changed = f.set_count(p.o0, p.o0 + 1, value);
             self.finish_convert::<D>(private, changed, parts);
             return Ok(());
         }
@@ -284,6 +294,8 @@ impl Host {
     }
 
     /// Zap stale mappings, do the strategy's backing work, count.
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
     fn finish_convert<D: Strategy>(&mut self, private: bool, changed: u64, parts: &Parts) {
         let Parts { vm, start, end, .. } = *parts;
         self.zap(vm, start, end, Some(!private));
@@ -340,10 +352,17 @@ impl Host {
 
     /// Split the intact huge folios of `f` intersecting `[o0, o1)` (a page of them turns
     /// shared).
+    #[inline]
     pub(crate) fn split_range(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
-        if self.files[f].order == 0 {
-            return;
+        if self.files[f].order != 0 {
+            self.split_folios(vm, f, o0, o1);
         }
+    }
+
+    /// [`Host::split_range`] on a file of huge folios (out of line: a file of small pages
+    /// asks one compare of the conversion).
+    #[inline(never)]
+    fn split_folios(&mut self, vm: usize, f: usize, o0: u64, o1: u64) {
         for (h, _) in self.files[f].folios_in(o0, o1) {
             if self.files[f].split(h) {
                 let c = self.costs.split;

@@ -7,7 +7,7 @@ use crate::error::{Error, Result, einval, err, errno};
 use crate::host::{Host, Loc};
 use crate::memslot::FilePage;
 use crate::stage2::Leaf;
-use crate::strategy::ConvertTouches;
+use crate::strategy::{ConvertTouches, Strategy};
 use crate::vm::Vm;
 
 /// Event operations (`gmem.Op`).
@@ -426,20 +426,47 @@ impl Host {
     }
 
     /// `apply`'s loop for a batch of single-page conversions, all one way (no details,
-    /// not strict): the look-ahead's one pass and [`Host::convert_page`] per event.
+    /// not strict): on a VM with private memory, the design's loop
+    /// ([`Host::convert_pages_as`]); else each event is what [`Host::convert`] says.
     fn convert_pages(&mut self, vm: usize, events: &impl Events, private: bool, out: &mut [i32]) {
+        if self.vms[vm].vm_type.has_private_mem() {
+            let strategy = self.vms[vm].strategy;
+            strategy.convert_pages(self, vm, events, private, out);
+        } else {
+            let mut memo = SlotMemo::default();
+            let touches = self.vms[vm].strategy.convert_touches();
+            for (i, status) in out.iter_mut().enumerate() {
+                if let Err(e) = self.convert_page(vm, events.gfn(i), private, touches, &mut memo) {
+                    *status = e.status();
+                }
+            }
+        }
+        self.vms[vm].stats.events += events.len() as u64;
+    }
+
+    /// [`Host::convert_pages`] for design `D` on a VM with private memory: the
+    /// look-ahead's one pass and the design's conversion of each page.
+    pub(crate) fn convert_pages_as<D: Strategy>(
+        &mut self,
+        vm: usize,
+        events: &impl Events,
+        private: bool,
+        out: &mut [i32],
+    ) {
         let n = events.len();
-        let touches = self.vms[vm].strategy.convert_touches();
+        let touches = ConvertTouches::of::<D>();
         let (mut memo, mut now) = (SlotMemo::default(), SlotMemo::default());
         for (i, status) in out.iter_mut().enumerate() {
             if i + AHEAD < n {
                 self.prefetch_conversion(vm, events.gfn(i + AHEAD), touches, &mut memo);
             }
-            if let Err(e) = self.convert_page(vm, events.gfn(i), private, touches, &mut now) {
+            let r = self
+                .page_parts(vm, events.gfn(i), touches, &mut now)
+                .and_then(|parts| self.convert_as::<D>(&parts, private));
+            if let Err(e) = r {
                 *status = e.status();
             }
         }
-        self.vms[vm].stats.events += n as u64;
     }
 
     /// `apply`'s loop for a batch of single-page private guest accesses, all reads or all
@@ -507,9 +534,7 @@ impl Host {
         self.vms[vm].stats.events += fast_events;
     }
 
-    /// A single-page conversion: what [`Host::event`] would do, without its dispatch. The
-    /// designs that work on the page's bound file find it through `memo`, the batch's
-    /// memo of the last memslot (events never change memslots).
+    /// A single-page conversion: what [`Host::event`] would do, without its dispatch.
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn convert_page(
@@ -520,11 +545,27 @@ impl Host {
         touches: ConvertTouches,
         memo: &mut SlotMemo,
     ) -> Result<()> {
+        let parts = self.page_parts(vm, gfn, touches, memo)?;
+        self.convert_parts(&parts, private)
+    }
+
+    /// The parts of a single-page conversion of `gfn`. The designs that work on the
+    /// page's bound file find it through `memo`, the batch's memo of the last memslot
+    /// (events never change memslots); the others find it later if a step asks.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn page_parts(
+        &self,
+        vm: usize,
+        gfn: u64,
+        touches: ConvertTouches,
+        memo: &mut SlotMemo,
+    ) -> Result<Parts> {
         if gfn >= GFN_LIMIT - 1 {
             return Err(range_error(gfn, 1));
         }
         if touches == ConvertTouches::VmAttrs {
-            return self.convert(vm, gfn, gfn + 1, private);
+            return Ok(Parts::new(vm, gfn, gfn + 1));
         }
         let part = memo
             .file_page(&self.vms[vm], gfn)
@@ -534,7 +575,7 @@ impl Host {
                 file,
                 o0,
             });
-        self.convert_parts(&Parts::page(vm, gfn, part), private)
+        Ok(Parts::page(vm, gfn, part))
     }
 
     /// The guest_memfd page behind `gfn` when stage-2 maps it private: a private leaf

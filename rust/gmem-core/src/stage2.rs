@@ -648,7 +648,8 @@ impl Stage2 {
 
     /// Remove every leaf intersecting `[start, end)` whose private flag matches `filter`
     /// (`None`: all). A huge leaf straddling the range is removed whole, as KVM does.
-    #[inline]
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
     pub fn zap(&mut self, start: u64, end: u64, filter: Option<bool>) -> Zapped {
         if start < end && end - start == 1 && self.l1g.is_empty() {
             // One page (a random single-page conversion): at most one bit of one table.

@@ -275,6 +275,8 @@ impl Vm {
 
 impl Host {
     /// Zap stage-2 `[g0, g1)` of `vm`, counting one zap and one TLB flush if anything went.
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
     pub(crate) fn zap(&mut self, vm: usize, g0: u64, g1: u64, filter: Option<bool>) -> u64 {
         let v = &mut self.vms[vm];
         let z = v.s2.zap(g0, g1, filter);

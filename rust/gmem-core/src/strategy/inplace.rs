@@ -47,6 +47,7 @@ impl Strategy for Inplace {
         Ok(())
     }
 
+    #[inline]
     fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
         h.convert_same_page(private, parts);
     }

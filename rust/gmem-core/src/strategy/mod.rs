@@ -35,6 +35,7 @@ mod two_sided;
 
 use crate::convert::Parts;
 use crate::error::{Result, einval, err, errno};
+use crate::events::Events;
 use crate::guest_memfd::FileBinding;
 use crate::host::Host;
 use crate::memslot::{FilePage, Memslot};
@@ -128,15 +129,20 @@ impl StrategyKind {
     /// prefetches ahead of it).
     #[inline]
     pub(crate) fn convert_touches(self) -> ConvertTouches {
-        with_design!(self, D => {
-            if D::FILE_ATTRS {
-                ConvertTouches::FileAttrs
-            } else if D::FREES_ON_CONVERT {
-                ConvertTouches::VmAttrsAndPage
-            } else {
-                ConvertTouches::VmAttrs
-            }
-        })
+        with_design!(self, D => ConvertTouches::of::<D>())
+    }
+
+    /// `apply`'s loop for a batch of single-page conversions on a VM of this design with
+    /// private memory: one dispatch for the whole batch.
+    pub(crate) fn convert_pages(
+        self,
+        h: &mut Host,
+        vm: usize,
+        events: &impl Events,
+        private: bool,
+        out: &mut [i32],
+    ) {
+        with_design!(self, D => h.convert_pages_as::<D>(vm, events, private, out));
     }
 
     /// Whether a gfn can be backed twice (a private page and a distinct shared one).
@@ -209,6 +215,20 @@ pub(crate) enum ConvertTouches {
     FileAttrs,
     /// The VM's attribute map, and the page cache entry and content of the page freed.
     VmAttrsAndPage,
+}
+
+impl ConvertTouches {
+    /// What design `D`'s single-page conversion reads.
+    #[inline]
+    pub(crate) const fn of<D: Strategy>() -> Self {
+        if D::FILE_ATTRS {
+            Self::FileAttrs
+        } else if D::FREES_ON_CONVERT {
+            Self::VmAttrsAndPage
+        } else {
+            Self::VmAttrs
+        }
+    }
 }
 
 /// One conversion design. Implemented by a unit type per design and called through

@@ -7,7 +7,8 @@ use crate::vm::MergePolicy;
 
 impl Host {
     /// The conversion's backing work over every bound part.
-    #[inline]
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
     pub(crate) fn convert_same_page(&mut self, private: bool, parts: &Parts) {
         let vm = parts.vm;
         for p in parts.get(self) {
@@ -19,6 +20,8 @@ impl Host {
     /// host, merge huge folios that became wholly private. To shared: split huge folios,
     /// return SNP frames to the hypervisor. (Where the platform re-keys, the pages that
     /// change hands were scrubbed before the attributes were stored: `scrub_changing`.)
+    #[allow(clippy::inline_always)] // once per conversion; left to the inliner it stays a call
+    #[inline(always)]
     pub(crate) fn same_page_work(&mut self, vm: usize, f: usize, o0: u64, o1: u64, private: bool) {
         let vt = self.vms[vm].vm_type;
         if private {
