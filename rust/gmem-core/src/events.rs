@@ -629,8 +629,8 @@ impl Host {
                 // `realloc` frees the page: its page cache entry and content too.
                 v.attrs.prefetch(gfn);
                 if let Some((f, off)) = memo.file_page(v, gfn) {
-                    self.files[f].pages.prefetch(off);
-                    self.files[f].content.prefetch(off);
+                    self.files[f].pages.prefetch_write(off);
+                    self.files[f].content.prefetch_write(off);
                 }
             }
         }

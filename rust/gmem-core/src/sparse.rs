@@ -551,6 +551,18 @@ impl<T: Entry, S: ChunkStore<T>> SparseVec<T, S> {
         }
     }
 
+    /// Hint the cache about `idx`'s entry ahead of a store there by an event that touches
+    /// many other lines on the way (`realloc`'s conversion frees the page): kept in every
+    /// level, where a non-temporal hint is evicted before the store. Measured with `drive
+    /// goal 24 200000 5 scattered realloc`: the page cache load waited for 24% of the
+    /// samples with the non-temporal hint.
+    #[inline]
+    pub fn prefetch_write(&self, idx: u64) {
+        if let Some(e) = self.chunks.stored_entry(idx) {
+            mem_prefetch::prefetch_write_data::<_, 3>(e);
+        }
+    }
+
     /// Store `v` at `idx`, returning the previous value.
     #[inline]
     pub fn set(&mut self, idx: u64, v: T) -> T {
