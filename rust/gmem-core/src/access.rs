@@ -258,7 +258,6 @@ impl Host {
         self.vms[vm]
             .s2
             .map(gfn, Level::L4K, pfn, false, &self.files);
-        self.vms[vm].refresh_stage2_counts();
         let c = self.map_cost(guest);
         self.vms[vm].stats.stage2_fault(guest, c);
         Ok(pfn)
@@ -304,7 +303,6 @@ impl Host {
         let runs = self.gmem_get_pfn_run(vm, f, o0, n)?;
         let file = u32::try_from(f).expect("fewer than 2^32 files");
         self.vms[vm].s2.map_file_run(g0, n, file, o0, &self.files);
-        self.vms[vm].refresh_stage2_counts();
         // The platform's work per page, as each fault does it.
         let vt = self.vms[vm].vm_type;
         let mut ns = self.costs.stage2_map * n;
@@ -448,7 +446,6 @@ impl Host {
         } else {
             self.vms[vm].s2.map(g0, level, p0, true, &self.files);
         }
-        self.vms[vm].refresh_stage2_counts();
         let mut ns = self.map_cost(guest);
         let vt = self.vms[vm].vm_type;
         ns += vt.map_private(self, vm, g0, n, p0);

@@ -280,8 +280,13 @@ impl Host {
         n
     }
 
-    /// Snapshot of a VM's counters with the stage-2 counts refreshed.
+    /// Snapshot of a VM's counters, the stage-2 leaf counts read from the table (they are
+    /// kept there only: copying them into the counters after every map and zap stalled a
+    /// single-page conversion on a store forward).
     pub fn stats(&self, vm: usize) -> Stats {
-        self.vms[vm].stats
+        let v = &self.vms[vm];
+        let mut s = v.stats;
+        [s.stage2_4k, s.stage2_2m, s.stage2_1g] = v.s2.counts();
+        s
     }
 }

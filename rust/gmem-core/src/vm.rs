@@ -262,13 +262,6 @@ impl Vm {
         out.extend(self.by_gfn.within(start, end));
         out
     }
-
-    pub fn refresh_stage2_counts(&mut self) {
-        let [a, b, c] = self.s2.counts();
-        self.stats.stage2_4k = a;
-        self.stats.stage2_2m = b;
-        self.stats.stage2_1g = c;
-    }
 }
 
 // ---------------------------------------------------------------- stage-2 zap
@@ -283,7 +276,6 @@ impl Host {
         if z.leaves == 0 {
             return 0;
         }
-        v.refresh_stage2_counts();
         let c = &self.costs;
         v.stats
             .stage2_zapped(c.stage2_zap + c.stage2_zap_entry * z.leaves + c.tlb_flush);

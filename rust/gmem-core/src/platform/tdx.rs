@@ -60,7 +60,6 @@ impl Platform for Tdx {
         // TDH.MEM.PAGE.ADD: mapped in the S-EPT, no later AUG/ACCEPT.
         let file = u32::try_from(f).expect("fewer than 2^32 files");
         h.vms[vm].s2.map_file(gfn, pfn, file, off, &h.files);
-        h.vms[vm].refresh_stage2_counts();
         let c = h.costs.tdx_page_add;
         h.vms[vm].stats.tdx_page_added(c);
     }
