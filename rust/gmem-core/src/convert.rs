@@ -230,7 +230,7 @@ impl Host {
         {
             // One page of one bound file (a random single-page conversion): its attribute
             // is one bit, and if it changes, the page changes hands.
-            if D::HAS_GATE && private {
+            if D::gate_may_refuse(private) {
                 // The gate refuses before anything changes: ask the bit first.
                 let a = self.files[p.file].attrs.as_ref().expect("file attrs");
                 if a.get(p.o0) == value {

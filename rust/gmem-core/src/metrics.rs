@@ -42,6 +42,8 @@ stats_struct! {
     violations,
     stage2_zaps,
     tlb_flushes,
+    /// Stage-2 leaves by level (4 KiB, 2 MiB, 1 GiB): read from the table when the
+    /// counters are taken (`Host::stats`), not kept in a VM's stored counters.
     stage2_4k,
     stage2_2m,
     stage2_1g,

@@ -47,6 +47,12 @@ impl Strategy for Inplace {
         Ok(())
     }
 
+    /// Only a conversion to private meets the reference check.
+    #[inline]
+    fn gate_may_refuse(private: bool) -> bool {
+        private
+    }
+
     #[inline]
     fn after_convert(h: &mut Host, private: bool, parts: &Parts) {
         h.convert_same_page(private, parts);

@@ -271,6 +271,14 @@ pub(crate) trait Strategy {
         Ok(())
     }
 
+    /// Whether [`Strategy::gate`] can refuse a conversion this way (to private when
+    /// `private`): where it cannot, a one-page conversion tests and stores the attribute
+    /// in one step. Any gate, either way, unless the design says otherwise.
+    #[inline]
+    fn gate_may_refuse(_private: bool) -> bool {
+        Self::HAS_GATE
+    }
+
     /// The design's backing work over the range of `parts` once attributes are stored and
     /// stale stage-2 entries are zapped.
     fn after_convert(h: &mut Host, private: bool, parts: &Parts);
